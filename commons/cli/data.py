@@ -1,0 +1,153 @@
+"""`commons data add|review`: give chat data to the commons, scrubbed, deduplicated and signed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+import click
+
+from protocol.dataset import Report, dataset_card, encode_records, prepare
+from protocol.errors import CommonsError
+from protocol.home import home
+
+DATA_FILE = "data.jsonl"
+
+
+def _progress(label: str):
+    from tqdm import tqdm
+
+    def wrap(items: Iterable) -> Iterable:
+        return tqdm(items, desc=label, unit=" lines", file=sys.stderr, disable=not sys.stderr.isatty(),
+                    leave=False)
+
+    return wrap
+
+
+def dataset_name(path: Path) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip("-._")[:100]
+    if not name:
+        raise CommonsError(f"cannot make a dataset name from {path.name!r}; pass --name")
+    return name
+
+
+def show_record(record: dict, index: int, total: int) -> None:
+    click.echo(click.style(f"--- record {index}/{total} (after scrubbing) ---", bold=True))
+    for msg in record["messages"]:
+        click.echo(f"{click.style(msg['role'], fg='cyan')}: {msg['content']}")
+
+
+def print_report(report: Report) -> None:
+    removed = ", ".join(f"{k} {v}" for k, v in sorted(report.pii.items())) or "nothing found"
+    click.echo(f"read {report.lines} conversations ({report.sharegpt} converted from ShareGPT); "
+               f"{report.duplicates} duplicates dropped; {report.records} kept", err=True)
+    click.echo(f"PII removed: {removed}", err=True)
+
+
+def review(records: list[dict]) -> list[dict]:
+    """Ask about each record; only the ones the volunteer says yes to are kept."""
+    kept = []
+    for i, record in enumerate(records, 1):
+        show_record(record, i, len(records))
+        if click.confirm("Publish this record?", default=False):
+            kept.append(record)
+    if not kept:
+        raise CommonsError("you declined every record; nothing was published")
+    return kept
+
+
+@click.group("data")
+def data_group() -> None:
+    """Share prompt–output data with the commons (checked, PII-scrubbed, signed)."""
+
+
+@data_group.command("add")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--license", "license_", required=True, help="SPDX id of the data's licence, e.g. CC-BY-4.0.")
+@click.option("--source", required=True, help="Where the data comes from: a URL or one sentence.")
+@click.option("--name", default=None, help="Dataset name in the index (default: the file's stem).")
+@click.option("--review", "ask", is_flag=True, help="Show each scrubbed record and ask y/n before publishing.")
+@click.option("--db", "db_url", default=None, help="Index database URL (default: $COMMONS_HOME/index.db).")
+@click.option("--json", "as_json", is_flag=True, help="Print {cid, name, version, records, ...} as JSON.")
+def add_command(file: Path, license_: str, source: str, name: str | None, ask: bool, db_url: str | None,
+                as_json: bool) -> None:
+    """Validate FILE (chat `messages` JSONL or ShareGPT), scrub PII, dedupe, sign and store it.
+
+    Each line is {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]}
+    or ShareGPT's {"conversations": [{"from": "human", "value": ...}, ...]}. Prints the dataset CID.
+    """
+    from index.db import IndexDB
+    from protocol.blockstore import BlockStore
+    from protocol.keys import Identity
+    from protocol.manifest import SIGNATURE_FILE, AdapterMeta, sign_directory
+
+    identity = Identity.load_or_create()
+    records, report = prepare(file, license_, source, identity.public_hex, progress=_progress("checking"))
+    print_report(report)
+    if ask:
+        records = review(records)
+        report.records = len(records)
+    name = name or dataset_name(file)
+    db = IndexDB(db_url)
+    version, previous = 1, None
+    try:
+        last = db.resolve(name)
+        version, previous = last["version"] + 1, last["cid"]
+    except CommonsError:
+        last = None
+    data = encode_records(records)
+    digest = hashlib.sha256(data).hexdigest()
+    if last and any(f.get("name") == DATA_FILE and f.get("sha256") == digest for f in last["files"]):
+        _done(as_json, {"cid": last["cid"], "name": name, "version": last["version"], "unchanged": True,
+                        **report.as_dict()})
+        return
+    out = home() / "datasets" / f"{name}-v{version}"
+    if out.exists():
+        shutil.rmtree(out)  # left over from an interrupted run: nothing there was published
+    out.mkdir(parents=True)
+    (out / DATA_FILE).write_bytes(data)
+    (out / "README.md").write_text(dataset_card(name, records[0]["license"], source, report), encoding="utf-8")
+    meta = AdapterMeta(name=name, version=version, kind="dataset", license=records[0]["license"],
+                       contributors=[identity.public_hex], previous=previous,
+                       eval={"records": report.records, "duplicates": report.duplicates, "source": source,
+                             "pii_removed": dict(sorted(report.pii.items())),
+                             "description": f"{report.records} chat records from {source}"})
+    sign_directory(out, meta, identity)
+    cid = BlockStore().add_path(out)
+    db.register((out / SIGNATURE_FILE).read_bytes(), cid)
+    _done(as_json, {"cid": cid, "name": name, "version": version, "path": str(out), "unchanged": False,
+                    **report.as_dict()})
+
+
+def _done(as_json: bool, result: dict) -> None:
+    if as_json:
+        click.echo(json.dumps(result, sort_keys=True))
+    elif result["unchanged"]:
+        click.echo(f"{result['name']} v{result['version']} already holds these records", err=True)
+        click.echo(result["cid"])
+    else:
+        click.echo(f"published {result['name']} v{result['version']} ({result['records']} records)", err=True)
+        click.echo(result["cid"])
+
+
+@data_group.command("review")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--show", default=5, show_default=True, help="How many scrubbed records to print.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report (counts per PII kind) as JSON.")
+def review_command(file: Path, show: int, as_json: bool) -> None:
+    """Dry run: what `data add` would keep and remove from FILE; nothing is signed or stored."""
+    records, report = prepare(file, "CC0-1.0", "review", "", progress=_progress("checking"))
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), sort_keys=True))
+        return
+    for i, record in enumerate(records[:show], 1):
+        show_record(record, i, len(records))
+    print_report(report)
+
+
+commands = [data_group]

@@ -1,0 +1,45 @@
+"""`commons index serve`: run the public adapter index (pages, JSON API, trustless gateway)."""
+
+from __future__ import annotations
+
+import click
+
+from protocol.errors import CommonsError
+
+
+@click.group("index")
+def index_group() -> None:
+    """The web index of signed adapters and datasets."""
+
+
+@index_group.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all).")
+@click.option("--port", default=8765, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--db", "db_url", default=None,
+              help="SQLAlchemy URL (default sqlite:///$COMMONS_HOME/index.db; postgresql+psycopg://... works).")
+@click.option("--trusted-keys", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="File of hex signer keys to badge as trusted (default: $COMMONS_HOME/trust/trusted_keys).")
+def serve_command(host: str, port: int, db_url: str | None, trusted_keys: str | None) -> None:
+    """Serve the index at http://HOST:PORT/ (API docs at /docs)."""
+    from pathlib import Path
+
+    import uvicorn
+
+    from index.app import create_app
+    from index.db import IndexDB
+    from protocol.blockstore import BlockStore
+    from protocol.trust import TRUSTED_KEYS, read_key_list, trust_dir
+
+    keys = read_key_list(Path(trusted_keys) if trusted_keys else trust_dir() / TRUSTED_KEYS)
+    try:
+        db = IndexDB(db_url, trusted_keys=keys)
+    except CommonsError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - driver errors are long; the user needs the URL and the reason
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise CommonsError(f"cannot open the index database {db_url or 'default'} ({reason}); check --db") from None
+    click.echo(f"index at http://{host}:{port}/  (API docs /docs, database {db.url.split('@')[-1]})", err=True)
+    uvicorn.run(create_app(db, BlockStore()), host=host, port=port, log_level="info")
+
+
+commands = [index_group]

@@ -1,0 +1,32 @@
+"""`commons init`: create this machine's identity and config if missing."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from commons import config
+from protocol.home import home
+from protocol.keys import Identity, default_key_path
+
+
+@click.command("init")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def init_command(as_json: bool) -> None:
+    """Create the identity key and config under $COMMONS_HOME (default ~/.commons); safe to re-run."""
+    existed = default_key_path().exists()
+    identity = Identity.load_or_create()
+    wrote = config.write_default()
+    info = {"home": str(home()), "public_key": identity.public_hex, "peer_id": identity.peer_id(),
+            "created_identity": not existed, "created_config": wrote, "config": str(config.path())}
+    if as_json:
+        click.echo(json.dumps(info))
+        return
+    click.echo(f"home        {info['home']}")
+    click.echo(f"identity    {identity.public_hex}  ({'new' if not existed else 'existing'})")
+    click.echo(f"peer id     {info['peer_id']}")
+    click.echo(f"config      {info['config']}  ({'new' if wrote else 'existing'})")
+
+
+commands = [init_command]

@@ -1,0 +1,31 @@
+"""`commons pull`: fetch a signed adapter by name or CID, verify it, lay out a PEFT folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+@click.command("pull")
+@click.argument("ref")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Folder to write (default: cache).")
+@click.option("--index", "index_url", help="Index URL (default: index_url in config.toml).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def pull_command(ref: str, out: Path | None, index_url: str | None, as_json: bool) -> None:
+    """Pull NAME[@VERSION] or a CID: every block and the signature are verified before anything is kept."""
+    from commons.pull import pull
+
+    pulled = pull(ref, out=out, index_url=index_url, progress=not as_json)
+    meta = pulled.verified.meta
+    if as_json:
+        click.echo(json.dumps({"cid": pulled.cid, "name": meta.name, "version": meta.version, "path": str(pulled.path),
+                               "base_model": meta.base_model, "signer": pulled.verified.signer}))
+        return
+    click.echo(f"pulled {meta.name} v{meta.version} ({pulled.cid}), signature by {pulled.verified.signer[:16]}… verified")
+    click.echo(f"  {pulled.path}\n\nLoad it:\n")
+    click.echo(pulled.python())
+
+
+commands = [pull_command]

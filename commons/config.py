@@ -1,0 +1,50 @@
+"""The user's config file, $COMMONS_HOME/config.toml; CLI flags override it."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from protocol.errors import CommonsError
+from protocol.home import home
+
+DEFAULTS = {
+    "index_url": "http://127.0.0.1:8765",
+    "gateways": [],  # extra trustless gateways to pull blocks from
+    "peers": [],  # libp2p multiaddrs of peers that seed blocks
+}
+
+TEMPLATE = """# LoRA Commons configuration (flags on the command line override these)
+# The index that resolves adapter names and serves blocks:
+index_url = "{index_url}"
+# More trustless gateways (http://host:port) to fetch blocks from:
+gateways = []
+# libp2p peers that seed blocks (/ip4/.../tcp/.../p2p/12D3...):
+peers = []
+"""
+
+
+def path() -> Path:
+    return home() / "config.toml"
+
+
+def load() -> dict:
+    file = path()
+    if not file.exists():
+        return dict(DEFAULTS)
+    try:
+        data = tomllib.loads(file.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise CommonsError(f"{file} is not valid TOML ({exc}); fix it or delete it and run `commons init`") from None
+    unknown = sorted(set(data) - set(DEFAULTS))
+    if unknown:
+        raise CommonsError(f"unknown setting {unknown[0]!r} in {file}; allowed: {', '.join(DEFAULTS)}")
+    return {**DEFAULTS, **data}
+
+
+def write_default() -> bool:
+    file = path()
+    if file.exists():
+        return False
+    file.write_text(TEMPLATE.format(**DEFAULTS), encoding="utf-8")
+    return True

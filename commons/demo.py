@@ -1,0 +1,162 @@
+"""`commons demo`: a real federated campaign on this machine, from volunteers to a signed adapter.
+
+It starts a Flower SuperLink and N SuperNodes as separate processes on loopback (the deployment engine),
+each volunteer with its own identity and its own slice of the data, runs the campaign, then registers
+the signed adapter in the local index.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from commons import config
+from commons.demo_task import write_demo_data
+from commons.flower import Network
+from coordinator.campaign import Campaign, LoraSpec, TrainSpec, dump
+from protocol.errors import CommonsError
+from protocol.home import home
+from protocol.keys import Identity
+from protocol.models import SMOLLM2_ID, cache_dir, canonical_id, local_path
+
+
+def campaign_for(name: str, model: str, eval_file: Path, nodes: int, rounds: int, steps: int, eval_size: int) -> Campaign:
+    return Campaign(
+        name=name, base_model=canonical_id(model), eval_file=eval_file, license="Apache-2.0", rounds=rounds,
+        min_nodes=nodes, round_timeout=900.0, node_wait=180.0, aggregation="fedavg", eval_size=eval_size,
+        task="date normalization to ISO 8601 (YYYY-MM-DD)",
+        description="Rewrites dates written in many styles (spelled, abbreviated, numeric) as ISO 8601 YYYY-MM-DD.",
+        datasets=[{"cid": "", "name": "dates-synthetic", "license": "CC0-1.0"}],
+        lora=LoraSpec(r=8, alpha=16), train=TrainSpec(steps=steps, batch_size=8, lr=2e-3, max_length=96),
+    )
+
+
+class Follower:
+    """Reads the coordinator's event log and the nodes' status files; drives the progress bar."""
+
+    def __init__(self, events: Path, node_homes: list[Path], rounds: int, progress: bool) -> None:
+        from tqdm import tqdm
+
+        self.events, self.node_homes, self.offset = events, node_homes, 0
+        self.bar = tqdm(total=rounds, desc="rounds", unit="round", disable=not progress, file=sys.stderr,
+                        bar_format="{desc}: {n_fmt}/{total_fmt} |{bar:20}| {elapsed} {postfix}")
+        self.last: dict = {}
+
+    def poll(self) -> dict | None:
+        """The final event (campaign_end or error) once it arrives."""
+        if self.events.exists():
+            with self.events.open(encoding="utf-8") as fh:
+                fh.seek(self.offset)
+                lines = fh.readlines()
+                self.offset = fh.tell()
+            for line in lines:
+                event = json.loads(line)
+                self.last = event
+                if event["event"] == "round_end":
+                    self.bar.update(1)
+                    self.bar.write(f"round {event['round']}: loss {event['loss']:.3f}, held-out accuracy {event['accuracy']:.1%}")
+                elif event["event"] == "base_eval":
+                    self.bar.write(f"base model held-out accuracy {event['accuracy']:.1%} (n={event['n']})")
+                elif event["event"] == "update_dropped":
+                    self.bar.write(f"dropped an update: {event['reason']}")
+                if event["event"] in ("campaign_end", "error"):
+                    return event
+        self.bar.set_postfix_str(self._status(), refresh=True)
+        return None
+
+    def _status(self) -> str:
+        parts = [self.last.get("event", "starting").replace("_", " ")]
+        for i, node_home in enumerate(self.node_homes):
+            try:
+                st = json.loads((node_home / "status.json").read_text())
+            except (OSError, ValueError):
+                continue
+            if st.get("state") == "training":
+                parts.append(f"n{i} r{st['round']} {st['step']}/{st['steps']} loss {st['loss']:.2f} {st['tokens_per_s']:.0f}tok/s")
+        return " · ".join(parts)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_demo(nodes: int = 3, rounds: int = 2, model: str = SMOLLM2_ID, steps: int = 8, per_node: int = 200,
+             eval_size: int = 48, progress: bool = True, timeout: float = 1800.0) -> dict:
+    if nodes < 1 or rounds < 1:
+        raise CommonsError("--nodes and --rounds must each be at least 1")
+    root = home()
+    work = root / "demo"
+    shutil.rmtree(work, ignore_errors=True)
+    name = "dates-iso-" + ("smollm2" if canonical_id(model) == SMOLLM2_ID else "tiny")
+    shutil.rmtree(root / "campaigns" / name, ignore_errors=True)  # a demo always starts from round 1
+    data = write_demo_data(work / "data", nodes, per_node, eval_size)
+    campaign_file = work / "campaign.toml"
+    campaign_file.write_text(dump(campaign_for(name, model, data["test"], nodes, rounds, steps, eval_size)))
+    say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
+    say(f"preparing base model {canonical_id(model)} (converted once, then cached in {cache_dir()})")
+    local_path(model)
+    Identity.load_or_create()
+    env = {"COMMONS_CACHE": str(cache_dir())}
+    threads = max(1, (os.cpu_count() or 1) // nodes)
+    net = Network(work)
+    try:
+        net.start_superlink(env={**env, "COMMONS_HOME": str(root)})
+        say(f"SuperLink on {net.address}; starting {nodes} volunteer SuperNodes")
+        node_homes = []
+        for i in range(nodes):
+            node_home = work / f"node{i}"
+            (node_home / "logs").mkdir(parents=True, exist_ok=True)
+            key = Identity.load_or_create(node_home / "identity" / "ed25519.key")
+            say(f"  volunteer {i}: key {key.public_hex[:16]}…, data {data['train'][i].name}")
+            net.start_supernode(f"node{i}", net.address, {"home": str(node_home), "data": str(data["train"][i]), "threads": threads},
+                                env={**env, "COMMONS_HOME": str(node_home)})
+            node_homes.append(node_home)
+        run_id = net.submit({"campaign": str(campaign_file), "home": str(root)})
+        say(f"campaign {name} submitted as Flower run {run_id}")
+        final = _follow(root / "campaigns" / name / "events.jsonl", node_homes, rounds, progress, timeout, work)
+    finally:
+        net.close()
+    if final["event"] == "error":
+        raise CommonsError(f"the campaign failed: {final['message']} (logs in {work / 'logs'} and {root / 'logs'})")
+    result = json.loads((root / "campaigns" / name / "result.json").read_text())
+    return _register(result, nodes, rounds)
+
+
+def _follow(events: Path, node_homes: list[Path], rounds: int, progress: bool, timeout: float, work: Path) -> dict:
+    follower = Follower(events, node_homes, rounds, progress)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            final = follower.poll()
+            if final:
+                return final
+            time.sleep(0.5)
+    finally:
+        follower.close()
+    raise CommonsError(f"the campaign did not finish within {timeout:.0f}s; see the logs in {work / 'logs'}")
+
+
+def _register(result: dict, nodes: int, rounds: int) -> dict:
+    from index.db import IndexDB
+    from protocol.manifest import SIGNATURE_FILE, verify_directory
+    from protocol.trust import TrustPolicy
+
+    summary = {
+        "adapter_cid": result.get("adapter_cid"), "name": result["name"], "engine": "deployment", "nodes": nodes,
+        "rounds": result["rounds"], "accuracy_base": result["accuracy_base"],
+        "accuracy_adapter": result["accuracy_adapter"], "signature_valid": False, "index_url": None,
+        "published": result["published"], "samples": result.get("samples", []),
+    }
+    if not result["published"]:
+        summary["reason"] = result.get("reason")
+        return summary
+    adapter_dir = Path(result["adapter_dir"])
+    verify_directory(adapter_dir, TrustPolicy(), record=False)  # raises on any problem
+    summary["signature_valid"] = True
+    IndexDB().register((adapter_dir / SIGNATURE_FILE).read_bytes(), result["adapter_cid"])
+    summary["index_url"] = f"{config.load()['index_url'].rstrip('/')}/adapters/{result['name']}"
+    summary["version"] = result.get("version")
+    return summary

@@ -1,0 +1,136 @@
+"""A campaign file (TOML): what to fine-tune, on what, how, and where the result goes."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from protocol.errors import CommonsError
+from protocol.models import DEFAULT_TARGETS, canonical_id, default_revision
+
+RULES = ("fedavg", "exact", "robust")
+
+
+@dataclass
+class LoraSpec:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    seed: int = 0
+
+
+@dataclass
+class TrainSpec:
+    steps: int = 8
+    batch_size: int = 8
+    lr: float = 2e-3
+    max_length: int = 128
+
+
+@dataclass
+class Campaign:
+    name: str
+    base_model: str
+    eval_file: Path
+    license: str = "Apache-2.0"
+    base_revision: str = ""
+    rounds: int = 2
+    min_nodes: int = 1
+    round_timeout: float = 900.0
+    node_wait: float = 300.0
+    aggregation: str = "fedavg"
+    eval_size: int = 64
+    publish_margin: float = 0.0
+    description: str = ""
+    task: str = ""
+    datasets: list[dict] = field(default_factory=list)
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    source: Path | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["eval_file"] = str(self.eval_file)
+        data["source"] = str(self.source) if self.source else None
+        return data
+
+
+def _section(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise CommonsError(f"[{where}] must be a table in the campaign file")
+    known = set(cls.__dataclass_fields__)
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise CommonsError(
+            f"unknown key {where}.{unknown[0]} in the campaign file: allowed are {', '.join(sorted(known))}"
+        )
+    return cls(**raw)
+
+
+def parse(raw: dict[str, Any], base_dir: Path) -> Campaign:
+    for key in ("name", "base_model", "eval_file"):
+        if not raw.get(key):
+            raise CommonsError(f"the campaign file needs `{key} = ...`")
+    raw = dict(raw)
+    lora = _section(LoraSpec, raw.pop("lora", {}), "lora")
+    train = _section(TrainSpec, raw.pop("train", {}), "train")
+    campaign = _section(Campaign, {**raw, "lora": lora, "train": train}, "campaign")
+    campaign.base_model = canonical_id(campaign.base_model)
+    campaign.base_revision = campaign.base_revision or default_revision(campaign.base_model)
+    campaign.eval_file = (base_dir / campaign.eval_file).resolve()
+    if campaign.aggregation not in RULES:
+        raise CommonsError(
+            f"aggregation = {campaign.aggregation!r} is unknown: use one of {', '.join(RULES)}"
+        )
+    if campaign.rounds < 1 or campaign.min_nodes < 1 or campaign.train.steps < 1:
+        raise CommonsError("rounds, min_nodes and train.steps must each be at least 1 in the campaign file")
+    if not campaign.eval_file.is_file():
+        raise CommonsError(
+            f"eval_file {campaign.eval_file} does not exist: fix the path in the campaign file"
+        )
+    return campaign
+
+
+def load(path: Path) -> Campaign:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CommonsError(f"campaign file {path} not found: pass --campaign FILE.toml") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise CommonsError(f"campaign file {path} is not valid TOML: {exc}") from None
+    campaign = parse(raw, path.parent)
+    campaign.source = path.resolve()
+    return campaign
+
+
+def dump(campaign: Campaign) -> str:
+    """TOML text for a campaign (the demo writes one so the same file runs a real network)."""
+    lines = []
+    scalars = {
+        k: v for k, v in campaign.to_json().items() if k not in ("lora", "train", "datasets", "source")
+    }
+    for key, value in scalars.items():
+        lines.append(f"{key} = {_toml(value)}")
+    for name in ("lora", "train"):
+        lines.append(f"\n[{name}]")
+        lines += [f"{k} = {_toml(v)}" for k, v in asdict(getattr(campaign, name)).items()]
+    for ds in campaign.datasets:
+        lines.append("\n[[datasets]]")
+        lines += [f"{k} = {_toml(v)}" for k, v in ds.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _toml(value: Any) -> str:
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(str(value))

@@ -1,0 +1,282 @@
+"""Shard plan: which layers each node trains this round, so every layer is trained every round.
+
+    >>> layers = layers_from_keys(global_adapter.keys())
+    >>> plan = make_plan(layers, {"a": {"device": "cuda", "vram_gb": 24, "cpu_cores": 8, "ram_gb": 64},
+    ...                           "b": {"device": "cpu", "vram_gb": None, "cpu_cores": 4, "ram_gb": 16}})
+    >>> plan.to_json()            # ship to nodes in a Flower ConfigRecord as a string
+    >>> shard_keys(plan, "a", global_adapter.keys())
+    >>> plan = reassign(plan, {"b"})   # b dropped mid-round: a's span grows to cover b's layers
+    >>> new, report = aggregate_sharded(global_adapter, updates, plan)  # each key over its trainers
+
+Layout: nodes are split into `lanes` (LPT on capability score); each lane tiles the layer stack with
+contiguous spans, so each lane covers every layer exactly once and the coverage of every layer equals the
+number of lanes: min(min_coverage, number of nodes), more when there are more nodes than layers.
+Within a lane the strongest node gets the lowest layers: a span starting at layer i needs the backward
+pass from the top down to i, so low spans cost the most. Span lengths are proportional to score.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from coordinator.aggregate import AggregateConfig, AggregateReport, Tensors, Update, aggregate, check_update
+from coordinator.robust import split_key
+from protocol.errors import CommonsError
+
+PLAN_VERSION = 1
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+DEVICES = ("cuda", "mps", "cpu")
+
+
+def layers_from_keys(keys: Iterable[str]) -> list[tuple[int, list[str]]]:
+    """Group LoRA module prefixes by transformer layer index, ascending; modules outside `.layers.N.`
+    (e.g. lm_head) form one last group with index -1."""
+    by_layer: dict[int, set[str]] = {}
+    for key in keys:
+        prefix, ab = split_key(key)
+        if ab is None:
+            continue
+        m = _LAYER.search(prefix + ".")
+        by_layer.setdefault(int(m.group(1)) if m else -1, set()).add(prefix)
+    order = sorted(i for i in by_layer if i >= 0) + ([-1] if -1 in by_layer else [])
+    return [(i, sorted(by_layer[i])) for i in order]
+
+
+def capability_score(caps: Mapping) -> float:
+    """Rough relative training throughput of a node (only the ratios between nodes matter)."""
+    device = caps.get("device")
+    if device not in DEVICES:
+        raise CommonsError(f"node capability device must be one of {', '.join(DEVICES)}, got {device!r}")
+    try:
+        cores = max(1, int(caps.get("cpu_cores") or 1))
+        ram = float(caps.get("ram_gb") or 0.0)
+        vram = float(caps.get("vram_gb") or 8.0)
+    except (TypeError, ValueError) as e:
+        raise CommonsError(
+            f"node capability numbers are malformed ({e}); report cpu_cores, ram_gb, vram_gb"
+        ) from e
+    if device == "cuda":
+        return 16.0 + 2.0 * vram
+    if device == "mps":  # unified memory: the GPU gets a share of system RAM
+        return 8.0 + 0.5 * ram
+    return 0.5 * cores + 0.05 * ram
+
+
+@dataclass(frozen=True)
+class Shard:
+    node_id: str
+    lane: int
+    start: int  # position in Plan.layers, inclusive
+    end: int  # inclusive
+    score: float
+
+
+@dataclass(frozen=True)
+class Plan:
+    layers: list[tuple[int, list[str]]]  # (layer index, module prefixes), in stack order
+    shards: list[Shard]
+    min_coverage: int
+
+    def shard(self, node_id: str) -> Shard:
+        for s in self.shards:
+            if s.node_id == node_id:
+                return s
+        raise CommonsError(
+            f"node {node_id!r} has no shard in this plan; ask the coordinator for the current plan"
+        )
+
+    def prefixes(self, node_id: str) -> list[str]:
+        s = self.shard(node_id)
+        return [p for _, mods in self.layers[s.start : s.end + 1] for p in mods]
+
+    def coverage(self) -> list[int]:
+        """How many nodes train each layer position."""
+        cov = [0] * len(self.layers)
+        for s in self.shards:
+            for i in range(s.start, s.end + 1):
+                cov[i] += 1
+        return cov
+
+    def to_json(self) -> str:
+        """Canonical encoding: same plan, same bytes."""
+        body = {
+            "version": PLAN_VERSION,
+            "min_coverage": self.min_coverage,
+            "layers": [{"index": i, "modules": list(mods)} for i, mods in self.layers],
+            "shards": [asdict(s) for s in sorted(self.shards, key=lambda s: (s.lane, s.start, s.node_id))],
+        }
+        return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Plan:
+        try:
+            body = json.loads(text)
+            if body["version"] != PLAN_VERSION:
+                raise ValueError(f"version {body['version']}")
+            layers = [(int(x["index"]), [str(m) for m in x["modules"]]) for x in body["layers"]]
+            shards = [
+                Shard(str(s["node_id"]), int(s["lane"]), int(s["start"]), int(s["end"]), float(s["score"]))
+                for s in body["shards"]
+            ]
+            plan = cls(layers, shards, int(body["min_coverage"]))
+        except (ValueError, KeyError, TypeError) as e:
+            raise CommonsError(
+                f"shard plan JSON is invalid ({e}); ask the coordinator for a fresh plan"
+            ) from e
+        if any(not 0 <= s.start <= s.end < len(layers) for s in shards):
+            raise CommonsError(
+                "shard plan has a span outside its layers; ask the coordinator for a fresh plan"
+            )
+        return plan
+
+
+def split_sizes(scores: list[float], total: int) -> list[int]:
+    """Split `total` layers into len(scores) spans of >= 1, proportional to score (largest remainder)."""
+    n = len(scores)
+    if not 1 <= n <= total:
+        raise CommonsError(f"cannot split {total} layers among {n} nodes; each node needs at least one layer")
+    weight = sum(scores)
+    raw = [total * s / weight for s in scores]
+    sizes = [max(1, math.floor(r)) for r in raw]
+    while sum(sizes) > total:  # the floor-at-1 overshot: shrink the most over-served span
+        i = max((j for j in range(n) if sizes[j] > 1), key=lambda j: (sizes[j] - raw[j], -j))
+        sizes[i] -= 1
+    while sum(sizes) < total:
+        i = max(range(n), key=lambda j: (raw[j] - sizes[j], -j))
+        sizes[i] += 1
+    return sizes
+
+
+def make_plan(
+    layers: list[tuple[int, list[str]]], nodes: Mapping[str, Mapping], min_coverage: int = 2
+) -> Plan:
+    """Assign every node one contiguous span; every layer is covered by each lane."""
+    if not layers:
+        raise CommonsError("no LoRA modules to plan over; pass layers_from_keys(global adapter keys)")
+    if not nodes:
+        raise CommonsError("no nodes to plan for; wait until at least one node has joined")
+    if min_coverage < 1:
+        raise CommonsError(f"min_coverage must be >= 1, got {min_coverage}")
+    n_layers, n_nodes = len(layers), len(nodes)
+    lanes = max(min(n_nodes, min_coverage), math.ceil(n_nodes / n_layers))
+    scored = sorted(((capability_score(c), nid) for nid, c in nodes.items()), key=lambda x: (-x[0], x[1]))
+    members: list[list[tuple[float, str]]] = [[] for _ in range(lanes)]
+    for score, nid in scored:  # LPT: next strongest node joins the weakest lane that still has room
+        open_lanes = [j for j in range(lanes) if len(members[j]) < n_layers]
+        j = min(open_lanes, key=lambda j: (sum(s for s, _ in members[j]), j))
+        members[j].append((score, nid))
+    shards = []
+    for lane, group in enumerate(members):
+        start = 0
+        for (score, nid), size in zip(group, split_sizes([s for s, _ in group], n_layers)):
+            shards.append(Shard(nid, lane, start, start + size - 1, score))
+            start += size
+    return Plan([(i, list(m)) for i, m in layers], shards, min_coverage)
+
+
+def reassign(plan: Plan, dropped: Iterable[str]) -> Plan:
+    """Give dropped nodes' spans to the survivors of their lane (neighbours grow), keeping spans
+    contiguous and every layer covered; a lane with no survivor disappears (coverage drops by one
+    until the next make_plan)."""
+    gone = set(dropped)
+    last = len(plan.layers) - 1
+    shards: list[Shard] = []
+    for lane in sorted({s.lane for s in plan.shards}):
+        alive = sorted(
+            (s for s in plan.shards if s.lane == lane and s.node_id not in gone), key=lambda s: s.start
+        )
+        if not alive:
+            continue
+        starts = [s.start for s in alive]
+        ends = [s.end for s in alive]
+        starts[0], ends[-1] = 0, last
+        for i in range(len(alive) - 1):
+            gap = starts[i + 1] - ends[i] - 1
+            if gap > 0:
+                left = round(gap * alive[i].score / (alive[i].score + alive[i + 1].score))
+                ends[i] += left
+                starts[i + 1] = ends[i] + 1
+        shards += [Shard(s.node_id, s.lane, a, b, s.score) for s, a, b in zip(alive, starts, ends)]
+    if not shards:
+        raise CommonsError("every node in the plan dropped out; wait for nodes to rejoin and make a new plan")
+    return Plan(plan.layers, shards, plan.min_coverage)
+
+
+def shard_keys(plan: Plan, node_id: str, all_keys: Iterable[str]) -> list[str]:
+    """The state-dict keys `node_id` trains and sends back this round (sorted)."""
+    mine = set(plan.prefixes(node_id))
+    return sorted(k for k in all_keys if split_key(k)[0] in mine)
+
+
+def aggregate_sharded(
+    global_tensors: Tensors,
+    updates: list[Update],
+    plan: Plan,
+    rule: str = "robust",
+    config: AggregateConfig | None = None,
+) -> tuple[Tensors, AggregateReport]:
+    """Aggregate each key over only the nodes whose shard includes it: keys are grouped by the set of
+    nodes that sent them, and each group is one `aggregate` call (its report is in `parts`). A node that
+    sends keys outside its shard, or a broken tensor, is rejected for every group."""
+    keys = sorted(global_tensors)
+    expected = {s.node_id: shard_keys(plan, s.node_id, keys) for s in plan.shards}
+    report = AggregateReport(rule=rule)
+    sent: dict[str, Update] = {}
+    for u in updates:
+        if u.node_id not in expected:
+            report.rejected[u.node_id] = (
+                "not in this round's shard plan; the node must fetch the current plan"
+            )
+        elif u.node_id in sent or u.node_id in report.rejected:
+            report.rejected[u.node_id] = "sent more than one update this round"
+            sent.pop(u.node_id, None)
+        elif why := check_update({k: global_tensors[k] for k in expected[u.node_id]}, u):
+            report.rejected[u.node_id] = why
+        else:
+            sent[u.node_id] = u
+    owners: dict[str, list[str]] = {k: [] for k in keys}
+    for nid in sent:
+        for k in expected[nid]:
+            owners[k].append(nid)
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for k in keys:
+        groups.setdefault(tuple(sorted(owners[k])), []).append(k)
+    new: Tensors = {}
+    for members, ks in sorted(groups.items()):
+        sub = {k: global_tensors[k] for k in ks}
+        if not members:
+            new.update({k: np.array(v, dtype=np.float32) for k, v in sub.items()})
+            report.unchanged += ks
+            continue
+        part_updates = [Update(n, {k: sent[n].tensors[k] for k in ks}, sent[n].num_examples) for n in members]
+        tensors, part = aggregate(sub, part_updates, rule, config)
+        new.update(tensors)
+        report.parts.append(part)
+    _merge_parts(report)
+    return new, report
+
+
+def _merge_parts(report: AggregateReport) -> None:
+    seen: dict[str, list[float]] = {}
+    for part in report.parts:
+        report.rule = part.rule
+        for nid, why in part.rejected.items():
+            report.rejected.setdefault(nid, why)
+        for nid, f in part.clipped.items():
+            report.clipped[nid] = min(f, report.clipped.get(nid, 1.0))
+        for nid, n in part.excluded.items():
+            report.excluded[nid] = report.excluded.get(nid, 0) + n
+        for nid, w in part.weights.items():
+            seen.setdefault(nid, []).append(w)
+        report.residuals.update(part.residuals)
+        report.unchanged += part.unchanged
+        report.dp = part.dp or report.dp
+    report.accepted = sorted(n for n in seen if n not in report.rejected)
+    report.weights = {n: float(np.mean(seen[n])) for n in report.accepted}  # mean over its key groups
+    report.unchanged.sort()

@@ -1,0 +1,162 @@
+"""The JSON API: the same data as the pages, plus the two write doors (announce, presence)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import time
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Query, Request
+
+from index.db import ConflictError, IndexDB
+from index.licenses import conflicts
+from index.models import (
+    Announce,
+    Announced,
+    EntryDetail,
+    EntrySummary,
+    LeaderboardRow,
+    Presence,
+    Resolved,
+    Stats,
+)
+from index.present import PRICE_PER_1K_TOKENS, cost_usd, pull_command
+from protocol.errors import CommonsError, VerifyError
+
+PRESENCE_SKEW = 300  # seconds a presence timestamp may differ from our clock (replay window)
+
+
+def summary(entry: dict) -> dict:
+    return {**entry, "pull": pull_command(entry["name"])}
+
+
+def detail(db: IndexDB, entry: dict) -> dict:
+    meta = entry["meta"]
+    files = [{"path": str(f.get("path") or f.get("name") or ""), "size": int(f.get("size", 0) or 0),
+              "sha256": str(f.get("sha256", "")), "cid": str(f.get("cid", ""))} for f in entry["files"]]
+    return {**summary(entry), "files": files, "versions": db.versions(entry["name"]),
+            "cost_usd": cost_usd(meta.get("ledger")),
+            "license_warnings": conflicts(entry["license"], meta.get("datasets") or [])}
+
+
+def parse_ref(ref: str) -> tuple[str, int | None]:
+    """`name` or `name@version` (also `name@v3`)."""
+    name, sep, version = ref.partition("@")
+    if not sep:
+        return name, None
+    digits = version[1:] if version.lower().startswith("v") else version
+    if not digits.isdigit():
+        raise CommonsError(f"{ref!r}: the version after @ must be a number, e.g. {name}@2")
+    return name, int(digits)
+
+
+def decode_envelope(value: str | dict[str, Any]) -> bytes:
+    """Envelope bytes from the announce body: a JSON object, JSON text, or base64 of the bytes."""
+    from protocol.dsse import envelope_bytes
+
+    if isinstance(value, dict):
+        return envelope_bytes(value)
+    text = value.strip()
+    if text.startswith("{"):
+        return text.encode()
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise CommonsError("envelope is neither JSON nor base64; send the bytes of model.sig base64-encoded"
+                           ) from None
+    if not raw.lstrip().startswith(b"{"):
+        raise CommonsError("envelope decodes to something other than a JSON object; send model.sig as is")
+    return raw
+
+
+def check_presence(body: Presence, now: float) -> None:
+    from protocol.keys import parse_public_hex, verify_signature
+
+    key = parse_public_hex(body.node)
+    if abs(now - body.timestamp) > PRESENCE_SKEW:
+        raise VerifyError("presence timestamp is more than 5 minutes off; check the node's clock and resend")
+    try:
+        sig = bytes.fromhex(body.signature)
+    except ValueError:
+        raise CommonsError("presence signature is not hex; sign b'commons-presence:<node>:<timestamp>'") from None
+    message = f"commons-presence:{body.node.lower()}:{body.timestamp}".encode()
+    if not verify_signature(key, message, sig):
+        raise VerifyError("presence signature does not verify for that node key; sign with the node's identity")
+
+
+def http_error(exc: CommonsError) -> HTTPException:
+    status = 409 if isinstance(exc, ConflictError) else 403 if isinstance(exc, VerifyError) else 400
+    return HTTPException(status, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+
+def make_router(db: IndexDB, check_directory: Any) -> APIRouter:
+    api = APIRouter(prefix="/api", tags=["index"])
+
+    @api.get("/adapters", response_model=list[EntrySummary], summary="Search adapters (latest versions)")
+    def adapters(q: str = Query("", max_length=200), base_model: str | None = None, license: str | None = None,
+                 task: str | None = None, trusted: bool | None = None, max_size: int | None = Query(None, ge=0),
+                 limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)) -> list[dict]:
+        found = db.search(q, base_model=base_model or None, license=license or None, task=task or None,
+                          trusted=trusted, max_size=max_size, limit=limit, offset=offset)
+        return [summary(e) for e in found]
+
+    @api.get("/adapters/{name}", response_model=EntryDetail, summary="One adapter with provenance and files")
+    def adapter(name: str, version: int | None = None) -> dict:
+        try:
+            return detail(db, db.resolve(name, version))
+        except CommonsError as exc:
+            raise HTTPException(404, str(exc)) from None
+
+    @api.get("/resolve/{ref}", response_model=Resolved, summary="name or name@version → CID")
+    def resolve(ref: str) -> dict:
+        try:
+            name, version = parse_ref(ref)
+        except CommonsError as exc:
+            raise http_error(exc) from None
+        try:
+            return detail(db, db.resolve(name, version))
+        except CommonsError as exc:
+            raise HTTPException(404, str(exc)) from None
+
+    @api.get("/datasets", response_model=list[EntrySummary], summary="Search datasets")
+    def datasets(q: str = Query("", max_length=200), license: str | None = None,
+                 limit: int = Query(50, ge=1, le=500)) -> list[dict]:
+        return [summary(e) for e in db.search(q, license=license or None, kind="dataset", limit=limit)]
+
+    @api.get("/stats", response_model=Stats, summary="Network totals")
+    def stats() -> dict:
+        s = db.stats()
+        return {**s, "cost_usd": round(s["tokens"] / 1000 * PRICE_PER_1K_TOKENS, 2)}
+
+    @api.get("/leaderboard", response_model=list[LeaderboardRow], summary="Volunteers by training tokens")
+    def leaderboard(limit: int = Query(100, ge=1, le=1000)) -> list[dict]:
+        return db.leaderboard(limit)
+
+    @api.post("/announce", response_model=Announced, status_code=201,
+              summary="Register a signed manifest (DSSE envelope) under its directory CID")
+    def announce(body: Announce, request: Request) -> dict:
+        try:
+            envelope = decode_envelope(body.envelope)
+            entry = db.register(envelope, body.cid, precheck=check_directory)
+        except CommonsError as exc:
+            raise http_error(exc) from None
+        except (ValueError, TypeError, json.JSONDecodeError) as exc:
+            raise HTTPException(400, f"malformed announcement ({type(exc).__name__}); send "
+                                     '{"envelope": <model.sig>, "cid": <root CID>}') from None
+        page = "dataset_page" if entry["kind"] == "dataset" else "adapter_page"
+        url = str(request.url_for(page, name=entry["name"]))
+        return {"cid": entry["cid"], "name": entry["name"], "version": entry["version"],
+                "signer": entry["signer"], "url": url}
+
+    @api.post("/presence", status_code=204, summary="A node says it is online (signed, fresh)")
+    def presence(body: Presence) -> None:
+        now = time.time()
+        try:
+            check_presence(body, now)
+        except CommonsError as exc:
+            raise http_error(exc) from None
+        db.record_presence(body.node.lower(), now)
+
+    return api

@@ -1,0 +1,47 @@
+"""Flower ClientApp: the SuperNode runs this for every instruction; the work is in node.worker."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from node import worker
+
+app = ClientApp()
+
+
+def _settings(context: Context) -> worker.NodeSettings:
+    cfg = context.node_config
+    home = Path(str(cfg.get("home") or Path.home() / ".commons"))
+    logging.basicConfig(
+        filename=home / "logs" / "node.log" if (home / "logs").is_dir() else None,
+        level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    threads = int(cfg.get("threads", 0)) or None
+    return worker.NodeSettings(home=home, data=Path(str(cfg.get("data", home / "data" / "train.jsonl"))), threads=threads)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    info = worker.query(_settings(context))
+    return Message(RecordDict({"info": ConfigRecord(info)}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    settings = _settings(context)
+    config = dict(msg.content["config"])
+    tensors = {k: v.numpy() for k, v in msg.content["adapter"].items()}
+    state, metrics, proof = worker.train_round(settings, config, tensors)
+    content = RecordDict(
+        {
+            "adapter": ArrayRecord({k: Array(v) for k, v in state.items()}),
+            "metrics": MetricRecord(metrics),
+            "proof": ConfigRecord(proof),
+        }
+    )
+    return Message(content, reply_to=msg)

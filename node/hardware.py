@@ -1,0 +1,31 @@
+"""What this machine can give: accelerator, memory and cores, reported to the coordinator's shard plan."""
+
+from __future__ import annotations
+
+import os
+
+
+def detect(max_vram_gb: float | None = None, max_cpu_threads: int | None = None) -> dict:
+    import torch
+
+    cores = os.cpu_count() or 1
+    threads = min(cores, max_cpu_threads) if max_cpu_threads else cores
+    info: dict = {"device": "cpu", "vram_gb": None, "cpu_cores": threads, "ram_gb": _ram_gb(), "bf16": False}
+    if torch.cuda.is_available():
+        free, _total = torch.cuda.mem_get_info()
+        vram = free / 2**30
+        info.update(
+            device="cuda", gpu=torch.cuda.get_device_name(0), bf16=torch.cuda.is_bf16_supported(),
+            vram_gb=round(min(vram, max_vram_gb) if max_vram_gb else vram, 2),
+        )
+    elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        info.update(device="mps", bf16=False)
+    return info
+
+
+def _ram_gb() -> float:
+    try:
+        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        return round(pages * size / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        return 0.0

@@ -1,0 +1,96 @@
+"""What a volunteer does with one instruction from the coordinator; Flower-free so it is tested directly."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from node import hardware
+from node.train import TrainConfig, train
+from protocol.keys import Identity
+from protocol.lora import set_state, wrap
+from protocol.models import load_base
+from protocol.records import read_records
+from protocol.update import update_digest
+
+log = logging.getLogger("commons.node")
+_MODELS: dict[str, Any] = {}  # one wrapped model per (base, revision, lora) for the life of the process
+
+
+@dataclass
+class NodeSettings:
+    home: Path
+    data: Path
+    threads: int | None = None
+    max_vram_gb: float | None = None
+
+    @property
+    def identity(self) -> Identity:
+        return Identity.load_or_create(self.home / "identity" / "ed25519.key")
+
+
+def status(settings: NodeSettings, **fields: Any) -> None:
+    """The live status line `commons node start` shows, written where any process can read it."""
+    path = settings.home / "status.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"time": time.time(), **fields}))
+    tmp.replace(path)
+
+
+def query(settings: NodeSettings) -> dict:
+    identity = settings.identity
+    return {
+        "public_key": identity.public_hex,
+        "peer_id": identity.peer_id(),
+        "capability": json.dumps(hardware.detect(settings.max_vram_gb, settings.threads)),
+        "examples": len(read_records(settings.data)),
+    }
+
+
+def _model(config: dict) -> Any:
+    key = json.dumps([config["base_model"], config["base_revision"], config["lora"]], sort_keys=True)
+    if key not in _MODELS:
+        base, tokenizer = load_base(config["base_model"], config["base_revision"])
+        _MODELS.clear()  # one campaign at a time: free the last model first
+        _MODELS[key] = (wrap(base, json.loads(config["lora"])), tokenizer)
+    return _MODELS[key]
+
+
+def train_round(settings: NodeSettings, config: dict, tensors: dict[str, np.ndarray]) -> tuple[dict, dict, dict]:
+    """Train this node's shard from the global weights; returns (tensors, metrics, signed proof)."""
+    import torch
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    round_ = int(config["round"])
+    model, tokenizer = _model(config)
+    set_state(model, tensors)
+    keys = sorted(tensors)
+    records = read_records(settings.data)
+    steps = int(config["steps"])
+    log.info("round %d: training %d steps on %d local records", round_, steps, len(records))
+
+    def on_step(step: int, loss: float, tps: float) -> None:
+        status(settings, state="training", round=round_, step=step, steps=steps, loss=round(loss, 4), tokens_per_s=round(tps, 1))
+
+    cfg = TrainConfig(
+        steps=steps, batch_size=int(config["batch_size"]), lr=float(config["lr"]),
+        max_length=int(config["max_length"]), seed=int(config.get("seed", 0)) + round_,
+    )
+    result = train(model, tokenizer, records, cfg, keys=keys, on_step=on_step)
+    identity = settings.identity
+    digest = update_digest(config["campaign"], round_, result.state)
+    proof = {"public_key": identity.public_hex, "signature": identity.sign(digest).hex()}
+    metrics = {
+        "num_examples": result.num_examples, "tokens": result.tokens, "loss": result.loss,
+        "seconds": result.seconds, "tokens_per_s": result.tokens / max(result.seconds, 1e-9),
+    }
+    status(settings, state="sent", round=round_, loss=round(result.loss, 4), tokens_per_s=round(metrics["tokens_per_s"], 1))
+    log.info("round %d: done, loss %.4f, %.0f tokens/s", round_, result.loss, metrics["tokens_per_s"])
+    return result.state, metrics, proof

@@ -1,0 +1,1 @@
+"""The shared library every role imports. Importing it never imports torch."""

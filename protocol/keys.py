@@ -1,0 +1,176 @@
+"""The node's ed25519 identity: one key signs manifests and is also the libp2p peer id.
+
+    >>> me = Identity.load_or_create()          # home()/identity/ed25519.key, mode 0600
+    >>> sig = me.sign(b"hello")
+    >>> verify_signature(me.public_key, b"hello", sig)
+    True
+    >>> me.peer_id()                            # '12D3KooW...', what libp2p computes for this key
+
+The key file holds the 32-byte ed25519 seed as 64 hex characters (the same seed libp2p's
+`Ed25519PrivateKey.from_bytes` takes). Loading refuses a file that others can read, as ssh does.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from nacl.signing import SigningKey, VerifyKey
+
+from protocol.errors import CommonsError
+from protocol.home import home
+from protocol.multiformats import b58encode
+
+KEY_FILE = "ed25519.key"
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+# libp2p PublicKey protobuf: field 1 (KeyType) = 1 (Ed25519), field 2 (Data) = 32 bytes.
+_LIBP2P_ED25519_PREFIX = b"\x08\x01\x12\x20"
+_IDENTITY_MULTIHASH = 0x00
+
+
+def default_key_path() -> Path:
+    return home() / "identity" / KEY_FILE
+
+
+def parse_public_hex(text: str) -> bytes:
+    """A public key given as 64 lowercase-or-uppercase hex characters, as bytes."""
+    value = text.strip().lower()
+    if not _HEX64.fullmatch(value):
+        raise CommonsError(f"{text[:80]!r} is not an ed25519 public key; give 64 hex characters")
+    return bytes.fromhex(value)
+
+
+def peer_id_from_public_key(public_key: bytes) -> str:
+    """libp2p peer id of an ed25519 key: identity multihash of the protobuf key, base58btc."""
+    if len(public_key) != 32:
+        raise CommonsError("an ed25519 public key is 32 bytes; check the key you passed")
+    encoded = _LIBP2P_ED25519_PREFIX + public_key
+    return b58encode(bytes([_IDENTITY_MULTIHASH, len(encoded)]) + encoded)
+
+
+def verify_signature(public_key: bytes, data: bytes, signature: bytes) -> bool:
+    """True only for a valid ed25519 signature; any malformed input is just False, never an exception."""
+    try:
+        VerifyKey(bytes(public_key)).verify(bytes(data), bytes(signature))
+    except Exception:  # noqa: BLE001 - bad key, bad point, bad signature: all mean "not verified"
+        return False
+    return True
+
+
+class Identity:
+    """An ed25519 signing key and where it lives on disk (if anywhere)."""
+
+    def __init__(self, signing_key: SigningKey, path: Path | None = None) -> None:
+        self._key = signing_key
+        self.path = path
+
+    @classmethod
+    def generate(cls) -> Identity:
+        return cls(SigningKey.generate())
+
+    @classmethod
+    def from_seed(cls, seed: bytes, path: Path | None = None) -> Identity:
+        if len(seed) != 32:
+            raise CommonsError("an ed25519 seed is 32 bytes; check the key file")
+        return cls(SigningKey(seed), path)
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> Identity:
+        path = Path(path) if path else default_key_path()
+        if not path.is_file():
+            raise CommonsError(f"no identity key at {path}; create one with `commons keys show`")
+        _check_private(path)
+        text = path.read_text(encoding="ascii", errors="replace").strip()
+        if not _HEX64.fullmatch(text):
+            raise CommonsError(
+                f"{path} is not an ed25519 key file (64 hex characters); restore it from a backup"
+            )
+        return cls.from_seed(bytes.fromhex(text), path)
+
+    @classmethod
+    def load_or_create(cls, path: Path | None = None) -> Identity:
+        path = Path(path) if path else default_key_path()
+        if path.exists():
+            return cls.load(path)
+        identity = cls.generate()
+        identity.save(path)
+        return identity
+
+    def save(self, path: Path) -> None:
+        """Write the seed with mode 0600, atomically, refusing to overwrite an existing key."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as out:
+            out.write(self._key.encode().hex() + "\n")
+        try:
+            os.link(tmp, path)  # fails if a key appeared meanwhile: never clobber someone's identity
+        except FileExistsError:
+            raise CommonsError(f"{path} already exists; remove it first if you mean to replace it") from None
+        finally:
+            tmp.unlink()
+        self.path = path
+
+    @property
+    def public_key(self) -> bytes:
+        return bytes(self._key.verify_key)
+
+    @property
+    def public_hex(self) -> str:
+        return self.public_key.hex()
+
+    @property
+    def secret_seed(self) -> bytes:
+        """The 32-byte seed (what the key file holds); handle with care."""
+        return bytes(self._key)
+
+    def sign(self, data: bytes) -> bytes:
+        return self._key.sign(bytes(data)).signature
+
+    def peer_id(self) -> str:
+        return peer_id_from_public_key(self.public_key)
+
+    def libp2p_key_pair(self):  # -> libp2p.crypto.keys.KeyPair (imported lazily: libp2p is heavy)
+        from libp2p.crypto.ed25519 import create_new_key_pair
+
+        return create_new_key_pair(self.secret_seed)
+
+    def __repr__(self) -> str:
+        return f"Identity(public_hex={self.public_hex!r}, path={str(self.path) if self.path else None!r})"
+
+
+def rotate(path: Path | None = None) -> tuple[Identity, Identity, Path]:
+    """Archive the current key with a timestamp, create a new one and revoke the old public key.
+
+    Names pinned (trust on first use) to the old key are re-pinned to the new one, since this node is the
+    one that rotated. Returns (old, new, archive_path).
+    """
+    from protocol import trust  # trust does not import keys; importing here keeps the graph one-way
+
+    path = Path(path) if path else default_key_path()
+    old = Identity.load(path)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    archive = path.parent / "archive" / f"{path.stem}-{stamp}{path.suffix}"
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(path, archive)
+    new = Identity.generate()
+    new.save(path)
+    trust.revoke_key(old.public_hex, note=f"rotated {stamp}, replaced by {new.public_hex}")
+    trust.repin(old.public_hex, new.public_hex)
+    if (trust.trust_dir() / trust.TRUSTED_KEYS).exists():  # allowlist mode: keep accepting our own work
+        trust.trust_key(new.public_hex, note=f"this node, rotated {stamp}")
+    return old, new, archive
+
+
+def _check_private(path: Path) -> None:
+    if sys.platform == "win32":
+        return
+    mode = path.stat().st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise CommonsError(f"{path} is readable by other users; run `chmod 600 {path}`")

@@ -1,0 +1,70 @@
+"""One running peer: a host that seeds its BlockStore, optionally with gossipsub announcements.
+
+    >>> async with open_node(BlockStore(), identity, listen=["/ip4/0.0.0.0/tcp/4051"]) as node:
+    ...     print(node.addrs)            # give these to pullers
+    ...     await trio.sleep_forever()
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+
+from libp2p.abc import IHost
+from libp2p.exceptions import BaseLibp2pError
+
+from protocol.errors import CommonsError
+from protocol.p2p import host as hostlib
+from protocol.p2p.exchange import serve_blocks
+from protocol.p2p.topics import Gossip, make_pubsub, open_gossip
+
+
+@dataclass
+class Node:
+    host: IHost
+    store: object
+    gossip: Gossip | None
+    bootstrap_errors: dict[str, str]
+
+    @property
+    def peer_id(self) -> str:
+        return self.host.get_id().to_base58()
+
+    @property
+    def addrs(self) -> list[str]:
+        return hostlib.host_addrs(self.host)
+
+
+@asynccontextmanager
+async def open_node(
+    store,
+    identity=None,
+    listen: Sequence[str] = (hostlib.LOCAL_LISTEN,),
+    bootstrap: Sequence[str] = (),
+    gossip: bool = False,
+    rate_limit: float | None = None,
+    mdns: bool = False,
+) -> AsyncIterator[Node]:
+    """Starts the host (identity's key, or a throwaway one), serves blocks, dials the bootstrap peers."""
+    seed = hostlib.identity_seed(identity) if identity is not None else None
+    host = hostlib.make_host(seed, mdns=mdns)
+    serve_blocks(host, store, rate_limit)
+    pubsub_router = make_pubsub(host) if gossip else None
+    async with AsyncExitStack() as stack:
+        try:
+            await stack.enter_async_context(host.run(listen_addrs=hostlib.listen_addrs(listen)))
+        except (OSError, BaseLibp2pError) as exc:
+            raise CommonsError(f"cannot listen on {list(listen)} ({exc}): pick another port") from None
+        topics = await stack.enter_async_context(open_gossip(*pubsub_router, identity)) if pubsub_router else None
+        yield await _started(host, store, topics, bootstrap)
+
+
+async def _started(host: IHost, store, topics: Gossip | None, bootstrap: Sequence[str]) -> Node:
+    errors: dict[str, str] = {}
+    for addr in bootstrap:
+        try:
+            await hostlib.connect(host, addr)
+        except CommonsError as exc:
+            errors[addr] = str(exc)  # a dead bootstrap peer is not fatal; the caller reports it
+    return Node(host, store, topics, errors)

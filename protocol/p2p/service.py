@@ -1,0 +1,69 @@
+"""The long-running shells around the pure parts: seed a store forever; pull a DAG and export it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import trio
+
+from protocol.keys import Identity
+from protocol.p2p.announce import PresenceAnnouncement
+from protocol.p2p.exchange import fetch_dag
+from protocol.p2p.node import open_node
+from protocol.p2p.topics import TOPICS
+
+PRESENCE_EVERY_S = 60
+
+
+async def serve(
+    store,
+    add: Sequence[Path] = (),
+    listen: Sequence[str] = ("/ip4/0.0.0.0/tcp/4051",),
+    key: Path | None = None,
+    bootstrap: Sequence[str] = (),
+    rate_limit: float | None = None,
+    on_ready: Callable[[dict], None] | None = None,
+    capability: str = "seed",
+    mdns: bool = False,
+) -> None:
+    """Adds `add` to the store, then seeds every block it holds until cancelled; announces presence."""
+    identity = Identity.load(key) if key else Identity.load_or_create()
+    roots = [store.add_path(Path(path)) for path in add]
+    async with open_node(store, identity, listen, bootstrap, gossip=True, rate_limit=rate_limit,
+                         mdns=mdns) as node:
+        if on_ready is not None:
+            on_ready({"peer_id": node.peer_id, "addrs": node.addrs, "roots": roots,
+                      "bootstrap_errors": node.bootstrap_errors})
+        async with trio.open_nursery() as nursery:
+            for topic in TOPICS:  # subscribing makes this node relay the topic and learn providers
+                nursery.start_soon(_drain, node.gossip, topic)
+            await _announce_presence(node, PresenceAnnouncement(node.peer_id, capability, node.addrs))
+
+
+async def _drain(gossip, topic: str) -> None:
+    async for _signed in gossip.messages(topic):
+        pass  # Gossip.messages already recorded providers; a seeder acts on nothing else
+
+
+async def _announce_presence(node, presence: PresenceAnnouncement) -> None:
+    """Presence when a new peer shows up (after its subscriptions arrive), and every minute."""
+    known: set = set()
+    last = float("-inf")
+    while True:
+        peers = set(node.host.get_connected_peers())
+        if peers and (peers - known or trio.current_time() - last > PRESENCE_EVERY_S):
+            await trio.sleep(1)
+            await node.gossip.publish(presence)
+            last = trio.current_time()
+        known = peers
+        await trio.sleep(2)
+
+
+def pull(root: str, store, peers: Sequence[str], out: Path | None = None, progress: bool = True) -> dict:
+    """Fetches the DAG (resuming from what `store` holds), exports it to `out` if given; a JSON-able report."""
+    report = fetch_dag(root, store, peers, progress=progress)
+    if out is not None:
+        store.export(report.root, Path(out))
+    return {**asdict(report), "mb_per_s": round(report.mb_per_s, 2), "out": str(out) if out else None}

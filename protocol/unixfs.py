@@ -1,0 +1,375 @@
+"""UnixFS import and export giving exactly the CIDs Kubo's `ipfs add` gives.
+
+Example:
+    >>> file_cid(b"hello world\\n")
+    'QmT78zSuBmuS4z925WZfrqQ1qHaJ56DQaTfyMUF7F8ff5o'
+
+Files: fixed 256 KiB chunks, balanced DAG of at most 174 links per node (go-unixfs / boxo balanced
+builder). CIDv0: leaves are dag-pb UnixFS File nodes. CIDv1: leaves are raw blocks, internal nodes
+dag-pb CIDv1. Directories: basic (unsharded) UnixFS directories, links sorted by name; hidden entries
+(names starting with '.') are skipped as `ipfs add -r` does without `--hidden`. Directories so large
+that Kubo would shard them into a HAMT are refused rather than given a CID Kubo would not produce.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from protocol import dagpb
+from protocol.errors import CommonsError, VerifyError
+from protocol.multiformats import CID, DAG_PB, RAW, varint_decode, varint_encode
+
+CHUNK_SIZE = 262144
+MAX_LINKS = 174
+HAMT_THRESHOLD = 262144  # Kubo's default UnixFS sharding threshold (bytes of link estimates)
+
+# UnixFS Data.Type values
+T_RAW, T_DIRECTORY, T_FILE, T_METADATA, T_SYMLINK, T_HAMT = range(6)
+
+OnBlock = Callable[[str, bytes], None]
+Progress = Callable[[int], None]
+GetBlock = Callable[[str], bytes]
+Source = Path | str | bytes | bytearray | memoryview | BinaryIO
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A finished DAG node as its parent sees it."""
+
+    cid: CID
+    tsize: int  # cumulative: this block plus all blocks below it
+    filesize: int  # bytes of file content below it (0 for directories)
+
+
+# --- building ---------------------------------------------------------------------------------------
+
+
+def _chunks(src: Source) -> Iterator[memoryview]:
+    """Full CHUNK_SIZE chunks (only the last may be short), reusing one buffer: consume before next."""
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        view = memoryview(src).cast("B")
+        for start in range(0, len(view), CHUNK_SIZE):
+            yield view[start:start + CHUNK_SIZE]
+        return
+    if isinstance(src, (str, Path)):
+        path = Path(src)
+        if not path.exists():
+            raise CommonsError(f"no such file: {path}: check the path")
+        if path.is_dir():
+            raise CommonsError(f"{path} is a directory: import it with import_directory (or `commons cid` on it)")
+        with path.open("rb") as fh:
+            yield from _chunks(fh)
+        return
+    buf = bytearray(CHUNK_SIZE)
+    view = memoryview(buf)
+    readinto = getattr(src, "readinto", None)
+    while True:
+        filled = 0
+        while filled < CHUNK_SIZE:  # like Go's io.ReadFull: short reads from pipes must not cut chunks
+            if readinto is not None:
+                got = readinto(view[filled:])
+            else:
+                data = src.read(CHUNK_SIZE - filled)
+                got = len(data)
+                view[filled:filled + got] = data
+            if not got:
+                break
+            filled += got
+        if filled:
+            yield view[:filled]
+        if filled < CHUNK_SIZE:
+            return
+
+
+def _unixfs_file_data(filesize: int, blocksizes: list[int]) -> bytes:
+    out = [b"\x08\x02\x18", varint_encode(filesize)]
+    for size in blocksizes:
+        out += (b"\x20", varint_encode(size))
+    return b"".join(out)
+
+
+class _FileBuilder:
+    """Streams chunks into a balanced DAG; holds at most MAX_LINKS entries per tree level."""
+
+    def __init__(self, cid_version: int, on_block: OnBlock | None) -> None:
+        if cid_version not in (0, 1):
+            raise CommonsError(f"unknown CID version {cid_version}: use 0 or 1")
+        self.version = cid_version
+        self.on_block = on_block
+        self.levels: list[list[Entry]] = [[]]
+        self.leaves = 0
+
+    def add_chunk(self, chunk: memoryview) -> None:
+        size = len(chunk)
+        if self.version == 1:
+            cid = CID(1, RAW, hashlib.sha256(chunk).digest())
+            entry = Entry(cid, size, size)
+            if self.on_block:
+                self.on_block(str(cid), bytes(chunk))
+        else:
+            # dag-pb{Data: unixfs{Type: File, Data: chunk, filesize}} framed around the chunk, not copied
+            n = varint_encode(size)
+            inner_len = 3 + len(n) + size + 1 + len(n)
+            prefix = b"\x0a" + varint_encode(inner_len) + b"\x08\x02\x12" + n
+            suffix = b"\x18" + n
+            digest = hashlib.sha256(prefix)
+            digest.update(chunk)
+            digest.update(suffix)
+            cid = CID(0, DAG_PB, digest.digest())
+            entry = Entry(cid, len(prefix) + size + len(suffix), size)
+            if self.on_block:
+                self.on_block(str(cid), b"".join((prefix, chunk, suffix)))
+        self.leaves += 1
+        self._push(0, entry)
+
+    def _push(self, level: int, entry: Entry) -> None:
+        self.levels[level].append(entry)
+        if len(self.levels[level]) == MAX_LINKS:
+            # A full group always becomes one parent, whatever follows.
+            parent = self._node(self.levels[level])
+            self.levels[level] = []
+            if level + 1 == len(self.levels):
+                self.levels.append([])
+            self._push(level + 1, parent)
+
+    def _node(self, children: list[Entry]) -> Entry:
+        links = [dagpb.Link(child.cid, "", child.tsize) for child in children]
+        filesize = sum(child.filesize for child in children)
+        block = dagpb.encode_node(links, _unixfs_file_data(filesize, [c.filesize for c in children]))
+        return _emit(block, self.version, self.on_block, sum(c.tsize for c in children), filesize)
+
+    def finish(self) -> Entry:
+        if self.leaves == 0:
+            if self.version == 1:
+                return self._leaf_empty_raw()
+            return _emit(dagpb.encode_node([], b"\x08\x02\x18\x00"), 0, self.on_block, 0, 0)
+        if self.leaves == 1:
+            return self.levels[0][0]
+        level = 0
+        while True:
+            pending = self.levels[level]
+            if level + 1 == len(self.levels):
+                self.levels.append([])
+            if level > 0 and not any(self.levels[level + 1:]) and len(pending) == 1:
+                return pending[0]
+            if pending:
+                # A trailing partial group is wrapped, never promoted (balanced builder semantics).
+                self.levels[level + 1].append(self._node(pending))
+                self.levels[level] = []
+            level += 1
+
+    def _leaf_empty_raw(self) -> Entry:
+        cid = CID(1, RAW, hashlib.sha256(b"").digest())
+        if self.on_block:
+            self.on_block(str(cid), b"")
+        return Entry(cid, 0, 0)
+
+
+def _emit(block: bytes, version: int, on_block: OnBlock | None, children_tsize: int, filesize: int) -> Entry:
+    cid = CID(version, DAG_PB, hashlib.sha256(block).digest())
+    if on_block:
+        on_block(str(cid), block)
+    return Entry(cid, len(block) + children_tsize, filesize)
+
+
+def _import_file_entry(
+    src: Source, cid_version: int, on_block: OnBlock | None, progress: Progress | None
+) -> Entry:
+    builder = _FileBuilder(cid_version, on_block)
+    for chunk in _chunks(src):
+        builder.add_chunk(chunk)
+        if progress:
+            progress(len(chunk))
+    return builder.finish()
+
+
+def import_file(
+    src: Source, cid_version: int = 0, on_block: OnBlock | None = None, *, progress: Progress | None = None
+) -> str:
+    """The CID `ipfs add` (default chunker and layout) gives src; on_block sees children first."""
+    return str(_import_file_entry(src, cid_version, on_block, progress).cid)
+
+
+def file_cid(src: Source, cid_version: int = 0) -> str:
+    return import_file(src, cid_version)
+
+
+def _directory_entry(
+    path: Path, cid_version: int, on_block: OnBlock | None, progress: Progress | None
+) -> Entry:
+    children: list[tuple[bytes, Entry]] = []
+    with os.scandir(path) as entries:
+        for item in entries:
+            if item.name.startswith("."):
+                continue  # `ipfs add -r` skips hidden files unless --hidden
+            child = Path(item.path)
+            if item.is_symlink():
+                raise CommonsError(f"{child} is a symlink: replace it with the file it points to")
+            if item.is_dir():
+                entry = _directory_entry(child, cid_version, on_block, progress)
+            elif item.is_file():
+                entry = _import_file_entry(child, cid_version, on_block, progress)
+            else:
+                raise CommonsError(f"{child} is not a regular file or directory: remove it")
+            children.append((os.fsencode(item.name), entry))
+    children.sort(key=lambda pair: pair[0])
+    estimate = sum(len(name) + len(entry.cid.to_bytes()) for name, entry in children)
+    links = [dagpb.Link(entry.cid, name.decode("utf-8", "surrogateescape"), entry.tsize) for name, entry in children]
+    block = dagpb.encode_node(links, b"\x08\x01")
+    if estimate >= HAMT_THRESHOLD or len(block) >= HAMT_THRESHOLD:
+        raise CommonsError(
+            f"{path} has too many entries for a basic directory (Kubo would shard it): split it into subfolders"
+        )
+    return _emit(block, cid_version, on_block, sum(entry.tsize for _, entry in children), 0)
+
+
+def import_directory(
+    path: Path, cid_version: int = 0, on_block: OnBlock | None = None, *, progress: Progress | None = None
+) -> str:
+    """The root CID `ipfs add -r path` prints; refuses symlinks."""
+    path = Path(path)
+    if path.is_symlink():
+        raise CommonsError(f"{path} is a symlink: pass the directory it points to")
+    if not path.is_dir():
+        raise CommonsError(f"no such directory: {path}: check the path")
+    if cid_version not in (0, 1):
+        raise CommonsError(f"unknown CID version {cid_version}: use 0 or 1")
+    return str(_directory_entry(path, cid_version, on_block, progress).cid)
+
+
+# --- reading ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FSNode:
+    type: int
+    data: bytes
+    filesize: int
+    blocksizes: list[int]
+
+
+def decode_unixfs(data: bytes | None) -> FSNode:
+    if data is None:
+        raise CommonsError("dag-pb block without UnixFS data: not a file or directory Kubo would make")
+    kind, content, filesize, sizes = -1, b"", 0, []
+    pos = 0
+    while pos < len(data):
+        key, pos = varint_decode(data, pos)
+        if key & 7 == 2:
+            length, pos = varint_decode(data, pos)
+            if key >> 3 == 2:
+                content = data[pos:pos + length]
+            pos += length
+        elif key & 7 == 0:
+            value, pos = varint_decode(data, pos)
+            number = key >> 3
+            if number == 1:
+                kind = value
+            elif number == 3:
+                filesize = value
+            elif number == 4:
+                sizes.append(value)
+        else:
+            raise CommonsError("corrupt UnixFS data: fetch the content again")
+    return FSNode(kind, content, filesize, sizes)
+
+
+def block_links(cid: str, block: bytes) -> list[str]:
+    """CIDs of the children of a block (raw blocks have none)."""
+    parsed = CID.decode(cid)
+    if parsed.codec == RAW:
+        return []
+    if parsed.codec != DAG_PB:
+        raise CommonsError(f"unsupported codec 0x{parsed.codec:x} in {cid}: only dag-pb and raw are handled")
+    links, _ = dagpb.decode_node(block)
+    return [str(link.cid) for link in links]
+
+
+def _node(get_block: GetBlock, cid: str) -> tuple[list[dagpb.Link], FSNode] | None:
+    """None for a raw block; (links, unixfs) for dag-pb."""
+    if CID.decode(cid).codec == RAW:
+        return None
+    links, data = dagpb.decode_node(get_block(cid))
+    return links, decode_unixfs(data)
+
+
+def iter_file(get_block: GetBlock, cid: str) -> Iterator[bytes]:
+    """The file's bytes, in order, block by block."""
+    parsed = _node(get_block, cid)
+    if parsed is None:
+        yield get_block(cid)
+        return
+    links, node = parsed
+    if node.type not in (T_FILE, T_RAW):
+        raise CommonsError(f"{cid} is not a file (UnixFS type {node.type}): use export for directories")
+    if node.data:
+        yield node.data
+    for link in links:
+        yield from iter_file(get_block, str(link.cid))
+
+
+def _dir_links(get_block: GetBlock, cid: str) -> list[dagpb.Link] | None:
+    """Links of a directory node, or None when cid is a file."""
+    parsed = _node(get_block, cid)
+    if parsed is None:
+        return None
+    links, node = parsed
+    if node.type == T_HAMT:
+        raise CommonsError(f"{cid} is a HAMT-sharded directory, which is not supported: split it")
+    if node.type == T_SYMLINK:
+        raise CommonsError(f"{cid} is a symlink, which is not supported: publish the target file")
+    if node.type == T_DIRECTORY:
+        for link in links:
+            if not link.name or link.name in (".", "..") or "/" in link.name or "\\" in link.name or "\0" in link.name:
+                raise VerifyError(f"directory {cid} has an unsafe entry name {link.name!r}: refusing to export it")
+        return links
+    return None
+
+
+def list_directory(get_block: GetBlock, cid: str) -> list[tuple[str, str, int]]:
+    """Every file below a directory as (relative path, CID, size in bytes), recursively, in link order."""
+    out: list[tuple[str, str, int]] = []
+
+    def walk(node_cid: str, prefix: str) -> None:
+        links = _dir_links(get_block, node_cid)
+        if links is None:
+            raise CommonsError(f"{node_cid} is a file, not a directory: use iter_file")
+        for link in links:
+            child = str(link.cid)
+            sub = _dir_links(get_block, child)
+            if sub is None:
+                out.append((prefix + link.name, child, _file_size(get_block, child)))
+            else:
+                walk(child, prefix + link.name + "/")
+
+    walk(cid, "")
+    return out
+
+
+def _file_size(get_block: GetBlock, cid: str) -> int:
+    parsed = _node(get_block, cid)
+    return len(get_block(cid)) if parsed is None else parsed[1].filesize
+
+
+def export(get_block: GetBlock, cid: str, out_dir: Path) -> None:
+    """Writes the file (at out_dir) or the directory tree (as out_dir), like `ipfs get -o out_dir`."""
+    out_dir = Path(out_dir)
+    links = _dir_links(get_block, cid)
+    if links is None:
+        if out_dir.is_dir():
+            raise CommonsError(f"{out_dir} is a directory but {cid} is a file: give a file path to write to")
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_dir.with_name(out_dir.name + ".partial")
+        with tmp.open("wb") as fh:
+            for piece in iter_file(get_block, cid):
+                fh.write(piece)
+        os.replace(tmp, out_dir)
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for link in links:
+        export(get_block, str(link.cid), out_dir / link.name)
