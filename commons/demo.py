@@ -41,8 +41,9 @@ class Follower:
     def __init__(self, events: Path, node_homes: list[Path], rounds: int, progress: bool) -> None:
         from tqdm import tqdm
 
-        self.events, self.node_homes, self.offset = events, node_homes, 0
-        self.bar = tqdm(total=rounds, desc="rounds", unit="round", disable=not progress, file=sys.stderr,
+        self.events, self.node_homes, self.offset, self.progress = events, node_homes, 0, progress
+        # the live bar only on a terminal; the event lines are printed either way
+        self.bar = tqdm(total=rounds, desc="rounds", unit="round", disable=not (progress and sys.stderr.isatty()), file=sys.stderr,
                         bar_format="{desc}: {n_fmt}/{total_fmt} |{bar:20}| {elapsed} {postfix}")
         self.last: dict = {}
 
@@ -58,15 +59,19 @@ class Follower:
                 self.last = event
                 if event["event"] == "round_end":
                     self.bar.update(1)
-                    self.bar.write(f"round {event['round']}: loss {event['loss']:.3f}, held-out accuracy {event['accuracy']:.1%}")
+                    self._say(f"round {event['round']}: loss {event['loss']:.3f}, held-out accuracy {event['accuracy']:.1%}")
                 elif event["event"] == "base_eval":
-                    self.bar.write(f"base model held-out accuracy {event['accuracy']:.1%} (n={event['n']})")
+                    self._say(f"base model held-out accuracy {event['accuracy']:.1%} (n={event['n']})")
                 elif event["event"] == "update_dropped":
-                    self.bar.write(f"dropped an update: {event['reason']}")
+                    self._say(f"dropped an update: {event['reason']}")
                 if event["event"] in ("campaign_end", "error"):
                     return event
         self.bar.set_postfix_str(self._status(), refresh=True)
         return None
+
+    def _say(self, line: str) -> None:
+        if self.progress:
+            self.bar.write(line, file=sys.stderr)
 
     def _status(self) -> str:
         parts = [self.last.get("event", "starting").replace("_", " ")]

@@ -11,6 +11,8 @@ from protocol.errors import CommonsError
 from protocol.models import DEFAULT_TARGETS, canonical_id, default_revision
 
 RULES = ("fedavg", "exact", "robust")
+SHARDS = ("auto", "none")
+UPLOAD_DTYPES = ("fp32", "bf16", "int8")
 
 
 @dataclass
@@ -31,6 +33,15 @@ class TrainSpec:
 
 
 @dataclass
+class DPSpec:
+    """Central DP (`[dp]` table): every update clipped to `clip`, N(0, (noise_multiplier·clip)²) added."""
+
+    noise_multiplier: float
+    clip: float
+    delta: float = 1e-5
+
+
+@dataclass
 class Campaign:
     name: str
     base_model: str
@@ -41,7 +52,10 @@ class Campaign:
     min_nodes: int = 1
     round_timeout: float = 900.0
     node_wait: float = 300.0
-    aggregation: str = "fedavg"
+    aggregation: str = "robust"  # an open network cannot trust every volunteer: robust by default
+    shards: str = "auto"  # "auto": each node trains a span of layers sized to its hardware; "none": all
+    min_coverage: int = 2  # nodes training each layer per round (when there are that many nodes)
+    upload_dtype: str = "fp32"  # what nodes send back: fp32 | bf16 | int8 (deltas, per-tensor scale)
     eval_size: int = 64
     publish_margin: float = 0.0
     description: str = ""
@@ -49,6 +63,7 @@ class Campaign:
     datasets: list[dict] = field(default_factory=list)
     lora: LoraSpec = field(default_factory=LoraSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
+    dp: DPSpec | None = None
     source: Path | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -77,7 +92,8 @@ def parse(raw: dict[str, Any], base_dir: Path) -> Campaign:
     raw = dict(raw)
     lora = _section(LoraSpec, raw.pop("lora", {}), "lora")
     train = _section(TrainSpec, raw.pop("train", {}), "train")
-    campaign = _section(Campaign, {**raw, "lora": lora, "train": train}, "campaign")
+    dp = _section(DPSpec, raw.pop("dp"), "dp") if "dp" in raw else None
+    campaign = _section(Campaign, {**raw, "lora": lora, "train": train, "dp": dp}, "campaign")
     campaign.base_model = canonical_id(campaign.base_model)
     campaign.base_revision = campaign.base_revision or default_revision(campaign.base_model)
     campaign.eval_file = (base_dir / campaign.eval_file).resolve()
@@ -85,6 +101,21 @@ def parse(raw: dict[str, Any], base_dir: Path) -> Campaign:
         raise CommonsError(
             f"aggregation = {campaign.aggregation!r} is unknown: use one of {', '.join(RULES)}"
         )
+    if campaign.shards not in SHARDS:
+        raise CommonsError(f"shards = {campaign.shards!r} is unknown: use one of {', '.join(SHARDS)}")
+    if campaign.upload_dtype not in UPLOAD_DTYPES:
+        raise CommonsError(
+            f"upload_dtype = {campaign.upload_dtype!r} is unknown: use one of {', '.join(UPLOAD_DTYPES)}"
+        )
+    if campaign.min_coverage < 1:
+        raise CommonsError("min_coverage must be at least 1 in the campaign file")
+    if dp and (campaign.aggregation == "exact" or campaign.shards != "none"):
+        raise CommonsError(
+            'central DP needs whole-adapter updates and a linear rule: set shards = "none" and '
+            'aggregation = "robust" or "fedavg" when [dp] is present'
+        )
+    if dp and not (dp.noise_multiplier > 0 and dp.clip > 0 and 0 < dp.delta < 1):
+        raise CommonsError("[dp] needs noise_multiplier > 0, clip > 0 and 0 < delta < 1 in the campaign file")
     if campaign.rounds < 1 or campaign.min_nodes < 1 or campaign.train.steps < 1:
         raise CommonsError("rounds, min_nodes and train.steps must each be at least 1 in the campaign file")
     if not campaign.eval_file.is_file():
@@ -111,11 +142,13 @@ def dump(campaign: Campaign) -> str:
     """TOML text for a campaign (the demo writes one so the same file runs a real network)."""
     lines = []
     scalars = {
-        k: v for k, v in campaign.to_json().items() if k not in ("lora", "train", "datasets", "source")
+        k: v for k, v in campaign.to_json().items() if k not in ("lora", "train", "dp", "datasets", "source")
     }
     for key, value in scalars.items():
         lines.append(f"{key} = {_toml(value)}")
-    for name in ("lora", "train"):
+    for name in ("lora", "train", "dp"):
+        if getattr(campaign, name) is None:
+            continue
         lines.append(f"\n[{name}]")
         lines += [f"{k} = {_toml(v)}" for k, v in asdict(getattr(campaign, name)).items()]
     for ds in campaign.datasets:

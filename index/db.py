@@ -25,6 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from index.schema import (
     FTS_DDL,
     PG_DDL,
+    SUMMARY_FIELDS,
     contributors,
     documents,
     entries,
@@ -45,6 +46,7 @@ from protocol.trust import TrustPolicy
 __all__ = ["ConflictError", "IndexDB", "default_url", "fts_terms", "metadata"]
 LIVE_SECONDS = 300  # a node that announced presence this recently counts as live
 MAX_LIMIT = 500
+SUMMARY_COLUMNS = [entries.c[name] for name in SUMMARY_FIELDS]
 
 
 class ConflictError(VerifyError):
@@ -167,7 +169,7 @@ class IndexDB:
             return self._get(conn, cid)
 
     def _get(self, conn: Connection, cid: str) -> dict:
-        query = select(entries, documents.c.meta_json, documents.c.files_json).join(
+        query = select(*SUMMARY_COLUMNS, documents.c.meta_json, documents.c.files_json).join(
             documents, documents.c.cid == entries.c.cid).where(entries.c.cid == cid)
         row = conn.execute(query).mappings().first()
         if row is None:
@@ -229,7 +231,7 @@ class IndexDB:
             cids = list(conn.execute(query).scalars())
             if not cids:
                 return []
-            rows = conn.execute(select(entries, documents.c.meta_json).join(
+            rows = conn.execute(select(*SUMMARY_COLUMNS, documents.c.meta_json).join(
                 documents, documents.c.cid == entries.c.cid).where(entries.c.cid.in_(cids))).mappings()
             by_cid = {r["cid"]: r for r in rows}
         return [to_entry(by_cid[c], by_cid[c]["meta_json"]) for c in cids]

@@ -87,7 +87,8 @@ def _build_tiny():
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(local_path(SMOLLM2_ID))
+    gguf = smollm2_gguf()  # only the tokenizer: converting the whole model would cost half a minute
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,

@@ -1,0 +1,45 @@
+"""The real thing: SmolLM2-135M-Instruct, federated LoRA across real Flower processes, then a developer's
+pull into a fresh home and `PeftModel.from_pretrained` that answers the held-out dates in ISO format."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from commons.demo_task import STYLES, make_records
+from coordinator.evaluate import exact_match
+from test_demo_e2e import commons, free_port, serve_index
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    home = tmp_path_factory.mktemp("smollm2-home")
+    done = commons("demo", "--nodes", "2", "--rounds", "2", "--steps", "6", "--json", home=home, timeout=1200)
+    return home, json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_the_adapter_clearly_beats_the_base_model(demo: tuple[Path, dict]) -> None:
+    _, summary = demo
+    assert summary["signature_valid"] and summary["engine"] == "deployment"
+    assert summary["accuracy_base"] <= 0.2
+    assert summary["accuracy_adapter"] >= summary["accuracy_base"] + 0.4, summary
+
+
+def test_a_developer_pulls_it_and_peft_generates_iso_dates(demo: tuple[Path, dict], tmp_path: Path) -> None:
+    home, summary = demo
+    with serve_index(home, free_port()) as url:
+        pulled = json.loads(commons("pull", summary["name"], "--index", url, "--json", home=tmp_path).stdout)
+    from peft import PeftModel
+
+    from protocol.models import load_base
+
+    base, tokenizer = load_base(pulled["base_model"])
+    records = make_records(16, list(STYLES), seed=4242)  # dates neither side has seen
+    before = exact_match(base, tokenizer, records)["accuracy"]
+    model = PeftModel.from_pretrained(base, pulled["path"])
+    after = exact_match(model, tokenizer, records)["accuracy"]
+    assert after >= before + 0.4 and after >= 0.5, (before, after)
