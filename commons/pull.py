@@ -41,15 +41,21 @@ def is_cid(ref: str) -> bool:
     return ref.startswith(("Qm", "b"))
 
 
-def resolve(ref: str, index_url: str) -> str:
-    """name, name@version or CID -> root CID (names go through the index's JSON API)."""
+def resolve(ref: str, index_url: str, peers: list[str] | None = None) -> str:
+    """name, name@version or CID -> root CID (names go through the index's JSON API, else libp2p `peers`)."""
     if is_cid(ref):
         return str(CID.decode(ref))
-    if not _REF.match(ref):
+    match = _REF.match(ref)
+    if not match:
         raise CommonsError(f"{ref!r} is neither a CID nor NAME[@VERSION]; e.g. `commons pull dates-iso@1`")
     try:
         reply = httpx.get(f"{index_url.rstrip('/')}/api/resolve/{ref}", timeout=15)
     except httpx.HTTPError:
+        if peers:  # no index: ask the peers, which answer from the announcements they verified
+            from protocol.p2p.resolve import resolve_name
+
+            version = match.group("version")
+            return resolve_name(peers, match.group("name"), int(version) if version else None).cid
         raise CommonsError(
             f"cannot reach the index at {index_url}: start it with `commons index serve` or pass --index URL"
         ) from None
@@ -65,7 +71,7 @@ def resolve(ref: str, index_url: str) -> str:
 def pull(ref: str, out: Path | None = None, index_url: str | None = None, progress: bool = True) -> Pulled:
     settings = config.load()
     index_url = index_url or settings["index_url"]
-    cid = resolve(ref, index_url)
+    cid = resolve(ref, index_url, settings["peers"])
     store = BlockStore()
     if settings["peers"] and store.missing(cid):
         _from_peers(cid, store, settings["peers"], progress)
@@ -78,6 +84,7 @@ def pull(ref: str, out: Path | None = None, index_url: str | None = None, progre
             verified = verify_directory(staging / "adapter", progress=progress)
         except VerifyError as exc:
             raise VerifyError(f"refusing {ref}: {exc}") from None
+        _check_names(ref, verified)
         if target.exists():
             shutil.rmtree(target)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -85,6 +92,18 @@ def pull(ref: str, out: Path | None = None, index_url: str | None = None, progre
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return Pulled(cid=cid, path=target, verified=verified)
+
+
+def _check_names(ref: str, verified: Verified) -> None:
+    """Whoever resolved NAME (index or peer), the signed manifest must be NAME's, at the version asked."""
+    match = None if is_cid(ref) else _REF.match(ref)
+    if match is None:
+        return
+    meta = verified.meta
+    version = match.group("version")
+    if meta.name != match.group("name") or (version is not None and int(meta.version) != int(version)):
+        raise VerifyError(f"refusing {ref}: what it resolved to is signed as {meta.name}@{meta.version}; the "
+                          "index or peer that answered is wrong or lying, try another")
 
 
 def _from_peers(cid: str, store: BlockStore, peers: list[str], progress: bool) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import tomllib
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,10 @@ def _section(cls: type, raw: Any, where: str) -> Any:
         raise CommonsError(
             f"unknown key {where}.{unknown[0]} in the campaign file: allowed are {', '.join(sorted(known))}"
         )
+    missing = sorted(k for k, f in cls.__dataclass_fields__.items() if k not in raw and f.default is MISSING
+                     and f.default_factory is MISSING)
+    if missing:
+        raise CommonsError(f"[{where}] needs `{missing[0]} = ...` in the campaign file")
     return cls(**raw)
 
 

@@ -36,10 +36,10 @@ def train(msg: Message, context: Context) -> Message:
     settings = _settings(context)
     config = dict(msg.content["config"])
     tensors = {k: v.numpy() for k, v in msg.content["adapter"].items()}
-    state, metrics, proof = worker.train_round(settings, config, tensors)
+    wire, metrics, proof = worker.train_round(settings, config, tensors)
     content = RecordDict(
         {
-            "adapter": ArrayRecord({k: Array(v) for k, v in state.items()}),
+            "adapter": ArrayRecord({k: Array(v) for k, v in wire.items()}),
             "metrics": MetricRecord(metrics),
             "proof": ConfigRecord(proof),
         }

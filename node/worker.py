@@ -17,7 +17,7 @@ from protocol.keys import Identity
 from protocol.lora import set_state, wrap
 from protocol.models import load_base
 from protocol.records import read_records
-from protocol.update import update_digest
+from protocol.update import encode, update_digest, wire_bytes
 
 log = logging.getLogger("commons.node")
 _MODELS: dict[str, Any] = {}  # one wrapped model per (base, revision, lora) for the life of the process
@@ -63,7 +63,10 @@ def _model(config: dict) -> Any:
 
 
 def train_round(settings: NodeSettings, config: dict, tensors: dict[str, np.ndarray]) -> tuple[dict, dict, dict]:
-    """Train this node's shard from the global weights; returns (tensors, metrics, signed proof)."""
+    """Train this node's shard from the global weights; returns (wire arrays, metrics, signed proof).
+
+    `tensors` is the whole global adapter (the forward pass needs every layer); `config["keys"]` names
+    the shard this node trains and sends back, encoded as `config["upload_dtype"]` asks."""
     import torch
 
     if settings.threads:
@@ -71,7 +74,10 @@ def train_round(settings: NodeSettings, config: dict, tensors: dict[str, np.ndar
     round_ = int(config["round"])
     model, tokenizer = _model(config)
     set_state(model, tensors)
-    keys = sorted(tensors)
+    keys = json.loads(config["keys"]) if config.get("keys") else sorted(tensors)
+    unknown = sorted(set(keys) - set(tensors))
+    if unknown:
+        raise ValueError(f"the coordinator asked to train {unknown[0]}, which it did not send")
     records = read_records(settings.data)
     steps = int(config["steps"])
     log.info("round %d: training %d steps on %d local records", round_, steps, len(records))
@@ -84,13 +90,15 @@ def train_round(settings: NodeSettings, config: dict, tensors: dict[str, np.ndar
         max_length=int(config["max_length"]), seed=int(config.get("seed", 0)) + round_,
     )
     result = train(model, tokenizer, records, cfg, keys=keys, on_step=on_step)
+    wire = encode(result.state, {k: tensors[k] for k in keys}, str(config.get("upload_dtype", "fp32")))
     identity = settings.identity
-    digest = update_digest(config["campaign"], round_, result.state)
+    digest = update_digest(config["campaign"], round_, wire)
     proof = {"public_key": identity.public_hex, "signature": identity.sign(digest).hex()}
     metrics = {
         "num_examples": result.num_examples, "tokens": result.tokens, "loss": result.loss,
         "seconds": result.seconds, "tokens_per_s": result.tokens / max(result.seconds, 1e-9),
+        "upload_bytes": wire_bytes(wire),
     }
     status(settings, state="sent", round=round_, loss=round(result.loss, 4), tokens_per_s=round(metrics["tokens_per_s"], 1))
     log.info("round %d: done, loss %.4f, %.0f tokens/s", round_, result.loss, metrics["tokens_per_s"])
-    return result.state, metrics, proof
+    return wire, metrics, proof

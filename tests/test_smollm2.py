@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+from test_demo_e2e import commons, free_port, serve_index
 
 from commons.demo_task import STYLES, make_records
 from coordinator.evaluate import exact_match
-from test_demo_e2e import commons, free_port, serve_index
 
 pytestmark = pytest.mark.slow
 

@@ -19,8 +19,14 @@ def index_group() -> None:
               help="SQLAlchemy URL (default sqlite:///$COMMONS_HOME/index.db; postgresql+psycopg://... works).")
 @click.option("--trusted-keys", type=click.Path(dir_okay=False, exists=True), default=None,
               help="File of hex signer keys to badge as trusted (default: $COMMONS_HOME/trust/trusted_keys).")
-def serve_command(host: str, port: int, db_url: str | None, trusted_keys: str | None) -> None:
-    """Serve the index at http://HOST:PORT/ (API docs at /docs)."""
+@click.option("--p2p-listen", multiple=True,
+              help="Also run a libp2p host here (e.g. /ip4/0.0.0.0/tcp/4051): ingest signed announcements, "
+                   "fetch and seed their blocks. Off by default.")
+@click.option("--bootstrap", multiple=True, help="libp2p peer to dial on start, /ip4/.../tcp/.../p2p/12D3KooW... "
+                                                  "(repeat; needs --p2p-listen).")
+def serve_command(host: str, port: int, db_url: str | None, trusted_keys: str | None,
+                  p2p_listen: tuple[str, ...], bootstrap: tuple[str, ...]) -> None:
+    """Serve the index at http://HOST:PORT/ (API docs at /docs; with --p2p-listen, counts at /api/p2p)."""
     from pathlib import Path
 
     import uvicorn
@@ -38,8 +44,23 @@ def serve_command(host: str, port: int, db_url: str | None, trusted_keys: str | 
     except Exception as exc:  # noqa: BLE001 - driver errors are long; the user needs the URL and the reason
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise CommonsError(f"cannot open the index database {db_url or 'default'} ({reason}); check --db") from None
+    if bootstrap and not p2p_listen:
+        raise CommonsError("--bootstrap needs --p2p-listen MULTIADDR (e.g. /ip4/0.0.0.0/tcp/4051)")
+    store = BlockStore()
+    app = create_app(db, store)
+    if p2p_listen:
+        from index.gossip import IndexPeer, p2p_router
+        from protocol.keys import Identity
+
+        peer = IndexPeer(db, store, Identity.load_or_create(), p2p_listen, bootstrap)
+        node = peer.start()
+        app.include_router(p2p_router(peer.ingestor))
+        for addr, why in node.bootstrap_errors.items():
+            click.echo(f"warning: bootstrap peer {addr} unreachable: {why}", err=True)
+        click.echo(f"libp2p peer {node.peer_id}; announce to / bootstrap from: {' '.join(node.dialable_addrs)}",
+                   err=True)
     click.echo(f"index at http://{host}:{port}/  (API docs /docs, database {db.url.split('@')[-1]})", err=True)
-    uvicorn.run(create_app(db, BlockStore()), host=host, port=port, log_level="info")
+    uvicorn.run(app, host=host, port=port, log_level="info")
 
 
 commands = [index_group]

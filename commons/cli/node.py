@@ -26,8 +26,13 @@ def node_group() -> None:
 @click.option("--max-vram", type=float, help="Report at most this many GB of GPU memory to the shard plan.")
 @click.option("--hours", type=float, help="Stop after this many hours.")
 @click.option("--insecure/--tls", default=True, show_default=True, help="Plain HTTP to the coordinator (loopback/LAN).")
+@click.option("--seed", is_flag=True, help="Also run a libp2p host that seeds your block store and announces presence.")
+@click.option("--p2p-listen", multiple=True, default=["/ip4/0.0.0.0/tcp/4051"], show_default=True,
+              help="Where the --seed host listens.")
+@click.option("--bootstrap", multiple=True, help="libp2p peer for --seed to dial (repeat; default: config `peers`).")
 def start_command(coordinator: str, data: Path | None, max_cpu_threads: int | None, max_vram: float | None,
-                  hours: float | None, insecure: bool) -> None:
+                  hours: float | None, insecure: bool, seed: bool, p2p_listen: tuple[str, ...],
+                  bootstrap: tuple[str, ...]) -> None:
     """Connect to COORDINATOR and train whenever it sends work; reconnects if it restarts."""
     from commons.flower import Network
     from protocol.home import home, sub
@@ -44,6 +49,7 @@ def start_command(coordinator: str, data: Path | None, max_cpu_threads: int | No
     node_config = {"home": str(root), "data": str(data.resolve())}
     if max_cpu_threads:
         node_config["threads"] = max_cpu_threads
+    seeder = _start_seeding(p2p_listen, bootstrap) if seed else None
     net = Network(sub("node"))
     proc = net.start_supernode("supernode", coordinator, node_config, env={"COMMONS_HOME": str(root)}, insecure=insecure)
     click.echo(f"volunteer {identity.public_hex[:16]}… connected to {coordinator}; logs in {root / 'logs'}", err=True)
@@ -56,9 +62,29 @@ def start_command(coordinator: str, data: Path | None, max_cpu_threads: int | No
         pass
     finally:
         net.close()
+        if seeder is not None:
+            seeder.stop()
         sys.stderr.write("\n")
     if proc.returncode not in (None, 0, -15):
         raise CommonsError(f"the SuperNode stopped with code {proc.returncode}; see {net.workdir / 'logs'}")
+
+
+def _start_seeding(listen: tuple[str, ...], bootstrap: tuple[str, ...]):
+    """A background libp2p host (its own thread): seeds the block store, announces presence as "train"."""
+    from commons import config
+    from protocol.blockstore import BlockStore
+    from protocol.p2p.background import Background
+    from protocol.p2p.host import dialable
+    from protocol.p2p.service import serve
+
+    peers = list(bootstrap) or config.load()["peers"]
+    seeder = Background(lambda ready: serve(BlockStore(), (), list(listen), None, peers, on_ready=ready,
+                                            capability="train"), name="node-p2p")
+    info = seeder.start()
+    for addr, why in info["bootstrap_errors"].items():
+        click.echo(f"warning: bootstrap peer {addr} unreachable: {why}", err=True)
+    click.echo(f"seeding as libp2p peer {info['peer_id']} on {' '.join(dialable(info['addrs']))}", err=True)
+    return seeder
 
 
 def _status_line(path: Path) -> None:

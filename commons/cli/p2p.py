@@ -117,6 +117,46 @@ async def _forward(gossip, topic: str, send) -> None:
             await send.send((topic, signed))
 
 
+@p2p_group.command("announce")
+@click.argument("ref")
+@click.option("--bootstrap", multiple=True, help=PEER_HELP + " Default: `peers` in config.toml.")
+@click.option("--listen", multiple=True, default=["/ip4/0.0.0.0/tcp/0"], show_default=True)
+@click.option("--seed-seconds", type=click.FloatRange(1, 86400), default=120, show_default=True,
+              help="Seed at most this long; stops earlier once a peer (an index) re-announces the CID.")
+@click.option("--json", "as_json", is_flag=True, help="Print the seeding report as JSON.")
+def announce(ref: str, bootstrap: tuple[str, ...], listen: tuple[str, ...], seed_seconds: float,
+             as_json: bool) -> None:
+    """Announce REF (NAME or NAME@VERSION from your local index) on gossip and seed it meanwhile."""
+    from dataclasses import asdict
+
+    from commons import config
+    from index.api import parse_ref
+    from index.db import IndexDB
+    from protocol.manifest import SIGNATURE_FILE
+    from protocol.p2p.announcer import announce_adapter
+    from protocol.unixfs import iter_file, list_directory
+
+    peers = list(bootstrap) or config.load()["peers"]
+    if not peers:
+        raise CommonsError("no peer to announce to: pass --bootstrap /ip4/.../p2p/12D3KooW... or set peers in "
+                           "config.toml")
+    entry = IndexDB().resolve(*parse_ref(ref))
+    store = BlockStore()
+    if store.missing(entry["cid"]):
+        raise CommonsError(f"{ref} ({entry['cid']}) is not fully in your block store; `commons pull {ref}` first")
+    sig = next((c for path, c, _ in list_directory(store.get, entry["cid"]) if path == SIGNATURE_FILE), None)
+    if sig is None:
+        raise CommonsError(f"{entry['cid']} holds no {SIGNATURE_FILE}; sign it with `commons sign` and publish")
+    report = announce_adapter(entry["cid"], b"".join(iter_file(store.get, sig)), entry["name"], entry["version"],
+                              store, Identity.load_or_create(), listen, peers, seed_seconds)
+    if as_json:
+        click.echo(json.dumps(asdict(report)))
+        return
+    held = f"replicated by {', '.join(report.confirmed_by)}" if report.confirmed_by else "no peer confirmed a copy"
+    click.echo(f"announced {entry['name']} v{entry['version']} ({entry['cid']}) {report.announced}x in "
+               f"{report.seconds:.1f}s; {held}")
+
+
 @p2p_group.command("kubo-push")
 @click.argument("cid")
 @click.option("--kubo", default="http://127.0.0.1:5001", show_default=True, help="Kubo RPC URL.")

@@ -79,3 +79,33 @@ async def connect(host: IHost, addr: str, timeout: float = CONNECT_TIMEOUT) -> P
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CommonsError(f"cannot reach peer {addr} ({reason}): check it runs and the port is open") from None
     return info
+
+
+def local_ips() -> list[str]:
+    """IPv4 addresses of this machine's interfaces that peers could dial (loopback first)."""
+    import socket
+
+    found = ["127.0.0.1"]
+    try:
+        for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
+            found.append(str(info[4][0]))
+    except OSError:
+        pass
+    try:  # the address of the default route's interface; connect() on UDP sends nothing
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("192.0.2.1", 9))
+            found.append(probe.getsockname()[0])
+    except OSError:
+        pass
+    return list(dict.fromkeys(ip for ip in found if not ip.startswith("127.") or ip == "127.0.0.1"))
+
+
+def dialable(addrs: Sequence[str]) -> list[str]:
+    """Listen addresses as others can dial them: /ip4/0.0.0.0/... becomes one address per interface."""
+    out: list[str] = []
+    for addr in addrs:
+        if addr.startswith("/ip4/0.0.0.0/"):
+            out += [addr.replace("/ip4/0.0.0.0/", f"/ip4/{ip}/", 1) for ip in local_ips()]
+        else:
+            out.append(addr)
+    return list(dict.fromkeys(out))

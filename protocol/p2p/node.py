@@ -17,6 +17,7 @@ from libp2p.exceptions import BaseLibp2pError
 from protocol.errors import CommonsError
 from protocol.p2p import host as hostlib
 from protocol.p2p.exchange import serve_blocks
+from protocol.p2p.resolve import serve_resolve
 from protocol.p2p.topics import Gossip, make_pubsub, open_gossip
 
 
@@ -34,6 +35,11 @@ class Node:
     @property
     def addrs(self) -> list[str]:
         return hostlib.host_addrs(self.host)
+
+    @property
+    def dialable_addrs(self) -> list[str]:
+        """`addrs` with 0.0.0.0 expanded to this machine's interface addresses (what providers should list)."""
+        return hostlib.dialable(self.addrs)
 
 
 @asynccontextmanager
@@ -57,6 +63,8 @@ async def open_node(
         except (OSError, BaseLibp2pError) as exc:
             raise CommonsError(f"cannot listen on {list(listen)} ({exc}): pick another port") from None
         topics = await stack.enter_async_context(open_gossip(*pubsub_router, identity)) if pubsub_router else None
+        if topics is not None:  # answer "which CID is NAME?" from the announcements we verified
+            serve_resolve(host, topics.lookup)
         yield await _started(host, store, topics, bootstrap)
 
 

@@ -39,7 +39,7 @@ async def serve(
         async with trio.open_nursery() as nursery:
             for topic in TOPICS:  # subscribing makes this node relay the topic and learn providers
                 nursery.start_soon(_drain, node.gossip, topic)
-            await _announce_presence(node, PresenceAnnouncement(node.peer_id, capability, node.addrs))
+            await announce_presence(node, PresenceAnnouncement(node.peer_id, capability, node.dialable_addrs))
 
 
 async def _drain(gossip, topic: str) -> None:
@@ -47,7 +47,7 @@ async def _drain(gossip, topic: str) -> None:
         pass  # Gossip.messages already recorded providers; a seeder acts on nothing else
 
 
-async def _announce_presence(node, presence: PresenceAnnouncement) -> None:
+async def announce_presence(node, presence: PresenceAnnouncement) -> None:
     """Presence when a new peer shows up (after its subscriptions arrive), and every minute."""
     known: set = set()
     last = float("-inf")

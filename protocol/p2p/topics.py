@@ -39,6 +39,7 @@ from protocol.p2p.announce import (
 )
 
 TOPICS = (TOPIC_ADAPTERS, TOPIC_DATASETS, TOPIC_PRESENCE)
+MAX_NAMES = 10_000  # adapter names remembered from announcements (bounded: anyone can announce)
 
 
 def make_pubsub(host: IHost) -> tuple[Pubsub, GossipSub]:
@@ -60,6 +61,7 @@ class Gossip:
         self.checker = Checker(window_s)
         self.dropped: Counter[str] = Counter()
         self._providers: dict[str, set[str]] = {}
+        self._adapters: dict[str, dict[int, tuple[str, str, str]]] = {}  # name -> version -> (cid, envelope, signer)
         for topic in TOPICS:
             pubsub.set_topic_validator(topic, self._validator(topic), is_async_validator=False)
 
@@ -101,6 +103,34 @@ class Gossip:
         body = signed.body
         if isinstance(body, (AdapterAnnouncement, DatasetAnnouncement)):
             self._providers.setdefault(body.cid, set()).update(body.providers)
+        if isinstance(body, AdapterAnnouncement):
+            self._remember_adapter(body)
+
+    def _remember_adapter(self, body: AdapterAnnouncement) -> None:
+        """Keep name → version → CID for `lookup`, only for envelopes that verify and sign that very name
+        and version, first signer of a name wins (as in the index): a liar cannot shadow a real name here."""
+        from protocol.manifest import verify_envelope
+        from protocol.trust import TrustPolicy
+
+        if len(self._adapters) >= MAX_NAMES and body.name not in self._adapters:
+            return
+        try:
+            verified = verify_envelope(body.envelope.encode("utf-8"), TrustPolicy())
+        except CommonsError:
+            return
+        if verified.meta.name != body.name or int(verified.meta.version) != body.version:
+            return
+        versions = self._adapters.setdefault(body.name, {})
+        if any(signer != verified.signer for _, _, signer in versions.values()):
+            return
+        versions.setdefault(body.version, (body.cid, body.envelope, verified.signer))
+
+    def lookup(self, name: str, version: int | None = None) -> tuple[str, str] | None:
+        """(cid, envelope) of `name` (latest, or `version`) from verified announcements; None if unknown."""
+        versions = self._adapters.get(name) or {}
+        key = version if version is not None else max(versions, default=None)
+        found = versions.get(key) if key is not None else None
+        return (found[0], found[1]) if found else None
 
     def providers(self, cid: str) -> list[str]:
         """Multiaddrs of peers that announced they hold `cid` (provider lookup by announcement)."""

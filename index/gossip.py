@@ -1,0 +1,237 @@
+"""The index on the peer-to-peer network: ingest verified announcements, fetch their blocks, serve them.
+
+    >>> p2p = IndexPeer(db, store, Identity.load_or_create(), ["/ip4/0.0.0.0/tcp/4051"], bootstrap=[])
+    >>> p2p.start()                  # trio in its own thread; uvicorn keeps the asyncio loop
+    >>> app.include_router(p2p_router(p2p.ingestor))      # GET /api/p2p: counts
+
+For every adapter or dataset announcement that passed the gossip checks (signature, freshness, replay):
+
+1. the DSSE envelope is verified (`verify_envelope` under the index's policy) and must name what the
+   announcement names; a name owned by another signer, or a version already taken by another CID, is
+   refused here, before any byte is fetched;
+2. the DAG is fetched from the announced providers into the index's BlockStore (every block re-hashed);
+3. the fetched directory must carry that same `model.sig` and the files it signs (path → CID);
+4. `IndexDB.register` records it, and the index re-announces the CID with its own addresses: the
+   publisher takes that as "replicated" and may stop seeding.
+
+Presence announcements update `IndexDB.record_presence`. Everything refused is counted by reason.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import trio
+from fastapi import APIRouter
+from sqlalchemy import select
+
+from index.app import directory_checker
+from index.db import IndexDB
+from index.schema import documents
+from protocol.errors import CommonsError
+from protocol.manifest import SIGNATURE_FILE, Verified, verify_envelope
+from protocol.p2p.announce import (
+    AdapterAnnouncement,
+    DatasetAnnouncement,
+    PresenceAnnouncement,
+    Signed,
+)
+from protocol.p2p.background import Background
+from protocol.p2p.exchange import fetch_dag_async, unwrap
+from protocol.p2p.node import Node, open_node
+from protocol.p2p.resolve import serve_resolve
+from protocol.p2p.service import announce_presence
+from protocol.p2p.topics import TOPICS
+from protocol.unixfs import iter_file, list_directory
+
+DONE = ("ingested", "presence", "known", "blocks")  # the counters that are not drops
+
+
+class Refused(CommonsError):
+    """An announcement the index will not act on; `reason` names the counter it goes to."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def check_claim(verified: Verified, name: str, version: int | None, cid: str, versions: list[dict]) -> None:
+    """The envelope must say what the announcement says, and must not squat or replay a name."""
+    meta = verified.meta
+    if meta.name != name or (version is not None and int(meta.version) != version):
+        raise Refused("mismatch", f"announcement says {name} v{version} but its envelope signs "
+                                  f"{meta.name} v{meta.version}")
+    owners = {v["signer"] for v in versions}
+    if owners and verified.signer not in owners:
+        raise Refused("rejected", f"{name!r} belongs to another signer; announcement by "
+                                  f"{verified.signer[:16]}… refused")
+    taken = next((v["cid"] for v in versions if int(v["version"]) == int(meta.version)), None)
+    if taken is not None and taken != cid:
+        raise Refused("rejected", f"{name} v{meta.version} is already {taken}; {cid} refused (replay or fork)")
+
+
+def check_dag(store, cid: str, verified: Verified, envelope: bytes) -> None:
+    """The fetched directory holds this very model.sig and exactly the files it signs."""
+    try:
+        directory_checker(store)(cid, envelope)
+    except CommonsError as exc:
+        raise Refused("mismatch", str(exc)) from None
+    held = {path: file_cid for path, file_cid, _ in list_directory(store.get, cid) if path != SIGNATURE_FILE}
+    signed = {f["name"]: f["cid"] for f in verified.files}
+    if held != signed:
+        odd = sorted(set(held.items()) ^ set(signed.items()))[:1]
+        raise Refused("mismatch", f"the files under {cid} differ from those its manifest signs (e.g. {odd}); "
+                                  "refused")
+
+
+def envelope_in_dag(store, cid: str) -> bytes:
+    """A dataset announcement carries no envelope: the DAG's own model.sig is the one to verify."""
+    sig = next((c for path, c, _ in list_directory(store.get, cid) if path == SIGNATURE_FILE), None)
+    if sig is None:
+        raise Refused("mismatch", f"{cid} holds no {SIGNATURE_FILE}; only signed datasets are indexed")
+    return b"".join(iter_file(store.get, sig))
+
+
+@dataclass
+class Ingestor:
+    """Acts on verified announcements for one index (db + store); counts what it did and refused."""
+
+    db: IndexDB
+    store: object
+    counts: Counter = field(default_factory=Counter)
+    log: list[dict] = field(default_factory=list)  # the latest outcomes, newest last
+    node: Node | None = None
+
+    def stats(self) -> dict:
+        gossip = dict(self.node.gossip.dropped) if self.node and self.node.gossip else {}
+        dropped = {**gossip, **{k: v for k, v in self.counts.items() if k not in DONE}}
+        return {"peer_id": self.node.peer_id if self.node else None,
+                "addrs": self.node.dialable_addrs if self.node else [],
+                "peers": len(self.node.host.get_connected_peers()) if self.node else 0,
+                "ingested": self.counts["ingested"], "known": self.counts["known"],
+                "blocks_fetched": self.counts["blocks"], "presence": self.counts["presence"],
+                "dropped": dropped, "recent": self.log[-20:]}
+
+    def _note(self, outcome: str, signed: Signed, detail: str = "") -> None:
+        self.counts[outcome] += 1
+        self.log = [*self.log[-99:], {"outcome": outcome, "kind": signed.body.kind, "signer": signed.signer,
+                                      "cid": getattr(signed.body, "cid", None), "detail": detail[:300]}]
+
+    def lookup(self, name: str, version: int | None) -> tuple[str, str] | None:
+        """Answers `/commons/resolve/1.0.0` from the database: (cid, envelope text) or None."""
+        try:
+            cid = self.db.resolve(name, version)["cid"]
+        except CommonsError:
+            return None
+        with self.db.engine.connect() as conn:
+            envelope = conn.execute(select(documents.c.envelope).where(documents.c.cid == cid)).scalar()
+        return (cid, bytes(envelope).decode("utf-8")) if envelope is not None else None
+
+    async def handle(self, node: Node, signed: Signed) -> None:
+        body = signed.body
+        try:
+            if isinstance(body, PresenceAnnouncement):
+                await trio.to_thread.run_sync(self.db.record_presence, signed.signer)
+                self._note("presence", signed)
+            elif isinstance(body, (AdapterAnnouncement, DatasetAnnouncement)):
+                await self._content(node, signed)
+        except Refused as exc:
+            self._note(exc.reason, signed, str(exc))
+        except CommonsError as exc:
+            self._note("rejected", signed, str(exc))
+        except Exception as exc:  # noqa: BLE001 - one odd announcement must not stop the index's host
+            self._note("error", signed, f"{type(exc).__name__}: {exc}")
+
+    async def _content(self, node: Node, signed: Signed) -> None:
+        body = signed.body
+        is_adapter = isinstance(body, AdapterAnnouncement)
+        cid = body.cid
+        versions = await trio.to_thread.run_sync(self.db.versions, body.name)
+        held = next((v for v in versions if v["cid"] == cid), None)
+        if held is not None and not self.store.missing(cid):
+            self._note("known", signed)
+            if is_adapter and signed.signer == held["signer"]:
+                # Its author announces it again (`commons p2p announce`): confirm we hold it. Only the
+                # author gets an answer, so two indexes never answer each other's confirmations.
+                await self._confirm(node, body.name, held["version"], body.envelope, cid)
+            return
+        verified = envelope = None
+        if is_adapter:
+            envelope = body.envelope.encode("utf-8")
+            verified = await trio.to_thread.run_sync(verify_envelope, envelope, self.db.policy)
+            check_claim(verified, body.name, body.version, cid, versions)
+        if not body.providers:
+            raise Refused("unfetchable", f"announcement of {cid} lists no providers")
+        try:
+            report = await fetch_dag_async(node.host, cid, self.store, body.providers, progress=False)
+        except BaseExceptionGroup as group:
+            raise Refused("unfetchable", f"fetching {cid}: {unwrap(group)}") from None
+        except CommonsError as exc:
+            raise Refused("unfetchable", f"fetching {cid}: {exc}") from None
+        self.counts["blocks"] += report.blocks
+        if envelope is None:
+            envelope = envelope_in_dag(self.store, cid)
+            verified = await trio.to_thread.run_sync(verify_envelope, envelope, self.db.policy)
+            check_claim(verified, body.name, None, cid, versions)
+        check_dag(self.store, cid, verified, envelope)
+        await trio.to_thread.run_sync(self.db.register, envelope, cid)
+        self._note("ingested", signed, f"{body.name} v{verified.meta.version}")
+        # We hold it now: say so, so the publisher may stop seeding and pullers find a second source.
+        if is_adapter:
+            await self._confirm(node, body.name, int(verified.meta.version), envelope.decode("utf-8"), cid)
+        else:
+            await node.gossip.publish(DatasetAnnouncement(cid, body.name, body.license, node.dialable_addrs))
+
+    @staticmethod
+    async def _confirm(node: Node, name: str, version: int, envelope: str, cid: str) -> None:
+        await node.gossip.publish(AdapterAnnouncement(cid, name, int(version), envelope, node.dialable_addrs))
+
+
+async def run_peer(ingestor: Ingestor, identity, listen, bootstrap, on_ready=None) -> None:
+    """Host + gossip until cancelled: serves the store's blocks, ingests announcements, sends presence."""
+    async with open_node(ingestor.store, identity, listen, bootstrap, gossip=True) as node:
+        ingestor.node = node
+        serve_resolve(node.host, ingestor.lookup)  # names from the database, not only from announcements
+        send, receive = trio.open_memory_channel(64)
+        async with trio.open_nursery() as nursery:
+            for topic in TOPICS:
+                nursery.start_soon(_forward, node, topic, send.clone())
+            nursery.start_soon(announce_presence, node, PresenceAnnouncement(node.peer_id, "index",
+                                                                              node.dialable_addrs))
+            if on_ready is not None:
+                on_ready(node)
+            async for signed in receive:  # one at a time: fetches are pipelined inside, the DB is serial
+                await ingestor.handle(node, signed)
+
+
+async def _forward(node: Node, topic: str, send) -> None:
+    async with send:
+        async for signed in node.gossip.messages(topic):
+            await send.send(signed)
+
+
+class IndexPeer:
+    """`run_peer` on its own thread (trio there, asyncio in uvicorn's); start() returns once it listens."""
+
+    def __init__(self, db: IndexDB, store, identity, listen, bootstrap=()) -> None:
+        self.ingestor = Ingestor(db, store)
+        self._background = Background(
+            lambda ready: run_peer(self.ingestor, identity, list(listen), list(bootstrap), on_ready=ready),
+            name="index-p2p")
+
+    def start(self) -> Node:
+        return self._background.start()
+
+    def stop(self) -> None:
+        self._background.stop()
+
+
+def p2p_router(ingestor: Ingestor) -> APIRouter:
+    router = APIRouter(prefix="/api", tags=["index"])
+
+    @router.get("/p2p", summary="The index's libp2p host: peer id, addresses, announcements ingested/dropped")
+    def p2p() -> dict:
+        return ingestor.stats()
+
+    return router

@@ -1,0 +1,63 @@
+"""bench/bench_gpu.py: skips cleanly without CUDA; its measuring path runs end to end on a tiny CPU model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench import bench_gpu
+
+TINY = {"vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128, "rope_theta": 10_000.0, "tie_word_embeddings": True}
+
+
+def test_without_cuda_the_benchmark_reports_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench_gpu.run() == {"name": "gpu_lora_mfu", "skipped": "no CUDA device on this machine"}
+
+
+def test_both_loops_train_the_same_tiny_model_and_report_consistent_figures() -> None:
+    shape = bench_gpu.Shape(batch=2, seq=16, steps=2, warmup=1)
+    result = bench_gpu.measure(TINY, shape, "cpu", torch.float32, peak=1.0)
+    model = bench_gpu.build_model(TINY, "cpu", torch.float32)
+    trainable, _total = model.get_nb_trainable_parameters()
+    assert result["n_lora"] == trainable > 0
+    frozen = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)  # tied: embedding counted once
+    assert result["n_base"] == frozen and result["flops_per_token"] == 4 * frozen + 6 * trainable
+    for arm in ("ours", "trainer"):
+        figures = result[arm]
+        assert figures["tokens"] == shape.steps * shape.batch * shape.seq  # every token of every batch is real
+        assert figures["tokens_per_s"] == pytest.approx(figures["tokens"] / figures["seconds"], rel=0.01)
+        assert figures["tflops"] == pytest.approx(result["flops_per_token"] * figures["tokens_per_s"] / 1e12, abs=0.01)
+        assert figures["mfu"] == pytest.approx(figures["tflops"] / 1.0, abs=1e-4)
+        assert figures["tflops_with_attention"] >= figures["tflops"]
+    assert result["ratio"] == pytest.approx(result["ours"]["tokens_per_s"] / result["trainer"]["tokens_per_s"], rel=0.01)
+
+
+def test_the_synthetic_batches_mask_the_prompt_and_are_identical_for_both_loops() -> None:
+    from node.train import encode
+
+    tokenizer = bench_gpu.SyntheticTokenizer(vocab_size=1000, seq=64)
+    record = bench_gpu.synthetic_records(3)[2]
+    ids, labels = encode(tokenizer, record["messages"], 64)
+    assert len(ids) == 64 and labels[:16] == [-100] * 16 and labels[16:] == ids[16:]
+    assert encode(tokenizer, record["messages"], 64) == (ids, labels)
+    assert encode(tokenizer, bench_gpu.synthetic_records(2)[1]["messages"], 64)[0] != ids
+
+
+def test_peak_and_flop_formulas() -> None:
+    assert bench_gpu.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert bench_gpu.peak_tflops("NVIDIA H200") == 989.0
+    assert bench_gpu.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert bench_gpu.peak_tflops("Some Future GPU") is None
+    assert bench_gpu.flops_per_token(n_base=100, n_lora=10) == 460
+    assert bench_gpu.attention_flops_per_token(layers=24, seq=1024, hidden=896) == 12 * 24 * 1024 * 896
+
+
+def test_the_default_model_is_about_half_a_billion_parameters() -> None:
+    c = bench_gpu.QWEN2_05B
+    d, f, layers, kv = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["num_key_value_heads"]
+    head = d // c["num_attention_heads"]
+    per_layer = d * d * 2 + 2 * d * kv * head + 2 * kv * head + d + 3 * d * f + 2 * d  # q,o; k,v (+ biases); mlp; norms
+    total = c["vocab_size"] * d + layers * per_layer + d
+    assert 480e6 < total < 510e6

@@ -1,0 +1,93 @@
+"""The CLI contract: init, publish (versions chain), config errors; each failure is one line, no traceback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from commons.cli import cli
+from protocol.blockstore import BlockStore
+
+COMMONS = str(Path(sys.executable).parent / "commons")
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    """The installed console script, exactly as users run it."""
+    done = subprocess.run([COMMONS, *args], capture_output=True, text=True, timeout=120, check=False)
+    return done.returncode, done.stdout, done.stderr
+
+
+def adapter_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"base_model_name_or_path": "commons/tiny-random-llama", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}))
+    (folder / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    return folder
+
+
+def test_init_creates_identity_and_config_once(isolated_home: Path) -> None:
+    code, out, _ = run("init", "--json")
+    first = json.loads(out)
+    assert code == 0 and first["created_identity"] and first["created_config"]
+    assert (isolated_home / "config.toml").exists() and first["peer_id"].startswith("12D3KooW")
+    code, out, _ = run("init", "--json")
+    again = json.loads(out)
+    assert not again["created_identity"] and again["public_key"] == first["public_key"]
+
+
+def test_publish_chains_versions_and_stores_every_block(tmp_path: Path) -> None:
+    folder = adapter_folder(tmp_path)
+    code, out, err = run("publish", str(folder), "--name", "my-adapter", "--license", "MIT", "--json")
+    assert code == 0, err
+    first = json.loads(out)
+    assert first["version"] == 1 and BlockStore().missing(first["cid"]) == []
+    (folder / "README.md").write_text("v2\n")
+    code, out, err = run("publish", str(folder), "--name", "my-adapter", "--license", "MIT", "--json")
+    second = json.loads(out)
+    assert code == 0 and second["version"] == 2 and second["cid"] != first["cid"]
+    from index.db import IndexDB
+
+    entry = IndexDB().resolve("my-adapter")
+    assert entry["version"] == 2 and entry["cid"] == second["cid"]
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["publish", "/nonexistent/adapter", "--name", "x", "--license", "MIT"], "no such folder"),
+        (["pull", "not a name!"], "neither a CID nor NAME"),
+        (["demo", "--nodes", "0"], "0"),
+    ],
+)
+def test_bad_input_is_one_line_without_traceback(args: list[str], fragment: str) -> None:
+    code, out, err = run(*args)
+    assert code != 0 and fragment in (out + err) and "Traceback" not in (out + err)
+
+
+def test_a_broken_config_names_the_file_and_the_fix(isolated_home: Path) -> None:
+    (isolated_home / "config.toml").write_text("index_url = [\n")
+    code, _, err = run("pull", "some-adapter")
+    assert code == 1 and "config.toml is not valid TOML" in err and "commons init" in err
+
+
+def test_publish_without_adapter_config_is_refused(tmp_path: Path) -> None:
+    folder = adapter_folder(tmp_path)
+    (folder / "adapter_config.json").unlink()
+    code, _, err = run("publish", str(folder), "--name", "x", "--license", "MIT")
+    assert code == 1 and "adapter_config.json" in err
+    shutil.rmtree(folder)
+
+
+def test_every_command_has_help() -> None:
+    runner = CliRunner()
+    for name, command in cli.commands.items():
+        assert runner.invoke(cli, [name, "--help"]).exit_code == 0, name
+        for sub in getattr(command, "commands", {}):
+            assert runner.invoke(cli, [name, sub, "--help"]).exit_code == 0, f"{name} {sub}"

@@ -1,0 +1,130 @@
+"""Campaign lifecycle with real processes (Flower SuperLink + SuperNodes, tiny model): the coordinator
+killed with -9 resumes from its last completed round; a volunteer killed mid-round has its span
+reassigned and the round completes; a forged update is refused with a reason in the events."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from commons.demo_task import write_demo_data
+from commons.flower import APP_TOML, Network
+from protocol.keys import Identity
+
+TESTS = Path(__file__).resolve().parent
+pytestmark = pytest.mark.slow
+
+
+class TestNetwork(Network):
+    """Our network, with the test-only ClientApp that can forge signatures (tests/attack_client_app.py)."""
+
+    __test__ = False
+
+    def app_dir(self) -> Path:
+        app = super().app_dir()
+        (app / "pyproject.toml").write_text(APP_TOML.replace("node.client_app:app", "attack_client_app:app"))
+        return app
+
+    def submit(self, run_config: dict[str, str], env: dict[str, str] | None = None) -> int:
+        return super().submit(run_config, {"PYTHONPATH": str(TESTS), **(env or {})})
+
+
+def write_campaign(root: Path, nodes: int, rounds: int, round_timeout: float) -> tuple[Path, list[Path]]:
+    data = write_demo_data(root / "data", nodes, 12, 4)
+    path = root / "campaign.toml"
+    path.write_text(
+        f'name = "life"\nbase_model = "tiny"\neval_file = "{data["test"]}"\nrounds = {rounds}\nmin_nodes = 2\n'
+        f"eval_size = 4\nround_timeout = {round_timeout}\nnode_wait = 120\n"
+        "[train]\nsteps = 1\nbatch_size = 2\nmax_length = 48\n"
+    )
+    return path, data["train"]
+
+
+def start(net: Network, root: Path, data: list[Path], attack: dict[int, str] | None = None) -> list:
+    env = {"COMMONS_CACHE": os.environ["COMMONS_CACHE"], "PYTHONPATH": str(TESTS)}
+    net.start_superlink(env={**env, "COMMONS_HOME": str(root / "coord")})
+    procs = []
+    for i, file in enumerate(data):
+        home = root / f"node{i}"
+        (home / "logs").mkdir(parents=True, exist_ok=True)
+        cfg = {"home": str(home), "data": str(file), "threads": 1, "attack": (attack or {}).get(i, "")}
+        procs.append(net.start_supernode(f"node{i}", net.address, cfg, env={**env, "COMMONS_HOME": str(home)}))
+    return procs
+
+
+def read_events(root: Path) -> list[dict]:
+    path = root / "coord" / "campaigns" / "life" / "events.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def wait_for(root: Path, test, timeout: float) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        log = read_events(root)
+        if any(e["event"] == "error" for e in log):
+            raise AssertionError(f"campaign failed: {[e for e in log if e['event'] == 'error']}")
+        if test(log):
+            return log
+        time.sleep(0.5)
+    raise AssertionError(f"timed out; last events: {[e['event'] for e in read_events(root)][-8:]}")
+
+
+def ended(log: list[dict]) -> bool:
+    return any(e["event"] == "campaign_end" for e in log)
+
+
+def test_coordinator_killed_with_9_resumes_from_the_last_completed_round(tmp_path: Path) -> None:
+    campaign, data = write_campaign(tmp_path, 2, rounds=2, round_timeout=300)
+    net = TestNetwork(tmp_path / "first")
+    try:
+        start(net, tmp_path, data)
+        net.submit({"campaign": str(campaign), "home": str(tmp_path / "coord")})
+        wait_for(tmp_path, lambda log: any(e["event"] == "round_start" and e["round"] == 2 for e in log), 240)
+        os.killpg(net.procs[0].pid, signal.SIGKILL)  # the SuperLink and the ServerApp it started
+    finally:
+        net.close()
+    assert not ended(read_events(tmp_path))
+    net = TestNetwork(tmp_path / "second")  # a new SuperLink, the same campaign file and coordinator home
+    try:
+        start(net, tmp_path, data)
+        net.submit({"campaign": str(campaign), "home": str(tmp_path / "coord")})
+        log = wait_for(tmp_path, ended, 300)
+    finally:
+        net.close()
+    assert [e["round"] for e in log if e["event"] == "resumed"] == [1]
+    assert [e["round"] for e in log if e["event"] == "round_end"] == [1, 2]  # round 1 was not trained again
+    assert sum(e["event"] == "update" and e["round"] == 1 for e in log) == 2
+    result = json.loads((tmp_path / "coord" / "campaigns" / "life" / "result.json").read_text())
+    assert result["rounds"] == 2 and all(e["rounds"] == 2 for e in result["ledger"])
+
+
+def test_a_node_killed_mid_round_is_covered_and_a_forger_is_refused(tmp_path: Path) -> None:
+    campaign, data = write_campaign(tmp_path, 4, rounds=1, round_timeout=60)
+    keys = [Identity.load_or_create(tmp_path / f"node{i}" / "identity" / "ed25519.key").public_hex[:16]
+            for i in range(4)]
+    net = TestNetwork(tmp_path / "net")
+    try:
+        procs = start(net, tmp_path, data, attack={3: "wrongkey"})
+        net.submit({"campaign": str(campaign), "home": str(tmp_path / "coord")})
+        log = wait_for(tmp_path, lambda log: any(e["event"] == "plan" for e in log), 240)
+        plan = next(e for e in log if e["event"] == "plan")
+        lane_of = {s["node"]: s["lane"] for s in plan["shards"]}
+        victim = next(i for i in range(3) if sum(lane == lane_of[keys[i]] for lane in lane_of.values()) > 1)
+        os.killpg(procs[victim].pid, signal.SIGKILL)  # the node got its shard and dies before replying
+        log = wait_for(tmp_path, ended, 300)
+    finally:
+        net.close()
+    dropped = [e for e in log if e["event"] == "update_dropped"]
+    assert [e["node"] for e in dropped] == [keys[3]]
+    assert "signed with a key other than the one it registered" in dropped[0]["reason"]
+    moved = next(e for e in log if e["event"] == "reassigned")
+    assert set(moved["dropped"]) == {keys[victim], keys[3]} and min(moved["coverage"]) >= 1
+    assert all(e["event"] != "reassigned" or min(e["coverage"]) >= 1 for e in log)
+    end = next(e for e in log if e["event"] == "round_end")
+    assert end["accepted"] >= 2 and min(end["coverage"]) >= 1
+    assert keys[victim] not in {e["node"] for e in log if e["event"] == "update"}

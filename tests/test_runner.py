@@ -1,0 +1,230 @@
+"""The campaign runner with volunteers in this process: the real ClientApp functions behind a Grid that
+delivers messages directly (Flower's transport is the only thing replaced; tests/test_federation_e2e.py
+runs the same scenarios with real processes). Tiny model, a few seconds per campaign."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from safetensors.numpy import load_file
+
+from commons.demo_task import write_demo_data
+from coordinator import runner
+from coordinator.campaign import parse
+from coordinator.residual import PREFIX
+from node import client_app
+from protocol.errors import CommonsError
+from protocol.keys import Identity
+
+GPU = {"device": "cuda", "gpu": "test", "vram_gb": 24.0, "cpu_cores": 8, "ram_gb": 64.0, "bf16": True}
+CPU = {"device": "cpu", "vram_gb": None, "cpu_cores": 2, "ram_gb": 4.0, "bf16": False}
+
+
+class Crash(Exception):
+    """The coordinator process dying (kill -9) at a chosen point."""
+
+
+class LocalGrid:
+    """Delivers each message to a volunteer's ClientApp function. `behave[i]` per node: "honest",
+    "dead@R" (never answers train messages from round R on), "wrongkey" (signs with another key),
+    "nan" (sends NaN); `caps[i]` replaces the hardware report; `crash_at` raises at that round."""
+
+    def __init__(self, root: Path, data: list[Path], behave: list[str], caps: list[dict] | None = None,
+                 crash_at: int | None = None) -> None:
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+        self.ids = [100 + i for i in range(len(data))]
+        self.homes = [root / f"node{i}" for i in range(len(data))]
+        self.data, self.behave, self.caps, self.crash_at = data, behave, caps, crash_at
+        self.sent: list[tuple[int, str, list[str]]] = []  # (node, group, keys asked)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.ids)
+
+    def send_and_receive(self, messages: list[Message], timeout: float) -> list[Message]:
+        return [r for r in (self.deliver(m) for m in messages) if r is not None]
+
+    def deliver(self, msg: Message) -> Message | None:
+        i = self.ids.index(msg.metadata.dst_node_id)
+        ctx = Context(1, msg.metadata.dst_node_id, {"home": str(self.homes[i]), "data": str(self.data[i])},
+                      RecordDict(), {})
+        if msg.metadata.message_type == "query":
+            reply = client_app.query(msg, ctx)
+            if self.caps:
+                reply.content["info"]["capability"] = json.dumps(self.caps[i])
+            return reply
+        config = msg.content["config"]
+        round_, behave = int(config["round"]), self.behave[i]
+        if self.crash_at == round_:
+            raise Crash(f"coordinator killed in round {round_}")
+        self.sent.append((i, msg.metadata.group_id, json.loads(str(config["keys"]))))
+        if behave.startswith("dead@") and round_ >= int(behave[5:]):
+            return None
+        reply = client_app.train(msg, ctx)
+        if behave == "nan":
+            first = sorted(reply.content["adapter"])[0]
+            from flwr.app import Array
+
+            bad = reply.content["adapter"][first].numpy().copy()
+            bad[...] = np.nan
+            reply.content["adapter"][first] = Array(bad)
+            self._resign(reply, self.homes[i] / "identity" / "ed25519.key", round_, config)
+        if behave == "wrongkey":
+            self._resign(reply, None, round_, config)
+        return reply
+
+    @staticmethod
+    def _resign(reply: Message, key: Path | None, round_: int, config: Any) -> None:
+        from protocol.update import update_digest
+
+        identity = Identity.load_or_create(key) if key else Identity.generate()
+        wire = {k: v.numpy() for k, v in reply.content["adapter"].items()}
+        proof = reply.content["proof"]
+        proof["public_key"] = identity.public_hex
+        proof["signature"] = identity.sign(update_digest(str(config["campaign"]), round_, wire)).hex()
+
+
+def setup(tmp_path: Path, nodes: int, **fields: Any):
+    data = write_demo_data(tmp_path / "data", nodes, 8, 4)
+    raw = {"name": "t", "base_model": "tiny", "eval_file": str(data["test"]), "rounds": 2, "min_nodes": 2,
+           "eval_size": 4, "train": {"steps": 1, "batch_size": 2, "max_length": 48}, **fields}
+    return parse(raw, tmp_path), data["train"], tmp_path / "coord"
+
+
+def events(home: Path, name: str = "t") -> list[dict]:
+    return [json.loads(x) for x in (home / "campaigns" / name / "events.jsonl").read_text().splitlines()]
+
+
+def final_tensors(home: Path) -> dict[str, np.ndarray]:
+    state = json.loads((home / "campaigns" / "t" / "checkpoint" / "state.json").read_text())
+    return load_file(str(home / "campaigns" / "t" / "checkpoint" / state["weights"]))
+
+
+def test_shards_are_sized_to_hardware_and_cover_every_layer(tmp_path: Path) -> None:
+    campaign, data, home = setup(tmp_path, 3, upload_dtype="bf16")
+    grid = LocalGrid(tmp_path, data, ["honest"] * 3, caps=[CPU, GPU, CPU])
+    result = runner.run(grid, campaign, home)
+    plans = [e for e in events(home) if e["event"] == "plan"]
+    assert len(plans) == 2 and all(min(p["coverage"]) >= 2 for p in plans)
+    shard_of = {s["node"]: s for s in plans[0]["shards"]}
+    gpu = Identity.load_or_create(tmp_path / "node1" / "identity" / "ed25519.key").public_hex[:16]
+    assert shard_of[gpu]["keys"] == max(s["keys"] for s in shard_of.values())  # the GPU trains the most
+    # each CPU node was asked for (and sent back) only part of the adapter
+    asked = {i: len(keys) for i, group, keys in grid.sent if group == "1"}
+    total = len(final_tensors(home))
+    assert asked[1] == total and asked[0] + asked[2] == total and 0 < asked[0] < total
+    uploads = {e["node"]: e["upload_bytes"] for e in events(home) if e["event"] == "update" and e["round"] == 1}
+    assert uploads[gpu] == max(uploads.values()) and min(uploads.values()) <= uploads[gpu] / 2 + 64
+    b = [v for k, v in final_tensors(home).items() if "lora_B" in k]
+    assert all(np.abs(x).sum() > 0 for x in b)  # every layer trained
+    assert result["published"] is True or "not above base" in result["reason"]
+    assert len(result["ledger"]) == 3 and all(e["rounds"] == 2 for e in result["ledger"])
+
+
+def test_a_node_that_drops_mid_round_has_its_span_retrained_by_its_lane_neighbour(tmp_path: Path) -> None:
+    campaign, data, home = setup(tmp_path, 3, rounds=1, round_timeout=1.0)
+    first = LocalGrid(tmp_path / "probe", data, ["honest"] * 3)
+    plan = runner.plan_round(campaign, sorted(final_keys(tmp_path, campaign)),
+                             runner.capabilities(runner.query_nodes(first, first.ids, 1), lambda *a, **k: None))
+    lanes: dict[int, list[str]] = {}
+    for s in plan.shards:
+        lanes.setdefault(s.lane, []).append(s.node_id)
+    victim = next(n for members in lanes.values() if len(members) > 1 for n in members)
+    keys = [Identity.load_or_create(tmp_path / "probe" / f"node{i}" / "identity" / "ed25519.key").public_hex
+            for i in range(3)]
+    behave = ["dead@1" if k == victim else "honest" for k in keys]
+    grid = LocalGrid(tmp_path / "probe", data, behave)
+    runner.run(grid, campaign, home)
+    log = events(home)
+    moved = next(e for e in log if e["event"] == "reassigned")
+    assert moved["dropped"] == [victim[:16]] and min(moved["coverage"]) >= 1 and sum(moved["to"].values()) > 0
+    catch_up = [e for e in log if e["event"] == "update" and e["group"] == "1.1"]
+    assert [e["node"] for e in catch_up] == list(moved["to"])
+    end = next(e for e in log if e["event"] == "round_end")
+    assert end["accepted"] == 2 and min(end["coverage"]) >= 1
+    assert all(np.abs(v).sum() > 0 for k, v in final_tensors(home).items() if "lora_B" in k)
+
+
+def final_keys(tmp_path: Path, campaign: Any) -> list[str]:
+    from protocol.lora import get_state, wrap
+    from protocol.models import load_base
+
+    base, _ = load_base(campaign.base_model)
+    return list(get_state(wrap(base, {**campaign.lora.__dict__})))
+
+
+def test_forged_and_nan_updates_are_rejected_with_a_reason(tmp_path: Path) -> None:
+    campaign, data, home = setup(tmp_path, 4, rounds=1)
+    runner.run(LocalGrid(tmp_path, data, ["honest", "wrongkey", "honest", "nan"]), campaign, home)
+    log = events(home)
+    forged = [e["reason"] for e in log if e["event"] == "update_dropped"]
+    assert len(forged) == 1 and "signed with a key other than the one it registered" in forged[0]
+    end = next(e for e in log if e["event"] == "round_end")
+    assert any("NaN" in why for why in end["rejected_nodes"].values()) and end["accepted"] == 2
+
+
+def test_a_coordinator_killed_mid_campaign_resumes_after_the_last_completed_round(tmp_path: Path) -> None:
+    campaign, data, home = setup(tmp_path, 2, rounds=2)
+    with pytest.raises(Crash):
+        runner.run(LocalGrid(tmp_path, data, ["honest"] * 2, crash_at=2), campaign, home)
+    grid = LocalGrid(tmp_path, data, ["honest"] * 2)
+    result = runner.run(grid, campaign, home)
+    log = events(home)
+    assert [e["round"] for e in log if e["event"] == "resumed"] == [1]
+    assert [e["round"] for e in log if e["event"] == "round_end"] == [1, 2]
+    assert {group for _, group, _ in grid.sent} == {"2"}  # round 1 was not trained again
+    assert [e["event"] for e in log].count("base_eval") == 1
+    assert all(e["rounds"] == 2 for e in result["ledger"])
+
+
+def test_exact_rule_keeps_the_residual_and_publishes_a_peft_adapter(tmp_path: Path) -> None:
+    campaign, data, home = setup(tmp_path, 2, rounds=1, aggregation="exact", shards="none",
+                                 train={"steps": 2, "batch_size": 2, "max_length": 48, "lr": 0.05})
+    result = runner.run(LocalGrid(tmp_path, data, ["honest"] * 2), campaign, home)
+    saved = final_tensors(home)
+    residual = {k: v for k, v in saved.items() if k.startswith(PREFIX)}
+    assert residual and max(float(np.abs(v).max()) for v in residual.values()) > 0
+    projected = next(e for e in events(home) if e["event"] == "projected")
+    assert projected["accuracy_published"] == result["accuracy_adapter"]
+    if result["published"]:
+        from peft import PeftModel
+
+        from protocol.models import load_base
+
+        PeftModel.from_pretrained(load_base("tiny")[0], result["adapter_dir"])
+
+
+def test_central_dp_is_accounted_in_the_manifest_eval(tmp_path: Path) -> None:
+    campaign, data, home = setup(tmp_path, 2, rounds=1, shards="none", aggregation="fedavg",
+                                 dp={"noise_multiplier": 1.0, "clip": 1.0})
+    result = runner.run(LocalGrid(tmp_path, data, ["honest"] * 2), campaign, home)
+    end = next(e for e in events(home) if e["event"] == "round_end")
+    assert end["dp"]["epsilon"] > 0 and end["dp"]["delta"] == 1e-5 and result["dp"]["epsilon"] == end["dp"]["epsilon"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "fragment"),
+    [
+        ({"shards": "some"}, "use one of auto, none"),
+        ({"upload_dtype": "fp8"}, "use one of fp32, bf16, int8"),
+        ({"dp": {"noise_multiplier": 1.0, "clip": 1.0}}, 'set shards = "none"'),
+        ({"dp": {"noise_multiplier": 1.0}}, "[dp]"),
+    ],
+)
+def test_campaign_mistakes_are_one_line_errors(tmp_path: Path, fields: dict, fragment: str) -> None:
+    with pytest.raises(CommonsError) as err:
+        setup(tmp_path, 1, **fields)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_node_whose_key_changes_or_reply_fails_is_dropped_with_a_reason(tmp_path: Path) -> None:
+    campaign, _, _ = setup(tmp_path, 1)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    msg = Message(RecordDict(), dst_node_id=7, message_type="train")
+    failed = Message(Error(code=0, reason="out of memory"), reply_to=msg)
+    assert "failed: out of memory" in runner.check_reply(failed, campaign, 1, "ab" * 32, {})
