@@ -24,13 +24,14 @@ from protocol.keys import Identity
 from protocol.models import SMOLLM2_ID, cache_dir, canonical_id, local_path
 
 
-def campaign_for(name: str, model: str, eval_file: Path, nodes: int, rounds: int, steps: int, eval_size: int) -> Campaign:
+def campaign_for(name: str, model: str, eval_file: Path, nodes: int, rounds: int, steps: int, eval_size: int,
+                 datasets: list[dict]) -> Campaign:
     return Campaign(
         name=name, base_model=canonical_id(model), eval_file=eval_file, license="Apache-2.0", rounds=rounds,
         min_nodes=nodes, round_timeout=900.0, node_wait=180.0, aggregation="fedavg", eval_size=eval_size,
         task="date normalization to ISO 8601 (YYYY-MM-DD)",
         description="Rewrites dates written in many styles (spelled, abbreviated, numeric) as ISO 8601 YYYY-MM-DD.",
-        datasets=[{"cid": "", "name": "dates-synthetic", "license": "CC0-1.0"}],
+        datasets=datasets,
         lora=LoraSpec(r=8, alpha=16), train=TrainSpec(steps=steps, batch_size=8, lr=2e-3, max_length=96),
     )
 
@@ -98,9 +99,11 @@ def run_demo(nodes: int = 3, rounds: int = 2, model: str = SMOLLM2_ID, steps: in
     name = "dates-iso-" + ("smollm2" if canonical_id(model) == SMOLLM2_ID else "tiny")
     shutil.rmtree(root / "campaigns" / name, ignore_errors=True)  # a demo always starts from round 1
     data = write_demo_data(work / "data", nodes, per_node, eval_size)
-    campaign_file = work / "campaign.toml"
-    campaign_file.write_text(dump(campaign_for(name, model, data["test"], nodes, rounds, steps, eval_size)))
     say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
+    datasets = publish_training_data(data["train"])
+    say(f"published the volunteers' data to the commons: {', '.join(d['name'] for d in datasets)}")
+    campaign_file = work / "campaign.toml"
+    campaign_file.write_text(dump(campaign_for(name, model, data["test"], nodes, rounds, steps, eval_size, datasets)))
     say(f"preparing base model {canonical_id(model)} (converted once, then cached in {cache_dir()})")
     local_path(model)
     Identity.load_or_create()
@@ -128,6 +131,20 @@ def run_demo(nodes: int = 3, rounds: int = 2, model: str = SMOLLM2_ID, steps: in
         raise CommonsError(f"the campaign failed: {final['message']} (logs in {work / 'logs'} and {root / 'logs'})")
     result = json.loads((root / "campaigns" / name / "result.json").read_text())
     return _register(result, nodes, rounds)
+
+
+def publish_training_data(files: list[Path]) -> list[dict]:
+    """Each volunteer's slice becomes a signed commons dataset; the adapter's manifest cites their CIDs."""
+    from commons.datasets import publish_dataset
+    from commons.demo_task import LICENSE, SOURCE, STYLES
+
+    families = list(STYLES)
+    cited = []
+    for i, file in enumerate(files):
+        name = f"dates-iso-{families[i % len(families)]}-{i}"
+        result = publish_dataset(file, LICENSE, SOURCE, name=name, show_report=False)
+        cited.append({"cid": result["cid"], "name": name, "license": LICENSE})
+    return cited
 
 
 def _follow(events: Path, node_homes: list[Path], rounds: int, progress: bool, timeout: float, work: Path) -> dict:

@@ -12,7 +12,7 @@ def normalize(text: str) -> str:
     return text.strip().rstrip(".").strip()
 
 
-def generate(model: Any, tokenizer: Any, records: list[dict], batch_size: int = 32, max_new_tokens: int = 16) -> list[str]:
+def generate(model: Any, tokenizer: Any, records: list[dict], batch_size: int = 32, max_new_tokens: int = 12) -> list[str]:
     prompts = [
         tokenizer.apply_chat_template(r["messages"][:-1], tokenize=False, add_generation_prompt=True) for r in records
     ]

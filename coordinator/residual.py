@@ -6,8 +6,10 @@
 
 FedEx-LoRA (`aggregate(..., "exact")`) returns R = Σ w_i B_i A_i − B̄Ā per module each round; summed over
 rounds it is the part of the average update the adapter's own rank cannot hold. During the campaign the
-coordinator evaluates, and nodes keep training against, B̄Ā plus the residual folded into the frozen
-base weights on the coordinator only (nodes receive B̄, Ā; the residual never leaves the coordinator).
+coordinator keeps it folded into its own copy of the frozen base weights, so every evaluation (and the
+curve in the manifest) scores B̄Ā + R, the exact average of what the nodes learned. Nodes receive only
+B̄, Ā and train on the untouched base: shipping a full-rank residual down every round would cost more
+than the adapter itself (the FedEx-LoRA paper does ship it; we trade that for a constant download).
 A published adapter must load with `PeftModel.from_pretrained` on the untouched base model, so it
 cannot carry a full-rank delta: `project` replaces each module's (B̄, Ā) by the best rank-r
 approximation of B̄Ā + R (truncated SVD, Eckart-Young), split as B' = U√S, A' = √S Vᵀ. The published

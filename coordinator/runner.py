@@ -273,7 +273,6 @@ def run(grid: Any, campaign: Campaign, home: Path) -> dict:
     scaling = campaign.lora.alpha / campaign.lora.r
     print_id = fingerprint(campaign)
     resumed = checkpoint.load(folder / "checkpoint", print_id)
-    model = None
     if resumed:
         saved, state = resumed
         tensors, total = split_checkpoint(saved)

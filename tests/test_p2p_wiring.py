@@ -298,3 +298,29 @@ def test_without_the_index_http_api_names_resolve_over_libp2p(tmp_path, index, m
     assert pulled.cid == cid
     weights = "adapter_model.safetensors"
     assert (tmp_path / "pulled" / weights).read_bytes() == (folder / weights).read_bytes()
+
+
+def test_resolve_answers_and_flags_are_checked(tmp_path, monkeypatch):
+    from protocol.errors import VerifyError
+    from protocol.p2p.announce import canonical
+    from protocol.p2p.resolve import check_answer
+
+    folder = make_adapter(tmp_path / "adapter", size=1000)
+    sign_directory(folder, meta_from_folder(folder, "real-lora", "MIT", version=2, previous=None), Identity.generate())
+    cid = BlockStore(tmp_path / "s").add_path(folder)
+    answer = canonical({"cid": cid, "envelope": (folder / SIGNATURE_FILE).read_text()})
+    assert check_answer(answer, "real-lora", 2)[0] == cid
+    with pytest.raises(VerifyError, match="asked for other-lora@None, the answer signs real-lora@2"):
+        check_answer(answer, "other-lora", None)  # a peer answering with some other signed adapter
+    with pytest.raises(VerifyError, match="asked for real-lora@1"):
+        check_answer(answer, "real-lora", 1)
+    with pytest.raises(VerifyError, match="malformed"):
+        check_answer(b'{"cid": "nope"}', "real-lora", None)
+
+    runner = CliRunner()
+    monkeypatch.setenv("COMMONS_HOME", str(tmp_path / "home"))
+    with pytest.raises(CommonsError, match="--bootstrap needs --p2p-listen"):
+        runner.invoke(cli, ["index", "serve", "--bootstrap", "/ip4/127.0.0.1/tcp/1/p2p/x"], catch_exceptions=False)
+    with pytest.raises(CommonsError, match="--announce needs a peer: pass --bootstrap"):
+        runner.invoke(cli, ["publish", str(folder), "--name", "real-lora", "--license", "MIT", "--announce"],
+                      catch_exceptions=False)

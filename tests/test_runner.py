@@ -67,7 +67,7 @@ class LocalGrid:
             return None
         reply = client_app.train(msg, ctx)
         if behave == "nan":
-            first = sorted(reply.content["adapter"])[0]
+            first = min(reply.content["adapter"])
             from flwr.app import Array
 
             bad = reply.content["adapter"][first].numpy().copy()

@@ -12,7 +12,7 @@ from test_demo_e2e import commons, free_port, serve_index
 from commons.demo_task import STYLES, make_records
 from coordinator.evaluate import exact_match
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 @pytest.fixture(scope="module")

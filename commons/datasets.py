@@ -1,0 +1,58 @@
+"""Publish chat data to the commons: validate, scrub PII, dedupe, sign, store, register."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+from commons.cli.data import DATA_FILE, _progress, dataset_name, print_report, review
+from protocol.dataset import dataset_card, encode_records, prepare
+from protocol.errors import CommonsError
+from protocol.home import home
+
+
+def publish_dataset(file: Path, license_: str, source: str, name: str | None = None, db_url: str | None = None,
+                    ask: bool = False, show_report: bool = True) -> dict:
+    """Returns {cid, name, version, unchanged, records, ...}; the same records again keep their CID."""
+    from index.db import IndexDB
+    from protocol.blockstore import BlockStore
+    from protocol.keys import Identity
+    from protocol.manifest import SIGNATURE_FILE, AdapterMeta, sign_directory
+
+    identity = Identity.load_or_create()
+    records, report = prepare(file, license_, source, identity.public_hex, progress=_progress("checking"))
+    if show_report:
+        print_report(report)
+    if ask:
+        records = review(records)
+        report.records = len(records)
+    name = name or dataset_name(file)
+    db = IndexDB(db_url)
+    version, previous = 1, None
+    try:
+        last = db.resolve(name)
+        version, previous = last["version"] + 1, last["cid"]
+    except CommonsError:
+        last = None
+    data = encode_records(records)
+    digest = hashlib.sha256(data).hexdigest()
+    if last and any(f.get("name") == DATA_FILE and f.get("sha256") == digest for f in last["files"]):
+        return {"cid": last["cid"], "name": name, "version": last["version"], "unchanged": True, **report.as_dict()}
+    out = home() / "datasets" / f"{name}-v{version}"
+    if out.exists():
+        shutil.rmtree(out)  # left over from an interrupted run: nothing there was published
+    out.mkdir(parents=True)
+    (out / DATA_FILE).write_bytes(data)
+    (out / "README.md").write_text(dataset_card(name, records[0]["license"], source, report), encoding="utf-8")
+    meta = AdapterMeta(name=name, version=version, kind="dataset", license=records[0]["license"],
+                       contributors=[identity.public_hex], previous=previous,
+                       eval={"records": report.records, "duplicates": report.duplicates, "source": source,
+                             "pii_removed": dict(sorted(report.pii.items())),
+                             "description": f"{report.records} chat records from {source}"})
+    sign_directory(out, meta, identity)
+    cid = BlockStore().add_path(out)
+    db.register((out / SIGNATURE_FILE).read_bytes(), cid)
+    return {"cid": cid, "name": name, "version": version, "path": str(out), "unchanged": False, **report.as_dict()}
+
+
