@@ -29,3 +29,14 @@ def _ram_gb() -> float:
         return round(pages * size / 2**30, 1)
     except (ValueError, OSError, AttributeError):
         return 0.0
+
+
+def train_placement() -> tuple[str, object]:
+    """Where to train and in which dtype: CUDA in bf16 where the card supports it, else float32."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps", torch.float32
+    return "cpu", torch.float32

@@ -85,6 +85,7 @@ def train(
     examples = [encode(tokenizer, r["messages"], config.max_length) for r in records]
     rng = random.Random(config.seed)
     order: list[int] = []
+    device = params[0].device  # a GPU volunteer's model lives on the GPU: its batches must too
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     model.train()
     start, tokens, seen, losses = time.perf_counter(), 0, 0, []
@@ -95,7 +96,7 @@ def train(
             order += fresh
         batch = [examples[i] for i in order[: config.batch_size]]
         del order[: config.batch_size]
-        inputs = collate(batch, tokenizer.pad_token_id)
+        inputs = {k: v.to(device) for k, v in collate(batch, tokenizer.pad_token_id).items()}
         loss = model(**inputs).loss
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"training diverged at step {step} (loss {loss.item()}); lower the lr")

@@ -56,7 +56,8 @@ def query(settings: NodeSettings) -> dict:
 def _model(config: dict) -> Any:
     key = json.dumps([config["base_model"], config["base_revision"], config["lora"]], sort_keys=True)
     if key not in _MODELS:
-        base, tokenizer = load_base(config["base_model"], config["base_revision"])
+        device, dtype = hardware.train_placement()
+        base, tokenizer = load_base(config["base_model"], config["base_revision"], dtype=dtype, device=device)
         _MODELS.clear()  # one campaign at a time: free the last model first
         _MODELS[key] = (wrap(base, json.loads(config["lora"])), tokenizer)
     return _MODELS[key]

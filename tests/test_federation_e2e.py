@@ -18,7 +18,6 @@ from commons.flower import APP_TOML, Network
 from protocol.keys import Identity
 
 TESTS = Path(__file__).resolve().parent
-pytestmark = pytest.mark.slow
 
 
 class TestNetwork(Network):
@@ -79,6 +78,7 @@ def ended(log: list[dict]) -> bool:
     return any(e["event"] == "campaign_end" for e in log)
 
 
+@pytest.mark.slow  # about 2 minutes on a loaded 2-core machine
 def test_coordinator_killed_with_9_resumes_from_the_last_completed_round(tmp_path: Path) -> None:
     campaign, data = write_campaign(tmp_path, 2, rounds=2, round_timeout=300)
     net = TestNetwork(tmp_path / "first")
@@ -104,6 +104,7 @@ def test_coordinator_killed_with_9_resumes_from_the_last_completed_round(tmp_pat
     assert result["rounds"] == 2 and all(e["rounds"] == 2 for e in result["ledger"])
 
 
+@pytest.mark.slow  # about 2 minutes: the dead node costs one round_timeout
 def test_a_node_killed_mid_round_is_covered_and_a_forger_is_refused(tmp_path: Path) -> None:
     campaign, data = write_campaign(tmp_path, 4, rounds=1, round_timeout=60)
     keys = [Identity.load_or_create(tmp_path / f"node{i}" / "identity" / "ed25519.key").public_hex[:16]

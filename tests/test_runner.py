@@ -15,7 +15,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from safetensors.numpy import load_file
 
 from commons.demo_task import write_demo_data
-from coordinator import runner
+from coordinator import rounds, runner
 from coordinator.campaign import parse
 from coordinator.residual import PREFIX
 from node import client_app
@@ -129,8 +129,8 @@ def test_shards_are_sized_to_hardware_and_cover_every_layer(tmp_path: Path) -> N
 def test_a_node_that_drops_mid_round_has_its_span_retrained_by_its_lane_neighbour(tmp_path: Path) -> None:
     campaign, data, home = setup(tmp_path, 3, rounds=1, round_timeout=1.0)
     first = LocalGrid(tmp_path / "probe", data, ["honest"] * 3)
-    plan = runner.plan_round(campaign, sorted(final_keys(tmp_path, campaign)),
-                             runner.capabilities(runner.query_nodes(first, first.ids, 1), lambda *a, **k: None))
+    plan = rounds.plan_round(campaign, sorted(final_keys(tmp_path, campaign)),
+                             rounds.capabilities(rounds.query_nodes(first, first.ids, 1), lambda *a, **k: None))
     lanes: dict[int, list[str]] = {}
     for s in plan.shards:
         lanes.setdefault(s.lane, []).append(s.node_id)
@@ -227,4 +227,4 @@ def test_a_node_whose_key_changes_or_reply_fails_is_dropped_with_a_reason(tmp_pa
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     msg = Message(RecordDict(), dst_node_id=7, message_type="train")
     failed = Message(Error(code=0, reason="out of memory"), reply_to=msg)
-    assert "failed: out of memory" in runner.check_reply(failed, campaign, 1, "ab" * 32, {})
+    assert "failed: out of memory" in rounds.check_reply(failed, campaign, 1, "ab" * 32, {})
