@@ -37,9 +37,10 @@ def main(argv: list[str]) -> int:
     print(json.dumps(results, default=str))
     print(f"\n{'benchmark':34} {'figure':>12}  detail")
     for r in results:
-        figure = r.get("ratio", r.get("p99_ms", r.get("mb_s", "")))
+        figure = next((r[k] for k in ("ratio", "search_p99_ms", "mb_per_s") if k in r), "")
+        unit = {"search_p99_ms": "p99 ms", "mb_per_s": "MB/s"}.get(next((k for k in ("ratio", "search_p99_ms", "mb_per_s") if k in r), ""), "")
         shown = f"{figure:.3f}" if isinstance(figure, float) else str(figure)
-        detail = r.get("error") or r.get("skipped") or r.get("summary") or ""
+        detail = r.get("error") or r.get("skipped") or r.get("summary") or r.get("note") or unit
         print(f"{r['name']:34} {shown:>12}  {detail}")
     return 1 if any("error" in r for r in results) else 0
 
