@@ -205,7 +205,7 @@ def measure(config: dict, shape: Shape, device: str, dtype: Any, peak: float | N
         arms[arm] = {
             "tokens_per_s": round(tokens / seconds, 1), "tflops": round(tflops, 2),
             "tflops_with_attention": round(with_attention * tokens / seconds / 1e12, 2),
-            "mfu": round(tflops / peak, 4) if peak else None, "seconds": round(seconds, 3), "tokens": tokens,
+            "mfu": round(tflops / peak, 4) if peak else None, "seconds": round(seconds, 6), "tokens": tokens,
         }
     return {
         "ratio": round(arms["ours"]["tokens_per_s"] / arms["trainer"]["tokens_per_s"], 3),
