@@ -3,29 +3,54 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
+import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from commons.cli.data import DATA_FILE, _progress, dataset_name, print_report, review
-from protocol.dataset import dataset_card, encode_records, prepare
+from protocol.dataset import Report, dataset_card, encode_records, prepare
 from protocol.errors import CommonsError
 from protocol.home import home
 
+DATA_FILE = "data.jsonl"
+
+
+def progress_bar(label: str):
+    from tqdm import tqdm
+
+    def wrap(items: Iterable) -> Iterable:
+        return tqdm(items, desc=label, unit=" lines", file=sys.stderr, disable=not sys.stderr.isatty(),
+                    leave=False)
+
+    return wrap
+
+
+def dataset_name(path: Path) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip("-._")[:100]
+    if not name:
+        raise CommonsError(f"cannot make a dataset name from {path.name!r}; pass --name")
+    return name
+
 
 def publish_dataset(file: Path, license_: str, source: str, name: str | None = None, db_url: str | None = None,
-                    ask: bool = False, show_report: bool = True) -> dict:
-    """Returns {cid, name, version, unchanged, records, ...}; the same records again keep their CID."""
+                    choose: Callable[[list[dict]], list[dict]] | None = None,
+                    on_report: Callable[[Report], None] | None = None) -> dict:
+    """Returns {cid, name, version, unchanged, records, ...}; the same records again keep their CID.
+
+    `on_report` sees what was scrubbed and dropped; `choose` (the volunteer's review) keeps a subset.
+    """
     from index.db import IndexDB
     from protocol.blockstore import BlockStore
     from protocol.keys import Identity
     from protocol.manifest import SIGNATURE_FILE, AdapterMeta, sign_directory
 
     identity = Identity.load_or_create()
-    records, report = prepare(file, license_, source, identity.public_hex, progress=_progress("checking"))
-    if show_report:
-        print_report(report)
-    if ask:
-        records = review(records)
+    records, report = prepare(file, license_, source, identity.public_hex, progress=progress_bar("checking"))
+    if on_report:
+        on_report(report)
+    if choose:
+        records = choose(records)
         report.records = len(records)
     name = name or dataset_name(file)
     db = IndexDB(db_url)

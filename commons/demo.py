@@ -142,7 +142,7 @@ def publish_training_data(files: list[Path]) -> list[dict]:
     cited = []
     for i, file in enumerate(files):
         name = f"dates-iso-{families[i % len(families)]}-{i}"
-        result = publish_dataset(file, LICENSE, SOURCE, name=name, show_report=False)
+        result = publish_dataset(file, LICENSE, SOURCE, name=name)
         cited.append({"cid": result["cid"], "name": name, "license": LICENSE})
     return cited
 

@@ -3,34 +3,13 @@
 from __future__ import annotations
 
 import json
-import re
-import sys
-from collections.abc import Iterable
 from pathlib import Path
 
 import click
 
+from commons.datasets import progress_bar, publish_dataset
 from protocol.dataset import Report, prepare
 from protocol.errors import CommonsError
-
-DATA_FILE = "data.jsonl"
-
-
-def _progress(label: str):
-    from tqdm import tqdm
-
-    def wrap(items: Iterable) -> Iterable:
-        return tqdm(items, desc=label, unit=" lines", file=sys.stderr, disable=not sys.stderr.isatty(),
-                    leave=False)
-
-    return wrap
-
-
-def dataset_name(path: Path) -> str:
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip("-._")[:100]
-    if not name:
-        raise CommonsError(f"cannot make a dataset name from {path.name!r}; pass --name")
-    return name
 
 
 def show_record(record: dict, index: int, total: int) -> None:
@@ -78,9 +57,8 @@ def add_command(file: Path, license_: str, source: str, name: str | None, ask: b
     Each line is {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]}
     or ShareGPT's {"conversations": [{"from": "human", "value": ...}, ...]}. Prints the dataset CID.
     """
-    from commons.datasets import publish_dataset
-
-    _done(as_json, publish_dataset(file, license_, source, name, db_url, ask=ask))
+    _done(as_json, publish_dataset(file, license_, source, name, db_url,
+                                         choose=review if ask else None, on_report=print_report))
 
 
 def _done(as_json: bool, result: dict) -> None:
@@ -100,7 +78,7 @@ def _done(as_json: bool, result: dict) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report (counts per PII kind) as JSON.")
 def review_command(file: Path, show: int, as_json: bool) -> None:
     """Dry run: what `data add` would keep and remove from FILE; nothing is signed or stored."""
-    records, report = prepare(file, "CC0-1.0", "review", "", progress=_progress("checking"))
+    records, report = prepare(file, "CC0-1.0", "review", "", progress=progress_bar("checking"))
     if as_json:
         click.echo(json.dumps(report.as_dict(), sort_keys=True))
         return
