@@ -63,7 +63,8 @@ def plan_round(campaign: Campaign, keys: list[str], nodes: dict[str, tuple[int, 
     return make_plan(layers_from_keys(keys), caps, min_coverage=max(1, coverage))
 
 
-def train_config(campaign: Campaign, round_: int, keys: list[str]) -> dict:
+def train_config(campaign: Campaign, round_: int, keys: list[str], slot: tuple[int, int] = (0, 1)) -> dict:
+    """What one node is told to do; `slot` = (this node's index, nodes this round), for data slices."""
     lora = {**campaign.lora.__dict__}
     return {
         "campaign": campaign.name,
@@ -128,9 +129,10 @@ def train_nodes(
     node's shard comes back up."""
     payload = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in tensors.items()})
     messages, owner = [], {}
+    order = sorted(nodes)
     for key, shard in work.items():
         flower_id = nodes[key][0]
-        config = ConfigRecord(train_config(campaign, round_, shard))
+        config = ConfigRecord(train_config(campaign, round_, shard, (order.index(key), len(order))))
         messages.append(
             Message(RecordDict({"adapter": payload, "config": config}), dst_node_id=flower_id,
                     message_type="train", group_id=group)

@@ -16,6 +16,7 @@ from node.train import TrainConfig, train
 from protocol.keys import Identity
 from protocol.lora import set_state, wrap
 from protocol.models import load_base
+from node.data import training_records
 from protocol.records import read_records
 from protocol.update import encode, update_digest, wire_bytes
 
@@ -79,7 +80,7 @@ def train_round(settings: NodeSettings, config: dict, tensors: dict[str, np.ndar
     unknown = sorted(set(keys) - set(tensors))
     if unknown:
         raise ValueError(f"the coordinator asked to train {unknown[0]}, which it did not send")
-    records = read_records(settings.data)
+    records = training_records(settings, config)
     steps = int(config["steps"])
     log.info("round %d: training %d steps on %d local records", round_, steps, len(records))
 
