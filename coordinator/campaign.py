@@ -1,4 +1,25 @@
-"""A campaign file (TOML): what to fine-tune, on what, how, and where the result goes."""
+"""A campaign file (TOML): what to fine-tune, on what, how, and where the result goes.
+
+    name = "dates-iso"
+    base_model = "smollm2"
+    eval_file = "test.jsonl"
+    shards = "auto"                      # each node trains a span of layers sized to its hardware
+    data = "campaign"                    # each node trains on its slice of [[datasets]] (default "local")
+    data_source = "http://index:8000"    # trustless gateway the nodes fetch dataset blocks from
+    [dp]                                 # central DP: works with shards = "auto" and "none", not "exact"
+    noise_multiplier = 1.0
+    clip = 0.5
+    [[datasets]]
+    cid = "Qm..."                        # printed by `commons data publish`
+    name = "my-chats"
+    license = "CC-BY-4.0"
+
+Central DP with shards: a node's whole upload (every layer it trained, catch-up spans included) is clipped
+to `clip` jointly, then N(0, (noise_multiplier·clip)²) is added to every coordinate of each part's sum.
+On the concatenated adapter that is one Gaussian mechanism with sensitivity `clip`, so the (ε, δ) reported
+is exactly the whole-adapter one. The exact rule is refused with [dp]: its full-rank residual is neither
+clipped nor noised.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +30,12 @@ from typing import Any
 
 from protocol.errors import CommonsError
 from protocol.models import DEFAULT_TARGETS, canonical_id, default_revision
+from protocol.multiformats import CID
 
 RULES = ("fedavg", "exact", "robust")
 SHARDS = ("auto", "none")
 UPLOAD_DTYPES = ("fp32", "bf16", "int8")
+DATA_MODES = ("local", "campaign")
 
 
 @dataclass
@@ -34,7 +57,14 @@ class TrainSpec:
 
 @dataclass
 class DPSpec:
-    """Central DP (`[dp]` table): every update clipped to `clip`, N(0, (noise_multiplier·clip)²) added."""
+    """Central DP (`[dp]` table): every update clipped to `clip`, N(0, (noise_multiplier·clip)²) added.
+
+    Works with shards = "auto" too: a node's whole upload (all the layers it trained, catch-up spans
+    included) is clipped to `clip` jointly and every part's sum gets its own noise, so the mechanism on
+    the whole adapter has sensitivity `clip` and the reported (ε, δ) is the same as with shards = "none"
+    (see `coordinator.plan._clip_jointly`). Not with aggregation = "exact": its full-rank residual is
+    neither clipped nor noised.
+    """
 
     noise_multiplier: float
     clip: float
@@ -56,6 +86,8 @@ class Campaign:
     shards: str = "auto"  # "auto": each node trains a span of layers sized to its hardware; "none": all
     min_coverage: int = 2  # nodes training each layer per round (when there are that many nodes)
     upload_dtype: str = "fp32"  # what nodes send back: fp32 | bf16 | int8 (deltas, per-tensor scale)
+    data: str = "local"  # "local": each node its own file; "campaign": its slice of [[datasets]] (node/data.py)
+    data_source: str = ""  # gateway nodes fetch dataset blocks from, e.g. "http://index:8000" (data = "campaign")
     eval_size: int = 64
     publish_margin: float = 0.0
     description: str = ""
@@ -113,10 +145,11 @@ def parse(raw: dict[str, Any], base_dir: Path) -> Campaign:
         )
     if campaign.min_coverage < 1:
         raise CommonsError("min_coverage must be at least 1 in the campaign file")
-    if dp and (campaign.aggregation == "exact" or campaign.shards != "none"):
+    _check_data(campaign)
+    if dp and campaign.aggregation == "exact":
         raise CommonsError(
-            'central DP needs whole-adapter updates and a linear rule: set shards = "none" and '
-            'aggregation = "robust" or "fedavg" when [dp] is present'
+            'central DP cannot cover the exact rule\'s full-rank residual (it is neither clipped nor '
+            'noised): set aggregation = "robust" or "fedavg" when [dp] is present'
         )
     if dp and not (dp.noise_multiplier > 0 and dp.clip > 0 and 0 < dp.delta < 1):
         raise CommonsError("[dp] needs noise_multiplier > 0, clip > 0 and 0 < delta < 1 in the campaign file")
@@ -127,6 +160,29 @@ def parse(raw: dict[str, Any], base_dir: Path) -> Campaign:
             f"eval_file {campaign.eval_file} does not exist: fix the path in the campaign file"
         )
     return campaign
+
+
+def _check_data(campaign: Campaign) -> None:
+    """`data = "campaign"`: every node trains on its slice of the [[datasets]] (fetched by CID from
+    `data_source`, verified block by block; the slicing rule is in node/data.py)."""
+    if campaign.data not in DATA_MODES:
+        raise CommonsError(f"data = {campaign.data!r} is unknown: use one of {', '.join(DATA_MODES)}")
+    if campaign.data_source and not campaign.data_source.startswith(("http://", "https://")):
+        raise CommonsError(
+            f"data_source = {campaign.data_source!r} is not a gateway URL: use e.g. \"http://index:8000\""
+        )
+    if campaign.data != "campaign":
+        return
+    if not campaign.datasets:
+        raise CommonsError('data = "campaign" needs at least one [[datasets]] table with cid = "..." in the campaign file')
+    for i, ds in enumerate(campaign.datasets):
+        try:
+            CID.decode(str(ds.get("cid", "")) if isinstance(ds, dict) else "")
+        except CommonsError:
+            raise CommonsError(
+                f"[[datasets]] entry {i + 1} needs cid = a dataset CID (from `commons data publish`) when "
+                'data = "campaign"'
+            ) from None
 
 
 def load(path: Path) -> Campaign:

@@ -21,10 +21,11 @@ import json
 import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
+from coordinator import privacy
 from coordinator.aggregate import AggregateConfig, AggregateReport, Tensors, Update, aggregate, check_update
 from coordinator.robust import split_key
 from protocol.errors import CommonsError
@@ -240,6 +241,9 @@ def aggregate_sharded(
             report.rejected[u.node_id] = why
         else:
             sent[u.node_id] = u
+    if config is not None and config.dp is not None:
+        config.check(rule)
+        _clip_jointly(global_tensors, sent, expected, config.dp.clip, report)
     owners: dict[str, list[str]] = {k: [] for k in keys}
     for nid in sent:
         for k in expected[nid]:
@@ -248,18 +252,56 @@ def aggregate_sharded(
     for k in keys:
         groups.setdefault(tuple(sorted(owners[k])), []).append(k)
     new: Tensors = {}
-    for members, ks in sorted(groups.items()):
+    for i, (members, ks) in enumerate(sorted(groups.items())):
         sub = {k: global_tensors[k] for k in ks}
         if not members:
             new.update({k: np.array(v, dtype=np.float32) for k, v in sub.items()})
             report.unchanged += ks
             continue
         part_updates = [Update(n, {k: sent[n].tensors[k] for k in ks}, sent[n].num_examples) for n in members]
-        tensors, part = aggregate(sub, part_updates, rule, config)
+        tensors, part = aggregate(sub, part_updates, rule, _part_config(config, i))
         new.update(tensors)
         report.parts.append(part)
     _merge_parts(report)
+    if config is not None and config.dp is not None and report.parts:
+        report.dp = {**privacy.report(config.dp, len(report.accepted)), "parts": len(report.parts)}
     return new, report
+
+
+def _clip_jointly(
+    global_tensors: Tensors, sent: dict[str, Update], expected: dict[str, list[str]], clip: float,
+    report: AggregateReport,
+) -> None:
+    """Central DP with shards: clip each node's WHOLE upload (its span plus any span it took over in a
+    catch-up sub-round: all of `expected[node]`) to `clip` once, before its keys are split into parts.
+    Each part's `aggregate` then adds N(0, (σ·clip)²) to every coordinate of its sum (and divides by
+    its own number of contributors). Viewed on the concatenated adapter, adding or removing one node
+    moves the sums by at most `clip` in L2 in total, and every coordinate carries independent noise of
+    std σ·clip: one Gaussian mechanism with sensitivity `clip`, exactly the whole-adapter case, so
+    `coordinator.privacy.epsilon` reports the same (ε, δ). Clipping per part instead would give a node
+    spanning k parts a sensitivity of sqrt(k)·clip. The per-part clip inside `aggregate` is then a no-op.
+    """
+    for nid in list(sent):
+        u = sent[nid]
+        g = {k: np.asarray(global_tensors[k], dtype=np.float32) for k in expected[nid]}
+        clipped = privacy.clip_update(g, u.tensors, clip)
+        if clipped is None:
+            report.rejected[nid] = "NaN, Inf or overflowing values; the node must reset to the global adapter"
+            del sent[nid]
+            continue
+        tensors, factor = clipped
+        if factor < 1.0:
+            report.clipped[nid] = factor
+        sent[nid] = Update(nid, tensors, u.num_examples)
+
+
+def _part_config(config: AggregateConfig | None, index: int) -> AggregateConfig | None:
+    """A seeded config gives each part its own stream: the same seed in every part would add the same
+    noise to same-shaped parts, and DP needs the noise of different coordinates independent."""
+    if config is None or config.seed is None or config.dp is None:
+        return config
+    seed = int(np.random.SeedSequence([config.seed, index]).generate_state(1)[0])
+    return replace(config, seed=seed)
 
 
 def _merge_parts(report: AggregateReport) -> None:

@@ -4,7 +4,8 @@
 
 The coordinator clips every accepted update's parameter delta to `clip` (L2 over all its tensors), sums
 them with equal weight, and adds N(0, (noise_multiplier * clip)^2) to every coordinate of the sum
-(`coordinator.aggregate` does this when `AggregateConfig.dp` is set). One round is then a (subsampled)
+(`coordinator.aggregate` does this when `AggregateConfig.dp` is set). With shards the clip is joint over
+each node's whole upload and every part's sum gets its own noise (`clip_update`). One round is then a (subsampled)
 Gaussian mechanism with sensitivity `clip`; R rounds compose in Rényi DP and convert to (ε, δ) with
 ε = min_α RDP(α) + log(1/δ)/(α−1) (Mironov 2017, Prop. 3).
 
@@ -112,6 +113,32 @@ def add_noise(
         std = np.float32(config.noise_multiplier * config.clip / count)
         out[k] = v + rng.standard_normal(v.shape, dtype=np.float32) * std
     return out
+
+
+def clip_update(
+    global_t: dict[str, np.ndarray], tensors: dict[str, np.ndarray], clip: float
+) -> tuple[dict[str, np.ndarray], float] | None:
+    """One node's whole upload (every key it sent, whatever parts they are aggregated in) with its delta
+    scaled to L2 norm <= `clip` jointly, and the factor used; None when the delta is not finite.
+
+    Sharded campaigns (`coordinator.plan.aggregate_sharded`) aggregate each node's keys in several
+    parts. Clipping each part to `clip` separately would let a node spanning k parts move the aggregate
+    by up to sqrt(k)·clip; clipping the whole upload once bounds its total influence by `clip`, so the
+    concatenation of the parts' noised sums is one Gaussian mechanism with sensitivity `clip` and the
+    accountant above applies unchanged."""
+    total = 0.0
+    with np.errstate(over="ignore", invalid="ignore"):
+        for k, x in tensors.items():
+            d = (np.asarray(x, dtype=np.float32) - global_t[k]).reshape(-1).astype(np.float64)
+            total += float(np.dot(d, d))
+    if not math.isfinite(total):
+        return None
+    norm = math.sqrt(total)
+    factor = 1.0 if norm <= clip else clip / norm
+    if factor == 1.0:
+        return dict(tensors), 1.0
+    f = np.float32(factor)
+    return {k: global_t[k] + f * (np.asarray(x, dtype=np.float32) - global_t[k]) for k, x in tensors.items()}, factor
 
 
 def report(config: DPConfig, participants: int) -> dict:

@@ -22,7 +22,9 @@ def _settings(context: Context) -> worker.NodeSettings:
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)
     threads = int(cfg.get("threads", 0)) or None
-    return worker.NodeSettings(home=home, data=Path(str(cfg.get("data", home / "data" / "train.jsonl"))), threads=threads)
+    max_vram = float(cfg.get("max_vram", 0)) or None
+    return worker.NodeSettings(home=home, data=Path(str(cfg.get("data", home / "data" / "train.jsonl"))), threads=threads,
+                               max_vram_gb=max_vram, idle_only=bool(cfg.get("idle_only", False)))
 
 
 @app.query()

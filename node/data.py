@@ -1,14 +1,172 @@
-"""The records a node trains on this round: its own local file, or its slice of the campaign's datasets."""
+"""The records a node trains on this round: its own local file, or its slice of the campaign's datasets.
+
+    >>> records = training_records(settings, config)   # config: the coordinator's `train` ConfigRecord
+
+`config["data"] == "campaign"` (see `coordinator.rounds.train_config`) names the campaign's datasets
+(`datasets`: JSON list of dataset CIDs), where to fetch them (`data_source`: a trustless gateway such as
+the index, `GET /ipfs/{cid}?format=raw`) and this node's slot (`data_slot` of `data_slots`). Each dataset
+is taken from the node's block store (`<home>/blocks`) or fetched into it, every block hash-checked
+against its CID; it must be a signed commons dataset (`model.sig` of kind "dataset" whose signature
+verifies, and a `data.jsonl` whose sha256 is the signed one).
+
+Slicing rule: the records of every dataset, in the order the campaign lists the datasets and in file
+order within each, form one sequence r_0 … r_{N−1}; the node in slot s of n trains on r_s, r_{s+n},
+r_{s+2n}, … (strided, so every node sees a mix of every dataset, not one volunteer's data). The slots
+0 … n−1 therefore partition the records: disjoint, and together every record exactly once.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from protocol import unixfs
+from protocol.blockstore import BlockStore
+from protocol.errors import CommonsError, VerifyError
+from protocol.fetch import fetch_dag
+from protocol.gateway import GatewaySource
+from protocol.manifest import SIGNATURE_FILE, verify_envelope
+from protocol.multiformats import CID
 from protocol.records import read_records
+from protocol.trust import TrustPolicy
 
 if TYPE_CHECKING:
     from node.worker import NodeSettings
 
+DATA_FILE = "data.jsonl"  # what `commons data publish` signs (commons.datasets.DATA_FILE)
+MODES = ("local", "campaign")
+_VERIFIED: dict[tuple[str, str], list[dict]] = {}  # (block store, CID) -> records, for the process's life
+
 
 def training_records(settings: NodeSettings, config: dict) -> list[dict]:
-    return read_records(settings.data)
+    mode = str(config.get("data") or "local")
+    if mode == "local":
+        return read_records(settings.data)
+    if mode != "campaign":
+        raise CommonsError(f"the coordinator asked for data = {mode!r}; this node knows {', '.join(MODES)}: "
+                           "update the node (pip install -U lora-commons)")
+    try:
+        cids = [str(c) for c in json.loads(str(config["datasets"]))]
+        slot, slots = int(config["data_slot"]), int(config["data_slots"])
+    except (KeyError, ValueError, TypeError) as exc:
+        raise CommonsError(f"the coordinator's data config is malformed ({type(exc).__name__}: {exc}); "
+                           "run the same lora-commons version on coordinator and node") from None
+    records = campaign_records(cids, BlockStore(settings.home / "blocks"), str(config.get("data_source") or ""),
+                               settings.home / "datasets")
+    return node_slice(records, slot, slots)
+
+
+def local_examples(settings: NodeSettings) -> int:
+    """How many local records this node holds (0 without a local file: it can still train on a
+    campaign's datasets), for the capability report."""
+    return len(read_records(settings.data)) if settings.data.is_file() else 0
+
+
+def node_slice(records: Sequence[Any], slot: int, slots: int) -> list:
+    """The slot's records under the strided rule above; a one-line error when the slice is empty."""
+    if not 0 <= slot < slots:
+        raise CommonsError(f"data slot {slot} of {slots} is out of range; run the same lora-commons version "
+                           "on coordinator and node")
+    mine = list(records[slot::slots])
+    if not mine:
+        raise CommonsError(f"this node's slice ({slot + 1} of {slots}) of the campaign datasets is empty: they "
+                           f"hold {len(records)} records, fewer than the {slots} nodes; publish more records or "
+                           "run fewer nodes")
+    return mine
+
+
+def campaign_records(cids: Sequence[str], store: BlockStore, source: str, cache: Path) -> list[dict]:
+    """Every record of every dataset, in campaign order."""
+    if not cids:
+        raise CommonsError('the campaign has data = "campaign" but lists no datasets; add [[datasets]] cid = ... '
+                           "to the campaign file")
+    out: list[dict] = []
+    for cid in cids:
+        out += dataset_records(cid, store, source, cache)
+    return out
+
+
+def dataset_records(cid: str, store: BlockStore, source: str, cache: Path) -> list[dict]:
+    """The verified records of one commons dataset, fetched into `store` first when it lacks blocks."""
+    key = (str(store.root), cid)
+    if key not in _VERIFIED:
+        fetch(cid, store, source)
+        data = verified_data(cid, store)
+        _VERIFIED[key] = read_records(_cached(cache, cid, data))
+    return _VERIFIED[key]
+
+
+class _Checked:
+    """A block source that remembers which blocks failed their hash, so the error can say so."""
+
+    def __init__(self, inner: GatewaySource) -> None:
+        self.inner, self.name, self.bad = inner, inner.name, []
+
+    def get_block(self, cid: str) -> bytes | None:
+        block = self.inner.get_block(cid)
+        if block is not None and hashlib.sha256(block).digest() != CID.decode(cid).digest:
+            self.bad.append(cid)
+            return None
+        return block
+
+
+def fetch(cid: str, store: BlockStore, source: str) -> None:
+    """Make `store` hold the whole DAG of `cid`, every fetched block verified; one-line errors."""
+    try:
+        CID.decode(cid)
+    except (CommonsError, ValueError) as exc:
+        raise CommonsError(f"dataset {cid!r} in the campaign is not a CID ({exc}); fix [[datasets]] cid") from None
+    if not store.missing(cid):
+        return
+    if not source:
+        raise CommonsError(f"dataset {cid} is not in this node's block store and the campaign sets no "
+                           'data_source: set data_source = "http://INDEX:8000" in the campaign file')
+    gateway = _Checked(GatewaySource(source))
+    try:
+        fetch_dag(cid, store, [gateway], progress=False)
+    except CommonsError as exc:
+        if gateway.bad:
+            raise VerifyError(f"block {gateway.bad[0]} from {source} does not hash to its CID (tampered or "
+                              "corrupt) and was refused; use a data_source you trust") from None
+        if not store.has(cid):
+            raise CommonsError(f"dataset {cid} was not found at {source} (not published there, or the gateway "
+                               "is down): publish it there with `commons data publish` or fix data_source") from None
+        raise CommonsError(f"dataset {cid} is incomplete at {source} ({exc})") from None
+    finally:
+        gateway.inner.close()
+
+
+def verified_data(cid: str, store: BlockStore) -> bytes:
+    """The bytes of `data.jsonl` in the signed commons dataset at `cid` (all blocks already held)."""
+    fix = "list only CIDs printed by `commons data publish` in [[datasets]]"
+    try:
+        files = {path: file_cid for path, file_cid, _ in unixfs.list_directory(store.get, cid)}
+    except CommonsError:
+        raise CommonsError(f"{cid} is not a commons dataset (a single file, not a signed folder); {fix}") from None
+    if SIGNATURE_FILE not in files or DATA_FILE not in files:
+        raise CommonsError(f"{cid} is not a commons dataset (no {SIGNATURE_FILE} and {DATA_FILE}); {fix}")
+    envelope = b"".join(unixfs.iter_file(store.get, files[SIGNATURE_FILE]))
+    verified = verify_envelope(envelope, TrustPolicy())  # the CID the coordinator chose pins the content
+    if verified.meta.kind != "dataset":
+        raise CommonsError(f"{cid} is a commons {verified.meta.kind} ({verified.meta.name}), not a dataset; {fix}")
+    signed = next((f for f in verified.files if f["name"] == DATA_FILE), None)
+    data = b"".join(unixfs.iter_file(store.get, files[DATA_FILE]))
+    if signed is None or hashlib.sha256(data).hexdigest() != signed["sha256"]:
+        raise VerifyError(f"{DATA_FILE} in dataset {cid} does not match its signature; re-publish the dataset")
+    return data
+
+
+def _cached(cache: Path, cid: str, data: bytes) -> Path:
+    """A copy of the verified JSONL on disk, so record errors name a file and line the volunteer can open."""
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / f"{cid}.jsonl"
+    fd, tmp = tempfile.mkstemp(dir=cache, prefix=".tmp-")
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+    return path
