@@ -39,6 +39,9 @@ home = ""
 """
 
 
+LOCAL = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}  # bind-all addresses → the loopback this machine dials
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -73,11 +76,16 @@ def _env(extra: dict[str, str]) -> dict[str, str]:
 
 @dataclass
 class Network:
-    """Processes this object started; `close()` stops them all (also on errors)."""
+    """Processes this object started; `close()` stops them all (also on errors).
+
+    With `ca` (a root certificate) everything speaks TLS: the SuperLink gets its certificate arguments in
+    `extra` instead of `--insecure`, the `flwr` config trusts `ca`, SuperNodes verify the SuperLink with it.
+    """
 
     workdir: Path
     procs: list[subprocess.Popen] = field(default_factory=list)
     address: str = ""
+    ca: Path | None = None
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, Path]:
         logs = self.workdir / "logs"
@@ -95,17 +103,25 @@ class Network:
         port = port or free_port()
         # in-memory state: the SQLite file backend answers "database is locked" under concurrent nodes,
         # and the campaign's own checkpoints are what survives a restart
-        args = [_bin("flower-superlink"), "--insecure", "--host", host, "--port", str(port), *(extra or [])]
+        security = [] if self.ca else ["--insecure"]
+        args = [_bin("flower-superlink"), *security, "--host", host, "--port", str(port), *(extra or [])]
         proc, log = self._spawn("superlink", args, env or {})
         wait_port(host, port, proc, 60, "flower-superlink", log)
-        self.address = f"{host}:{port}"
+        # what this machine dials: a certificate never names 0.0.0.0 (Flower's own runtime does the same)
+        self.address = f"{LOCAL.get(host, host)}:{port}" if self.ca else f"{host}:{port}"
         return self.address
 
     def start_supernode(self, name: str, superlink: str, node_config: dict[str, str | int],
                         env: dict[str, str] | None = None, extra: list[str] | None = None,
-                        insecure: bool = True) -> subprocess.Popen:
+                        insecure: bool = True, auth_key: Path | None = None) -> subprocess.Popen:
+        """With `ca` on the network: TLS, and `auth_key` (the Flower ECDSA key) signs in to a closed campaign."""
         cfg = " ".join(f"{k}={json.dumps(v)}" for k, v in node_config.items())
-        args = [_bin("flower-supernode"), *(["--insecure"] if insecure else []), "--superlink", superlink,
+        if self.ca:
+            security = ["--root-certificates", str(self.ca)]
+            security += ["--auth-supernode-private-key", str(auth_key)] if auth_key else []
+        else:
+            security = ["--insecure"] if insecure else []
+        args = [_bin("flower-supernode"), *security, "--superlink", superlink,
                 "--port", str(free_port()), "--node-config", cfg, *(extra or [])]
         proc, _ = self._spawn(name, args, env or {})
         return proc
@@ -113,8 +129,9 @@ class Network:
     def flwr_home(self) -> Path:
         home = self.workdir / "flwr"
         home.mkdir(parents=True, exist_ok=True)
+        security = f'root-certificates = "{self.ca}"' if self.ca else "insecure = true"
         (home / "config.toml").write_text(
-            f'[superlink]\ndefault = "commons"\n\n[superlink.commons]\naddress = "{self.address}"\ninsecure = true\n'
+            f'[superlink]\ndefault = "commons"\n\n[superlink.commons]\naddress = "{self.address}"\n{security}\n'
         )
         return home
 

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -78,30 +79,54 @@ def ended(log: list[dict]) -> bool:
     return any(e["event"] == "campaign_end" for e in log)
 
 
+def volunteer(root: Path, i: int, data: Path, address: str) -> subprocess.Popen:
+    """`commons node start`: the volunteer daemon itself, which must outlive coordinator restarts."""
+    home = root / f"node{i}"
+    env = {**os.environ, "COMMONS_HOME": str(home), "PYTHONPATH": str(TESTS)}
+    out = (root / f"node{i}.out").open("ab")
+    return subprocess.Popen([str(Path(sys.executable).parent / "commons"), "node", "start", "--coordinator", address, "--data",
+                             str(data), "--max-cpu-threads", "1"], env=env, stdout=out, stderr=out)
+
+
 @pytest.mark.slow  # about 2 minutes on a loaded 2-core machine
-def test_coordinator_killed_with_9_resumes_from_the_last_completed_round(tmp_path: Path) -> None:
+def test_coordinator_killed_with_9_resumes_and_the_volunteers_reconnect(tmp_path: Path) -> None:
+    from commons.flower import free_port
+
     campaign, data = write_campaign(tmp_path, 2, rounds=2, round_timeout=300)
+    port = free_port()
+    env = {"COMMONS_CACHE": os.environ["COMMONS_CACHE"], "PYTHONPATH": str(TESTS),
+           "COMMONS_HOME": str(tmp_path / "coord")}
     net = TestNetwork(tmp_path / "first")
+    daemons = []
     try:
-        start(net, tmp_path, data)
+        net.start_superlink(port=port, env=env)
+        daemons = [volunteer(tmp_path, i, file, net.address) for i, file in enumerate(data)]
         net.submit({"campaign": str(campaign), "home": str(tmp_path / "coord")})
         wait_for(tmp_path, lambda log: any(e["event"] == "round_start" and e["round"] == 2 for e in log), 240)
         os.killpg(net.procs[0].pid, signal.SIGKILL)  # the SuperLink and the ServerApp it started
-    finally:
         net.close()
-    assert not ended(read_events(tmp_path))
-    net = TestNetwork(tmp_path / "second")  # a new SuperLink, the same campaign file and coordinator home
-    try:
-        start(net, tmp_path, data)
+        assert not ended(read_events(tmp_path))
+        # a new SuperLink on the same address with the same campaign file and coordinator home; the
+        # volunteers' daemons are left alone: they must find it by themselves
+        net = TestNetwork(tmp_path / "second")
+        net.start_superlink(port=port, env=env)
         net.submit({"campaign": str(campaign), "home": str(tmp_path / "coord")})
         log = wait_for(tmp_path, ended, 300)
+        assert all(d.poll() is None for d in daemons)  # never restarted by hand
     finally:
         net.close()
+        for d in daemons:
+            d.send_signal(signal.SIGTERM)
+        for d in daemons:
+            d.wait(30)
     assert [e["round"] for e in log if e["event"] == "resumed"] == [1]
     assert [e["round"] for e in log if e["event"] == "round_end"] == [1, 2]  # round 1 was not trained again
     assert sum(e["event"] == "update" and e["round"] == 1 for e in log) == 2
     result = json.loads((tmp_path / "coord" / "campaigns" / "life" / "result.json").read_text())
     assert result["rounds"] == 2 and all(e["rounds"] == 2 for e in result["ledger"])
+    said = (tmp_path / "node0.out").read_text()
+    assert "lost the coordinator" in said and "reconnecting" in said
+    assert [d.returncode for d in daemons] == [0, 0]  # SIGTERM is a clean stop
 
 
 @pytest.mark.slow  # about 2 minutes: the dead node costs one round_timeout

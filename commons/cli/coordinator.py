@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import click
@@ -22,23 +23,51 @@ def coordinator_group() -> None:
 @click.option("--port", default=9092, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--wait-nodes", type=click.IntRange(0, 10000), default=0, show_default=True,
               help="Submit the campaign only once this many volunteers are connected (0: at once).")
+@click.option("--closed", is_flag=True,
+              help="Only registered volunteers may join (TLS + Flower SuperNode authentication).")
+@click.option("--volunteers", type=click.Path(exists=True, path_type=Path),
+              help="Closed campaign: file with one volunteer public key per line (`#` comments), or a directory "
+                   "of *.pub. Implies --closed.")
+@click.option("--tls-host", multiple=True,
+              help="Closed campaign: a name or IP volunteers dial (repeat). Always added: --host unless 0.0.0.0, "
+                   "127.0.0.1, localhost.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end.")
-def start_command(campaign_file: Path, host: str, port: int, wait_nodes: int, as_json: bool) -> None:
+def start_command(campaign_file: Path, host: str, port: int, wait_nodes: int, closed: bool, volunteers: Path | None,
+                  tls_host: tuple[str, ...], as_json: bool) -> None:
     """Start the SuperLink, run the campaign, publish the signed adapter to the local index."""
     from commons.demo import _follow, _register
     from commons.flower import Network
     from coordinator import campaign as campaigns
+    from coordinator import closed as closing
     from protocol.home import home, sub
     from protocol.keys import Identity
     from protocol.models import cache_dir
 
+    closed = closed or volunteers is not None
+    if tls_host and not closed:
+        raise CommonsError("--tls-host only applies to closed campaigns: add --closed (and --volunteers FILE)")
     campaign = campaigns.load(campaign_file)  # fail fast, before any process starts
+    keys = closing.read_volunteers(volunteers) if volunteers else []
     root = home()
     identity = Identity.load_or_create()
-    net = Network(sub("coordinator"))
+    work = sub("coordinator")
+    tls = None
+    if closed:
+        tls, done = closing.ensure_tls(work / "tls", closing.tls_hosts(host, tls_host))
+        keys = list(dict.fromkeys([*keys, *closing.admitted(work / ADMITTED)]))
+    net = Network(work, ca=tls.ca if tls else None)
     try:
-        net.start_superlink(host=host, port=port, env={"COMMONS_HOME": str(root), "COMMONS_CACHE": str(cache_dir())})
-        click.echo(f"coordinator {identity.public_hex[:16]}…: volunteers run `commons node start --coordinator HOST:{port}`", err=True)
+        net.start_superlink(host=host, port=port, env={"COMMONS_HOME": str(root), "COMMONS_CACHE": str(cache_dir())},
+                            extra=closing.superlink_args(tls) if tls else None)
+        _write_running(work, net, tls)
+        if tls:
+            _register_all(net, keys)
+            click.echo(f"closed campaign ({done} TLS, {len(keys)} volunteers registered): volunteers copy {tls.ca} and "
+                       f"run `commons node start --coordinator HOST:{port} --ca ca.pem`; admit more with "
+                       "`commons coordinator admit KEY.pub`", err=True)
+        else:
+            click.echo(f"coordinator {identity.public_hex[:16]}…: volunteers run `commons node start --coordinator "
+                       f"HOST:{port}`", err=True)
         if wait_nodes:
             _wait_for_volunteers(net, wait_nodes, campaign.node_wait)
         run_id = net.submit({"campaign": str(campaign.source), "home": str(root)})
@@ -46,6 +75,7 @@ def start_command(campaign_file: Path, host: str, port: int, wait_nodes: int, as
         final = _follow(root / "campaigns" / campaign.name / "events.jsonl", [], campaign.rounds, not as_json,
                         timeout=campaign.node_wait + campaign.rounds * campaign.round_timeout + 600, work=net.workdir)
     finally:
+        (work / RUNNING).unlink(missing_ok=True)
         net.close()
     if final["event"] == "error":
         raise CommonsError(f"the campaign failed: {final['message']}")
@@ -54,6 +84,74 @@ def start_command(campaign_file: Path, host: str, port: int, wait_nodes: int, as
     summary.pop("samples", None)
     click.echo(json.dumps(summary) if as_json else f"{campaign.name}: base {summary['accuracy_base']:.1%} → adapter "
                f"{summary['accuracy_adapter']:.1%}; {summary.get('adapter_cid') or summary.get('reason')}")
+
+
+RUNNING = "running.json"  # written while a coordinator runs: `admit` finds its SuperLink through it
+ADMITTED = "admitted"  # keys `admit` added: registered again when the coordinator restarts
+
+
+def _write_running(work: Path, net, tls) -> None:
+    import os
+
+    info = {"pid": os.getpid(), "address": net.address, "closed": tls is not None,
+            "flwr_home": str(net.flwr_home()), "ca": str(tls.ca) if tls else None}
+    (work / RUNNING).write_text(json.dumps(info))
+
+
+def _register_all(net, keys: list[str]) -> list[int]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    from commons.flower import _bin, _env
+    from coordinator import closed as closing
+
+    folder, flwr_home, env = net.workdir / "keys", net.flwr_home(), _env({})
+    files = [closing.key_file(folder, key) for key in keys]
+    # each `flwr supernode register` is a few seconds of CLI start-up: a long volunteer list runs 8 at a time
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        done = pool.map(lambda f: closing.register(_bin("flwr"), flwr_home, f, env), files)
+        return list(tqdm(done, total=len(files), desc="registering volunteers", unit="key", file=sys.stderr,
+                         disable=None if len(files) > 1 else True))
+
+
+def _running_coordinator(work: Path) -> dict:
+    import os
+
+    try:
+        info = json.loads((work / RUNNING).read_text())
+        os.kill(info["pid"], 0)
+    except (OSError, ValueError, KeyError):
+        raise CommonsError(f"no coordinator is running under {work.parent}: start one with `commons coordinator "
+                           "start --closed --campaign FILE` (same COMMONS_HOME) first") from None
+    if not info.get("closed"):
+        raise CommonsError("the running coordinator is open (anyone may join): restart it with --closed to admit "
+                           "volunteers by key")
+    return info
+
+
+@coordinator_group.command("admit")
+@click.argument("key_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def admit_command(key_file: Path, as_json: bool) -> None:
+    """Register one more volunteer (KEY_FILE: the line `commons node key` printed) with the running closed
+    campaign; the key is registered again whenever the coordinator restarts."""
+    from commons.flower import _bin, _env
+    from coordinator import closed as closing
+    from protocol.home import sub
+
+    try:
+        text = key_file.read_text(errors="replace")
+    except OSError:
+        raise CommonsError(f"cannot read {key_file}: pass the file holding the volunteer's public key") from None
+    key = closing.parse_public_key(text, str(key_file))
+    work = sub("coordinator")
+    info = _running_coordinator(work)
+    node_id = closing.register(_bin("flwr"), Path(info["flwr_home"]), closing.key_file(work / "keys", key), _env({}))
+    closing.key_file(work / ADMITTED, key)
+    reply = {"node_id": node_id, "fingerprint": closing.fingerprint(key), "coordinator": info["address"]}
+    click.echo(json.dumps(reply) if as_json else f"admitted {reply['fingerprint']} as SuperNode {node_id} on "
+               f"{info['address']}")
 
 
 def _wait_for_volunteers(net, want: int, timeout: float) -> None:
