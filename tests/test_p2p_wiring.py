@@ -324,3 +324,10 @@ def test_resolve_answers_and_flags_are_checked(tmp_path, monkeypatch):
     with pytest.raises(CommonsError, match="--announce needs a peer: pass --bootstrap"):
         runner.invoke(cli, ["publish", str(folder), "--name", "real-lora", "--license", "MIT", "--announce"],
                       catch_exceptions=False)
+
+
+def test_the_cli_default_p2p_port_is_the_hosts() -> None:
+    from commons.cli import p2p
+    from protocol.p2p.host import DEFAULT_PORT
+
+    assert p2p.DEFAULT_PORT == DEFAULT_PORT

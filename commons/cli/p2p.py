@@ -8,22 +8,23 @@ import os
 from pathlib import Path
 
 import click
-import trio
 
 from protocol.blockstore import BlockStore
 from protocol.errors import CommonsError
 from protocol.keys import Identity
 from protocol.p2p.announce import TOPIC_ADAPTERS, TOPIC_DATASETS, TOPIC_PRESENCE
-from protocol.p2p.exchange import unwrap
-from protocol.p2p.host import DEFAULT_PORT
-from protocol.p2p.node import open_node
-from protocol.p2p.service import pull as pull_dag
-from protocol.p2p.service import serve as serve_store
 
+# libp2p costs ~1 s to import: it is imported inside the commands that use it, so every other
+# `commons` command starts fast
+DEFAULT_PORT = 4051  # protocol.p2p.host.DEFAULT_PORT, which a test keeps equal
 PEER_HELP = "Peer multiaddr with /p2p/<id>, as `commons p2p serve` prints (repeat for several)."
 
 
 def _run(fn, *args):
+    import trio
+
+    from protocol.p2p.exchange import unwrap
+
     try:
         return trio.run(fn, *args)
     except BaseExceptionGroup as group:
@@ -62,6 +63,8 @@ def serve(paths: tuple[Path, ...], listen: tuple[str, ...], bootstrap: tuple[str
         for addr, why in info["bootstrap_errors"].items():
             click.echo(f"warning: bootstrap peer {addr} unreachable: {why}", err=True)
 
+    from protocol.p2p.service import serve as serve_store
+
     _run(serve_store, BlockStore(), list(paths), list(listen), None, list(bootstrap), rate_limit, ready, "seed", mdns)
 
 
@@ -72,6 +75,8 @@ def serve(paths: tuple[Path, ...], listen: tuple[str, ...], bootstrap: tuple[str
 @click.option("--json", "as_json", is_flag=True, help="Print the transfer report as JSON.")
 def pull(cid: str, peers: tuple[str, ...], out: Path | None, as_json: bool) -> None:
     """Fetch every block of CID from peers (verifying each), resuming from what the store already holds."""
+    from protocol.p2p.service import pull as pull_dag
+
     report = pull_dag(cid, BlockStore(), list(peers), out=out, progress=True)
     if as_json:
         click.echo(json.dumps(report))
@@ -90,6 +95,9 @@ def pull(cid: str, peers: tuple[str, ...], out: Path | None, as_json: bool) -> N
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per verified announcement.")
 def watch(bootstrap: tuple[str, ...], listen: tuple[str, ...], count: int, as_json: bool) -> None:
     """Print verified adapter, dataset and presence announcements (forged, stale, replayed ones are dropped)."""
+    import trio
+
+    from protocol.p2p.node import open_node
 
     async def main() -> None:
         async with open_node(BlockStore(), Identity.load_or_create(), listen, bootstrap, gossip=True) as node:
