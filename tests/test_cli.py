@@ -91,3 +91,17 @@ def test_every_command_has_help() -> None:
         assert runner.invoke(cli, [name, "--help"]).exit_code == 0, name
         for sub in getattr(command, "commands", {}):
             assert runner.invoke(cli, [name, sub, "--help"]).exit_code == 0, f"{name} {sub}"
+
+
+def test_node_status_line_says_what_the_volunteer_sees() -> None:
+    from commons.cli.node import status_text
+
+    failing = "INFO : Starting\n\x1b[93mWARNING \x1b[0m:   Connection attempt failed, retrying in 0.70 seconds\n"
+    assert status_text(None, failing, "10.0.0.5:9092", closed=False) == (
+        "cannot reach the coordinator 10.0.0.5:9092, retrying; if it runs a closed campaign, pass --ca ca.pem")
+    assert status_text(None, failing, "10.0.0.5:9092", closed=True) == "cannot reach the coordinator 10.0.0.5:9092, retrying"
+    assert status_text(None, "INFO : connected\n", "h:1", closed=False) == "waiting for work"
+    training = {"state": "training", "round": 2, "step": 3, "steps": 10, "loss": 1.23456, "tokens_per_s": 190.4}
+    assert status_text(training, "", "h:1", False) == "round 2 step 3/10 loss 1.235 190 tokens/s"
+    paused = {"state": "paused", "round": 2, "reason": "on battery"}
+    assert status_text(paused, "", "h:1", False) == "round 2 paused: on battery (--idle-only)"

@@ -79,7 +79,7 @@ def start_command(coordinator: str, data: Path | None, max_cpu_threads: int | No
                            f"{root / 'logs'}", err=True)
             started = time.monotonic()
             while proc.poll() is None and (deadline is None or time.monotonic() < deadline):
-                _status_line(root / "status.json")
+                _status_line(root / "status.json", log, coordinator, ca is not None)
                 time.sleep(1)
             if proc.poll() is None:  # --hours is up
                 break
@@ -174,21 +174,41 @@ def _start_seeding(listen: tuple[str, ...], bootstrap: tuple[str, ...]):
     return seeder
 
 
-def _status_line(path: Path) -> None:
+def status_text(st: dict | None, log_tail: str, coordinator: str, closed: bool) -> str:
+    """The live status line from the worker's status.json and the end of the SuperNode's log."""
+    if st is None:
+        last = log_tail.rstrip().splitlines()[-1:]
+        if last and "Connection attempt failed" in last[0]:
+            hint = "" if closed else "; if it runs a closed campaign, pass --ca ca.pem"
+            return f"cannot reach the coordinator {coordinator}, retrying{hint}"
+        return "waiting for work"
+    if st.get("state") == "paused":
+        return f"round {st.get('round')} paused: {st.get('reason')} (--idle-only)"
+    if st.get("state") == "training":
+        return (f"round {st['round']} step {st['step']}/{st['steps']} loss {st['loss']:.3f} "
+                f"{st['tokens_per_s']:.0f} tokens/s")
+    return f"round {st.get('round')} sent, loss {st.get('loss')}; waiting for the next round"
+
+
+def _status_line(path: Path, log: Path, coordinator: str, closed: bool) -> None:
+    if not sys.stderr.isatty():
+        return
     try:
         st = json.loads(path.read_text())
     except (OSError, ValueError):
-        line = "waiting for work"
-    else:
-        if st.get("state") == "paused":
-            line = f"round {st.get('round')} paused: {st.get('reason')} (--idle-only)"
-        elif st.get("state") == "training":
-            line = f"round {st['round']} step {st['step']}/{st['steps']} loss {st['loss']:.3f} {st['tokens_per_s']:.0f} tokens/s"
-        else:
-            line = f"round {st.get('round')} sent, loss {st.get('loss')}; waiting for the next round"
-    if sys.stderr.isatty():
-        sys.stderr.write("\r" + line[: os.get_terminal_size(2).columns - 1].ljust(60))
-        sys.stderr.flush()
+        st = None
+    line = status_text(st, _tail(log), coordinator, closed)
+    sys.stderr.write("\r" + line[: os.get_terminal_size(2).columns - 1].ljust(60))
+    sys.stderr.flush()
+
+
+def _tail(path: Path, size: int = 400) -> str:
+    try:
+        with path.open("rb") as fh:
+            fh.seek(max(0, path.stat().st_size - size))
+            return fh.read().decode(errors="replace")
+    except OSError:
+        return ""
 
 
 commands = [node_group]
