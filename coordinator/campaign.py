@@ -88,6 +88,8 @@ class Campaign:
     upload_dtype: str = "fp32"  # what nodes send back: fp32 | bf16 | int8 (deltas, per-tensor scale)
     data: str = "local"  # "local": each node its own file; "campaign": its slice of [[datasets]] (node/data.py)
     data_source: str = ""  # gateway nodes fetch dataset blocks from, e.g. "http://index:8000" (data = "campaign")
+    closed: bool = False  # only registered volunteers join (TLS + SuperNode auth; `commons coordinator start`)
+    volunteers: str = ""  # closed campaigns: keys file or folder of *.pub, relative to this file
     eval_size: int = 64
     publish_margin: float = 0.0
     description: str = ""
@@ -133,6 +135,12 @@ def parse(raw: dict[str, Any], base_dir: Path) -> Campaign:
     campaign.base_model = canonical_id(campaign.base_model)
     campaign.base_revision = campaign.base_revision or default_revision(campaign.base_model)
     campaign.eval_file = (base_dir / campaign.eval_file).resolve()
+    if campaign.volunteers:
+        campaign.closed = True
+        campaign.volunteers = str((base_dir / campaign.volunteers).resolve())
+        if not Path(campaign.volunteers).exists():
+            raise CommonsError(f"volunteers = {campaign.volunteers!r} does not exist: point it at the file of "
+                               "volunteer keys (one `commons node key` output per line)")
     if campaign.aggregation not in RULES:
         raise CommonsError(
             f"aggregation = {campaign.aggregation!r} is unknown: use one of {', '.join(RULES)}"

@@ -55,3 +55,18 @@ def test_mistakes_are_one_line_errors(tmp_path: Path, text: str, fragment: str) 
 def test_missing_file_names_the_flag(tmp_path: Path) -> None:
     with pytest.raises(CommonsError, match="pass --campaign"):
         load(tmp_path / "absent.toml")
+
+
+def test_a_campaign_file_can_name_its_volunteers(tmp_path: Path) -> None:
+    from coordinator.campaign import load
+
+    (tmp_path / "test.jsonl").write_text("")
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "vols.txt").write_text("# none yet\n")
+    (tmp_path / "c.toml").write_text('name = "c"\nbase_model = "tiny"\neval_file = "test.jsonl"\n'
+                                     'volunteers = "keys/vols.txt"\n')
+    campaign = load(tmp_path / "c.toml")
+    assert campaign.closed and campaign.volunteers == str(tmp_path / "keys" / "vols.txt")
+    (tmp_path / "c.toml").write_text('name = "c"\nbase_model = "tiny"\neval_file = "test.jsonl"\nvolunteers = "no.txt"\n')
+    with pytest.raises(CommonsError, match="volunteers = .*no.txt' does not exist: point it at the file"):
+        load(tmp_path / "c.toml")

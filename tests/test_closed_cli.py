@@ -151,7 +151,8 @@ def wait_text(log: Path, text: str, proc: subprocess.Popen, timeout: float) -> s
 def test_closed_campaign_admits_registered_volunteers_and_refuses_a_stranger(tmp_path: Path) -> None:
     local_path(TINY_ID)  # build the tiny model once, not in racing processes
     campaign, data = write_campaign(tmp_path, 3, rounds=1, round_timeout=120)
-    campaign.write_text("publish_margin = -1.0\n" + campaign.read_text())  # publish whatever one step learns
+    # publish whatever one step learns; the campaign file itself says who may join
+    campaign.write_text('publish_margin = -1.0\nvolunteers = "volunteers.txt"\n' + campaign.read_text())
     coord, homes = tmp_path / "coord", {n: tmp_path / n for n in ("alice", "bob", "stranger")}
     keys = {n: flower_key(tmp_path, n) for n in homes}  # what `commons node key` prints (tested above)
     ids = {n: Identity.load_or_create(h / "identity" / "ed25519.key").public_hex for n, h in homes.items()}
@@ -161,7 +162,7 @@ def test_closed_campaign_admits_registered_volunteers_and_refuses_a_stranger(tmp
     port, procs = free_port(), {}
     try:
         procs["coord"] = spawn(coord, tmp_path / "coord.log", "coordinator", "start", "--campaign", str(campaign),
-                               "--closed", "--volunteers", str(volunteers), "--host", "127.0.0.1",
+                               "--host", "127.0.0.1",
                                "--port", str(port), "--json")
         body = wait_text(tmp_path / "coord.log", "volunteers registered", procs["coord"], 90)
         ca = coord / "coordinator" / "tls" / "ca.pem"

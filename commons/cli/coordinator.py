@@ -43,10 +43,11 @@ def start_command(campaign_file: Path, host: str, port: int, wait_nodes: int, cl
     from protocol.keys import Identity
     from protocol.models import cache_dir
 
-    closed = closed or volunteers is not None
+    campaign = campaigns.load(campaign_file)  # fail fast, before any process starts
+    volunteers = volunteers or (Path(campaign.volunteers) if campaign.volunteers else None)  # the flag wins
+    closed = closed or campaign.closed or volunteers is not None
     if tls_host and not closed:
         raise CommonsError("--tls-host only applies to closed campaigns: add --closed (and --volunteers FILE)")
-    campaign = campaigns.load(campaign_file)  # fail fast, before any process starts
     keys = closing.read_volunteers(volunteers) if volunteers else []
     root = home()
     identity = Identity.load_or_create()
