@@ -28,7 +28,9 @@ def campaign_for(name: str, model: str, eval_file: Path, nodes: int, rounds: int
                  datasets: list[dict]) -> Campaign:
     return Campaign(
         name=name, base_model=canonical_id(model), eval_file=eval_file, license="Apache-2.0", rounds=rounds,
-        min_nodes=nodes, round_timeout=900.0, node_wait=180.0, aggregation="fedavg", eval_size=eval_size,
+        min_nodes=nodes, round_timeout=900.0, node_wait=180.0, eval_size=eval_size,
+        # three trusted volunteers on one machine: plain FedAvg, and 2 trainers per layer so shards show
+        aggregation="fedavg", min_coverage=2,
         task="date normalization to ISO 8601 (YYYY-MM-DD)",
         description="Rewrites dates written in many styles (spelled, abbreviated, numeric) as ISO 8601 YYYY-MM-DD.",
         datasets=datasets,

@@ -278,23 +278,20 @@ def aggregate(
     report.clipped = {u.node_id: float(f) for u, f in zip(ok, factors.min(axis=1)) if f < 1.0}
     weights = np.repeat(examples[:, None], len(mods), axis=1)  # nodes × modules
     if rule == "robust":
-        sel = robust.select(
-            config.combine,
-            g,
-            [u.tensors for u in ok],
-            factors,
-            mods,
-            coords=config.view_coords,
-            rng=rng,
-            trim_ratio=config.trim_ratio,
-            min_kept_ratio=config.min_kept_ratio,
-            outlier_factor=config.outlier_factor,
-            byzantine=config.krum_f,
-        )
+        sel = _select(g, ok, factors, mods, config, rng)
         report.scores = {u.node_id: float(s) for u, s in zip(ok, sel.score)}
         report.rejected.update(
             {u.node_id: sel.reason.format(score=s) for u, s, k in zip(ok, sel.score, sel.keep) if not k}
         )
+        if not sel.keep.all():
+            # a rejected node must count as absent: its norm moved the clip bound and its coordinates
+            # moved the per-module weights, which would tilt the average toward the honest node nearest it
+            ok, norms, examples = [u for u, k in zip(ok, sel.keep) if k], norms[sel.keep], examples[sel.keep]
+            weights, factors = weights[sel.keep], _clip(norms, rule, config)
+            report.clipped.update({u.node_id: float(f) for u, f in zip(ok, factors.min(axis=1)) if f < 1.0})
+            again = _select(g, ok, factors, mods, config, rng)
+            sel = robust.Selection(sel.score[sel.keep], np.ones(len(ok), dtype=bool), again.module_keep,
+                                   again.module_weight, sel.reason)
         mask = sel.keep[:, None] & sel.module_keep
         weights = weights * mask * (1.0 if config.dp else sel.module_weight)
         report.excluded = {
@@ -323,6 +320,15 @@ def aggregate(
     report.accepted = [u.node_id for u in ok]
     report.weights = {u.node_id: float(w) for u, w in zip(ok, weights.mean(axis=1))}
     return new, report
+
+
+def _select(g: Tensors, ok: list[Update], factors: np.ndarray, mods: list[robust.Module], config: AggregateConfig,
+            rng: np.random.Generator) -> robust.Selection:
+    return robust.select(
+        config.combine, g, [u.tensors for u in ok], factors, mods, coords=config.view_coords, rng=rng,
+        trim_ratio=config.trim_ratio, min_kept_ratio=config.min_kept_ratio,
+        outlier_factor=config.outlier_factor, byzantine=config.krum_f,
+    )
 
 
 def _clip(norms: np.ndarray, rule: str, config: AggregateConfig) -> np.ndarray:

@@ -84,7 +84,7 @@ class Campaign:
     node_wait: float = 300.0
     aggregation: str = "robust"  # an open network cannot trust every volunteer: robust by default
     shards: str = "auto"  # "auto": each node trains a span of layers sized to its hardware; "none": all
-    min_coverage: int = 2  # nodes training each layer per round (when there are that many nodes)
+    min_coverage: int = 3  # nodes training each layer per round (when there are that many): 3 out-vote one liar
     upload_dtype: str = "fp32"  # what nodes send back: fp32 | bf16 | int8 (deltas, per-tensor scale)
     data: str = "local"  # "local": each node its own file; "campaign": its slice of [[datasets]] (node/data.py)
     data_source: str = ""  # gateway nodes fetch dataset blocks from, e.g. "http://index:8000" (data = "campaign")

@@ -9,11 +9,13 @@ upload encoding) before anything else reads it.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.common.constant import ErrorCode
 
 from coordinator.aggregate import Update
 from coordinator.campaign import Campaign
@@ -32,28 +34,127 @@ def query_nodes(grid: Any, node_ids: list[int], timeout: float) -> dict[int, dic
         for n in node_ids
     ]
     infos = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout):
+    for dst, reply in exchange(grid, messages, timeout):
         if not reply.has_error():
-            infos[reply.metadata.src_node_id] = dict(reply.content["info"])
+            infos[dst] = dict(reply.content["info"])
     return infos
 
 
+def _caps(info: dict) -> dict:
+    caps = json.loads(str(info.get("capability") or "{}"))
+    capability_score(caps)
+    return caps
+
+
 def capabilities(infos: dict[int, dict], events: Events) -> dict[str, tuple[int, dict]]:
-    """public key -> (Flower node id, capability); one entry per key, however many nodes claim it."""
+    """public key -> (Flower node id, capability); one entry per key. `infos` comes in the order the ids
+    were first seen: when two ids claim one key, the later one wins (a restarted node, whose old id the
+    SuperLink still lists until its heartbeat lapses)."""
     nodes: dict[str, tuple[int, dict]] = {}
-    for flower_id, info in sorted(infos.items()):
+    for flower_id, info in infos.items():
         key = str(info.get("public_key", ""))
         try:
-            caps = json.loads(str(info.get("capability") or "{}"))
-            capability_score(caps)
+            caps = _caps(info)
         except (ValueError, CommonsError) as exc:
             events("node_ignored", node=key[:16], reason=f"bad capability report: {str(exc)[:200]}")
             continue
         if key in nodes:
-            events("node_ignored", node=key[:16], reason="a second node with the same key joined")
-            continue
+            events("node_ignored", node=key[:16], reason=f"node {nodes[key][0]} is replaced by a later node with the same key")
         nodes[key] = (flower_id, caps)
     return nodes
+
+
+class Roster:
+    """What each Flower node id said it is, kept across rounds: a query starts a ClientApp process on the
+    node, and one to a node that just dropped costs the whole query timeout, so only new ids are asked."""
+
+    def __init__(self) -> None:
+        self.infos: dict[int, dict] = {}  # in the order first seen
+        self.unanswered: set[int] = set()  # asked during this round, no answer: not asked again this round
+
+    def refresh(self, grid: Any, listed: list[int], timeout: float) -> dict[int, dict]:
+        """Forget ids the grid no longer lists, query the new ones; the infos of the listed ids."""
+        self.unanswered = set()
+        return self._update(grid, listed, timeout)
+
+    def _update(self, grid: Any, listed: list[int], timeout: float) -> dict[int, dict]:
+        ids = set(listed)
+        self.infos = {i: info for i, info in self.infos.items() if i in ids}
+        new = sorted(ids - set(self.infos) - self.unanswered)
+        if new:
+            answers = query_nodes(grid, new, timeout)
+            self.infos.update(sorted(answers.items()))
+            self.unanswered |= set(new) - set(answers)
+        return {i: info for i, info in self.infos.items()}
+
+    def suspect(self, flower_id: int) -> None:
+        """It did not answer a train message: ask it again next round (a dead node that is still listed
+        must not be planned from its old answer), not during this one."""
+        self.infos.pop(flower_id, None)
+        self.unanswered.add(flower_id)
+
+    def rejoined(self, grid: Any, waiting: dict[str, int], timeout: float) -> dict[str, tuple[int, dict]]:
+        """Nodes of `waiting` (public key -> the Flower id we wait on) that reconnected: an id first seen
+        after that one (or while that one is no longer listed) claims the same key; the latest wins."""
+        infos = self._update(grid, list(grid.get_node_ids()), timeout)
+        passed = {key for key, flower_id in waiting.items() if flower_id not in infos}
+        found = {}
+        for flower_id, info in infos.items():
+            key = str(info.get("public_key", ""))
+            if key not in waiting:
+                continue
+            if flower_id == waiting[key]:
+                passed.add(key)
+            elif key in passed:
+                try:
+                    found[key] = (flower_id, _caps(info))
+                except (ValueError, CommonsError):
+                    continue
+        return found
+
+
+MAX_REJOINS = 3  # re-sends per round to nodes that came back: each needs a restart, each may cost a timeout
+POLL_SECONDS = 3.0  # between pulls, as Flower's own send_and_receive
+QUERY_SECONDS = 30.0  # a reconnected node starts a ClientApp to answer: imports torch, reads its data
+
+
+def exchange(grid: Any, messages: list[Message], timeout: float,
+             more: Callable[[set[int]], tuple[set[int], list[Message]]] | None = None) -> Iterator[tuple[int, Message]]:
+    """Send `messages`; yield (destination node id, reply) as replies arrive, until each is answered or
+    `timeout` passed since it was sent. Between polls `more(destinations still pending)` names the ones
+    not worth waiting for and messages to send now (each gets its own `timeout`).
+
+    Flower 1.42's SuperLink answers for a destination that stopped heartbeating (a SuperNode pings every
+    30 s, patience 2) with an error reply, NODE_UNAVAILABLE: a killed node costs up to ~60 s, not the
+    whole timeout. A SuperNode stopped cleanly deregisters and is answered for at once. A node that came
+    back under a new id never answers on its old one: `more` stops that wait at once."""
+    if not hasattr(grid, "push_messages"):  # a Grid with only the blocking call: the in-process test grid
+        for reply in grid.send_and_receive(messages, timeout=timeout):
+            yield reply.metadata.src_node_id, reply
+        return
+    pending: dict[str, tuple[int, float]] = {}  # message id -> (destination, deadline)
+
+    def push(batch: list[Message]) -> None:
+        deadline = time.monotonic() + timeout
+        ids = grid.push_messages(batch) if batch else []
+        pending.update({mid: (m.metadata.dst_node_id, deadline) for mid, m in zip(ids, batch, strict=True) if mid})
+
+    push(messages)
+    while pending:
+        for reply in grid.pull_messages(list(pending)):
+            sent = pending.pop(reply.metadata.reply_to_message_id, None)
+            if sent is not None:
+                yield sent[0], reply
+        now = time.monotonic()
+        for mid in [mid for mid, (_, deadline) in pending.items() if deadline <= now]:
+            del pending[mid]
+        if pending and more is not None:
+            gone, extra = more({dst for dst, _ in pending.values()})
+            for mid in [mid for mid, (dst, _) in pending.items() if dst in gone]:
+                del pending[mid]
+            push(extra)
+        if pending:
+            time.sleep(max(0.0, min(POLL_SECONDS, min(d for _, d in pending.values()) - time.monotonic())))
 
 
 def plan_round(campaign: Campaign, keys: list[str], nodes: dict[str, tuple[int, dict]]) -> Plan:
@@ -66,7 +167,7 @@ def plan_round(campaign: Campaign, keys: list[str], nodes: dict[str, tuple[int, 
 def train_config(campaign: Campaign, round_: int, keys: list[str], slot: tuple[int, int] = (0, 1)) -> dict:
     """What one node is told to do; `slot` = (this node's index, nodes this round), for data slices."""
     lora = {**campaign.lora.__dict__}
-    return {
+    config = {
         "campaign": campaign.name,
         "round": round_,
         "base_model": campaign.base_model,
@@ -79,7 +180,12 @@ def train_config(campaign: Campaign, round_: int, keys: list[str], slot: tuple[i
         "lr": campaign.train.lr,
         "max_length": campaign.train.max_length,
         "seed": campaign.lora.seed,
+        "data": campaign.data,
     }
+    if campaign.data == "campaign":  # node/data.py fetches these CIDs and trains on slice `data_slot`
+        config.update(datasets=json.dumps([str(d["cid"]) for d in campaign.datasets]),
+                      data_source=campaign.data_source, data_slot=slot[0], data_slots=slot[1])
+    return config
 
 
 def check_reply(
@@ -123,37 +229,63 @@ def train_nodes(
     nodes: dict[str, tuple[int, dict]],
     events: Events,
     group: str,
+    roster: Roster | None = None,
 ) -> dict[str, tuple[Update, dict]]:
     """Send each node the global adapter and the keys it trains; the verified replies, by public key.
     The whole adapter goes down (a node's forward pass needs the current frozen layers too); only the
-    node's shard comes back up."""
+    node's shard comes back up. With a `roster`, a node seen reconnecting under a new id (same key) is
+    sent its shard again at once and not waited for on its old id; `nodes` is updated to the new id."""
     payload = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in tensors.items()})
-    messages, owner = [], {}
+    owner: dict[int, str] = {}
+    groups: dict[str, str] = {}
     order = sorted(nodes)
-    for key, shard in work.items():
-        flower_id = nodes[key][0]
-        config = ConfigRecord(train_config(campaign, round_, shard, (order.index(key), len(order))))
-        messages.append(
-            Message(RecordDict({"adapter": payload, "config": config}), dst_node_id=flower_id,
-                    message_type="train", group_id=group)
-        )
-        owner[flower_id] = key
+
+    def message(key: str, flower_id: int, grp: str) -> Message:
+        owner[flower_id], groups[key] = key, grp
+        config = ConfigRecord(train_config(campaign, round_, work[key], (order.index(key), len(order))))
+        return Message(RecordDict({"adapter": payload, "config": config}), dst_node_id=flower_id,
+                       message_type="train", group_id=grp)
+
+    messages = [message(key, nodes[key][0], group) for key in work]
     got: dict[str, tuple[Update, dict]] = {}
-    for reply in grid.send_and_receive(messages, timeout=campaign.round_timeout):
-        key = owner.get(reply.metadata.src_node_id)
+    why: dict[str, str] = {}
+    rejoins = dict.fromkeys(work, 0)
+
+    def rejoin(pending: set[int]) -> tuple[set[int], list[Message]]:
+        """Stop waiting on the old id of a node that reconnected and send it its own shard again, at once:
+        the same work, so it resumes from its own checkpoint."""
+        waiting = {owner[d]: d for d in pending if d in owner and rejoins[owner[d]] < MAX_REJOINS}
+        back = roster.rejoined(grid, waiting, min(QUERY_SECONDS, campaign.round_timeout)) if roster and waiting else {}
+        extra = []
+        for key, node in back.items():
+            rejoins[key] += 1
+            nodes[key] = node
+            events("rejoined", round=round_, node=key[:16], node_id=node[0])
+            extra.append(message(key, node[0], f"{group}.rejoin{rejoins[key]}"))
+        return {waiting[key] for key in back}, extra
+
+    for flower_id, reply in exchange(grid, messages, campaign.round_timeout, rejoin):
+        key = owner.get(flower_id)
         if key is None or key in got:
+            continue
+        if reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE:
+            why[key] = "the SuperLink lost its heartbeat"  # missing, not a bad update
             continue
         checked = check_reply(reply, campaign, round_, key, {k: tensors[k] for k in work[key]})
         if isinstance(checked, str):
             events("update_dropped", round=round_, node=key[:16], reason=checked)
+            why[key] = "its update was dropped"
             continue
         got[key] = checked
         metrics = checked[1]
-        events("update", round=round_, group=group, node=key[:16], keys=len(work[key]),
-               loss=metrics.get("loss"), tokens=metrics.get("tokens"), upload_bytes=metrics.get("upload_bytes"))
+        events("update", round=round_, group=groups[key], node=key[:16], keys=len(work[key]),
+               loss=metrics.get("loss"), tokens=metrics.get("tokens"), upload_bytes=metrics.get("upload_bytes"),
+               resumed_from=metrics.get("resumed_from", 0))
     for key in work:
         if key not in got:
-            events("node_missing", round=round_, group=group, node=key[:16])
+            if roster is not None:
+                roster.suspect(nodes[key][0])
+            events("node_missing", round=round_, group=groups[key], node=key[:16], reason=why.get(key, "no reply in time"))
     return got
 
 
@@ -167,17 +299,30 @@ def merge(main: tuple[Update, dict], extra: tuple[Update, dict]) -> tuple[Update
 
 def run_round(
     grid: Any, campaign: Campaign, round_: int, tensors: dict[str, np.ndarray],
-    nodes: dict[str, tuple[int, dict]], events: Events,
+    nodes: dict[str, tuple[int, dict]], events: Events, roster: Roster | None = None,
 ) -> tuple[dict[str, tuple[Update, dict]], Plan]:
-    """Train every shard; when nodes drop, their spans go to lane neighbours in catch-up sub-rounds until
-    every layer is covered by the nodes that answered (or no one is left)."""
+    """Train every shard. A node that dropped and reconnected (same key, new Flower id; `roster` finds it)
+    is re-sent its own shard: the same work, so it resumes from its own checkpoint. The spans of nodes
+    still missing go to lane neighbours in catch-up sub-rounds until every layer is covered by the nodes
+    that answered (or no one is left)."""
+    nodes = dict(nodes)
     keys = sorted(tensors)
     plan = plan_round(campaign, keys, nodes)
     events("plan", round=round_, coverage=plan.coverage(), shards=[
         {"node": s.node_id[:16], "lane": s.lane, "start": s.start, "end": s.end,
          "keys": len(shard_keys(plan, s.node_id, keys))} for s in plan.shards])
-    got = train_nodes(grid, campaign, round_, tensors, {s.node_id: shard_keys(plan, s.node_id, keys)
-                                                       for s in plan.shards}, nodes, events, str(round_))
+    work = {s.node_id: shard_keys(plan, s.node_id, keys) for s in plan.shards}
+    got = train_nodes(grid, campaign, round_, tensors, work, nodes, events, str(round_), roster)
+    for attempt in range(1, MAX_REJOINS + 1):
+        missing = {key: nodes[key][0] for key in work if key not in got}
+        back = roster.rejoined(grid, missing, min(QUERY_SECONDS, campaign.round_timeout)) if roster and missing else {}
+        if not back:
+            break
+        for key, node in back.items():
+            nodes[key] = node
+            events("rejoined", round=round_, node=key[:16], node_id=node[0])
+        got.update(train_nodes(grid, campaign, round_, tensors, {k: work[k] for k in back}, nodes, events,
+                               f"{round_}.rejoin{attempt}", roster))
     sub = 0
     while missing := [s.node_id for s in plan.shards if s.node_id not in got]:
         new = reassign(plan, missing)
@@ -190,7 +335,7 @@ def run_round(
         if not extra:
             break
         sub += 1
-        more = train_nodes(grid, campaign, round_, tensors, extra, nodes, events, f"{round_}.{sub}")
+        more = train_nodes(grid, campaign, round_, tensors, extra, nodes, events, f"{round_}.{sub}", roster)
         for key in extra:
             if key in more:
                 got[key] = merge(got[key], more[key])

@@ -26,7 +26,7 @@ from coordinator.plan import (
 from coordinator.privacy import DPConfig
 from coordinator.publish import sign_and_store, write_adapter
 from coordinator.residual import accumulate, apply, join_checkpoint, project, snapshot, split_checkpoint
-from coordinator.rounds import capabilities, query_nodes, run_round
+from coordinator.rounds import Roster, capabilities, run_round
 from protocol.errors import CommonsError
 from protocol.keys import Identity
 from protocol.lora import get_state, set_state, wrap
@@ -115,14 +115,15 @@ def run(grid: Any, campaign: Campaign, home: Path) -> dict:
     apply(model, originals, total, scaling)
     rule, config = aggregate_config(campaign)
 
+    roster = Roster()  # node infos by Flower id across rounds: only ids not seen before are queried
     for round_ in range(state["round"] + 1, campaign.rounds + 1):
         flower_ids = wait_for_nodes(grid, campaign.min_nodes, campaign.node_wait, events)
-        nodes = capabilities(query_nodes(grid, flower_ids, timeout=min(campaign.round_timeout, 60)), events)
+        nodes = capabilities(roster.refresh(grid, flower_ids, timeout=min(campaign.round_timeout, 60)), events)
         if len(nodes) < campaign.min_nodes:
             raise CommonsError(f"round {round_}: only {len(nodes)} of the connected nodes answered the query, "
                                f"fewer than min_nodes={campaign.min_nodes}: check the nodes' logs")
         events("round_start", round=round_, nodes=len(nodes))
-        got, plan = run_round(grid, campaign, round_, tensors, nodes, events)
+        got, plan = run_round(grid, campaign, round_, tensors, nodes, events, roster)
         if len(got) < campaign.min_nodes:
             raise CommonsError(
                 f"round {round_} got {len(got)} valid updates, fewer than min_nodes={campaign.min_nodes}: "

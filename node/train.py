@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from node import resume
+from node.resume import Checkpoint
 from protocol.lora import get_state
 
 
@@ -32,6 +34,7 @@ class TrainResult:
     loss: float
     seconds: float
     losses: list[float] = field(default_factory=list)
+    resumed_from: int = 0  # the step a checkpoint let this round start at
 
 
 def encode(tokenizer: Any, messages: list[dict], max_length: int) -> tuple[list[int], list[int]]:
@@ -77,19 +80,29 @@ def train(
     config: TrainConfig,
     keys: list[str] | None = None,
     on_step: Callable[[int, float, float], None] | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> TrainResult:
-    """Run `config.steps` AdamW steps over shuffled records; returns the shard's new LoRA weights."""
+    """Run `config.steps` AdamW steps over shuffled records; returns the shard's new LoRA weights.
+
+    With a `checkpoint` the loop saves itself when it is due and, when the checkpoint was loaded, starts
+    from its step: the result (weights, losses, tokens, examples) equals the uninterrupted run's."""
     params = trainable(model, keys)
     if not params:
         raise ValueError("this shard selects no LoRA parameters of the model")
+    named = {name: p for name, p in model.named_parameters() if p.requires_grad}
     examples = [encode(tokenizer, r["messages"], config.max_length) for r in records]
     rng = random.Random(config.seed)
     order: list[int] = []
     device = params[0].device  # a GPU volunteer's model lives on the GPU: its batches must too
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     model.train()
-    start, tokens, seen, losses = time.perf_counter(), 0, 0, []
-    for step in range(config.steps):
+    first, tokens, seen, losses, before = 0, 0, 0, [], 0.0
+    if checkpoint is not None and checkpoint.state is not None:
+        order, counters = resume.restore(checkpoint.state, named, optimizer, rng)
+        first, tokens, seen = checkpoint.step, int(counters["tokens"]), int(counters["seen"])
+        losses, before = [float(x) for x in counters["losses"]], float(counters["seconds"])
+    start, tokens_here = time.perf_counter(), 0
+    for step in range(first, config.steps):
         if len(order) < config.batch_size:
             fresh = list(range(len(examples)))
             rng.shuffle(fresh)
@@ -104,14 +117,18 @@ def train(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        tokens += int(inputs["attention_mask"].sum())
-        seen += len(batch)
+        batch_tokens = int(inputs["attention_mask"].sum())
+        tokens, tokens_here, seen = tokens + batch_tokens, tokens_here + batch_tokens, seen + len(batch)
         losses.append(loss.item())
+        if checkpoint is not None and checkpoint.due(step + 1, config.steps):
+            counters = {"tokens": tokens, "seen": seen, "losses": losses,
+                        "seconds": before + time.perf_counter() - start}
+            checkpoint.save(resume.capture(step + 1, named, optimizer, rng, order, counters))
         if on_step:
-            on_step(step + 1, losses[-1], tokens / max(time.perf_counter() - start, 1e-9))
+            on_step(step + 1, losses[-1], tokens_here / max(time.perf_counter() - start, 1e-9))
     model.eval()
     state = get_state(model, keys)
     return TrainResult(
         state=state, num_examples=seen, tokens=tokens, loss=float(np.mean(losses)),
-        seconds=time.perf_counter() - start, losses=losses,
+        seconds=before + time.perf_counter() - start, losses=losses, resumed_from=first,
     )

@@ -11,13 +11,12 @@ from typing import Any
 
 import numpy as np
 
-from node import hardware
+from node import hardware, idle, resume
+from node.data import local_examples, training_records
 from node.train import TrainConfig, train
 from protocol.keys import Identity
 from protocol.lora import set_state, wrap
 from protocol.models import load_base
-from node.data import training_records
-from protocol.records import read_records
 from protocol.update import encode, update_digest, wire_bytes
 
 log = logging.getLogger("commons.node")
@@ -30,6 +29,7 @@ class NodeSettings:
     data: Path
     threads: int | None = None
     max_vram_gb: float | None = None
+    idle_only: bool = False
 
     @property
     def identity(self) -> Identity:
@@ -50,7 +50,7 @@ def query(settings: NodeSettings) -> dict:
         "public_key": identity.public_hex,
         "peer_id": identity.peer_id(),
         "capability": json.dumps(hardware.detect(settings.max_vram_gb, settings.threads)),
-        "examples": len(read_records(settings.data)),
+        "examples": local_examples(settings),
     }
 
 
@@ -83,23 +83,40 @@ def train_round(settings: NodeSettings, config: dict, tensors: dict[str, np.ndar
     records = training_records(settings, config)
     steps = int(config["steps"])
     log.info("round %d: training %d steps on %d local records", round_, steps, len(records))
+    checkpoint = resume.open_checkpoint(settings.home, config, tensors, records)
+    if checkpoint.step:
+        log.info("round %d: resuming at step %d of %d from checkpoint", round_, checkpoint.step, steps)
+        status(settings, state="resuming", round=round_, step=checkpoint.step, steps=steps, resumed_from=checkpoint.step)
+
+    gate = idle.gate_from_env() if settings.idle_only else None
+
+    def on_pause(why: str) -> None:
+        log.info("round %d: paused (--idle-only): %s", round_, why)
+        status(settings, state="paused", round=round_, reason=why)
+
+    if gate is not None:  # a fresh sample first: a busy machine should not even start the round
+        gate.check(on_pause, fresh=True)
 
     def on_step(step: int, loss: float, tps: float) -> None:
-        status(settings, state="training", round=round_, step=step, steps=steps, loss=round(loss, 4), tokens_per_s=round(tps, 1))
+        status(settings, state="training", round=round_, step=step, steps=steps, loss=round(loss, 4), tokens_per_s=round(tps, 1),
+               resumed_from=checkpoint.step)
+        if gate is not None and step < steps:
+            gate.check(on_pause)
 
     cfg = TrainConfig(
         steps=steps, batch_size=int(config["batch_size"]), lr=float(config["lr"]),
         max_length=int(config["max_length"]), seed=int(config.get("seed", 0)) + round_,
     )
-    result = train(model, tokenizer, records, cfg, keys=keys, on_step=on_step)
+    result = train(model, tokenizer, records, cfg, keys=keys, on_step=on_step, checkpoint=checkpoint)
     wire = encode(result.state, {k: tensors[k] for k in keys}, str(config.get("upload_dtype", "fp32")))
     identity = settings.identity
     digest = update_digest(config["campaign"], round_, wire)
     proof = {"public_key": identity.public_hex, "signature": identity.sign(digest).hex()}
+    checkpoint.remove()  # the update is complete and signed: Flower sends it from here
     metrics = {
         "num_examples": result.num_examples, "tokens": result.tokens, "loss": result.loss,
         "seconds": result.seconds, "tokens_per_s": result.tokens / max(result.seconds, 1e-9),
-        "upload_bytes": wire_bytes(wire),
+        "upload_bytes": wire_bytes(wire), "resumed_from": result.resumed_from,
     }
     status(settings, state="sent", round=round_, loss=round(result.loss, 4), tokens_per_s=round(metrics["tokens_per_s"], 1))
     log.info("round %d: done, loss %.4f, %.0f tokens/s", round_, result.loss, metrics["tokens_per_s"])

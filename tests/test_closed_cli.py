@@ -117,7 +117,10 @@ def test_tls_without_ca_and_a_malformed_key_fail_with_one_line(tmp_path: Path) -
     good.write_text(flower_key(tmp_path))
     line = one_line_error(commons(tmp_path, "coordinator", "admit", str(good)))
     assert line.startswith("error: no coordinator is running under")
-    line = one_line_error(commons(tmp_path, "coordinator", "start", "--campaign", "c.toml", "--tls-host", "x.org"))
+    (tmp_path / "test.jsonl").write_text("")
+    (tmp_path / "c.toml").write_text('name = "c"\nbase_model = "tiny"\neval_file = "test.jsonl"\n')
+    line = one_line_error(commons(tmp_path, "coordinator", "start", "--campaign", str(tmp_path / "c.toml"),
+                                  "--tls-host", "x.org"))
     assert "--tls-host only applies to closed campaigns: add --closed" in line
 
 

@@ -106,7 +106,7 @@ def final_tensors(home: Path) -> dict[str, np.ndarray]:
 
 
 def test_shards_are_sized_to_hardware_and_cover_every_layer(tmp_path: Path) -> None:
-    campaign, data, home = setup(tmp_path, 3, upload_dtype="bf16")
+    campaign, data, home = setup(tmp_path, 3, upload_dtype="bf16", min_coverage=2)
     grid = LocalGrid(tmp_path, data, ["honest"] * 3, caps=[CPU, GPU, CPU])
     result = runner.run(grid, campaign, home)
     plans = [e for e in events(home) if e["event"] == "plan"]
@@ -127,7 +127,7 @@ def test_shards_are_sized_to_hardware_and_cover_every_layer(tmp_path: Path) -> N
 
 
 def test_a_node_that_drops_mid_round_has_its_span_retrained_by_its_lane_neighbour(tmp_path: Path) -> None:
-    campaign, data, home = setup(tmp_path, 3, rounds=1, round_timeout=1.0)
+    campaign, data, home = setup(tmp_path, 3, rounds=1, round_timeout=1.0, min_coverage=2)
     first = LocalGrid(tmp_path / "probe", data, ["honest"] * 3)
     plan = rounds.plan_round(campaign, sorted(final_keys(tmp_path, campaign)),
                              rounds.capabilities(rounds.query_nodes(first, first.ids, 1), lambda *a, **k: None))
@@ -212,7 +212,7 @@ def test_central_dp_is_accounted_in_the_manifest_eval(tmp_path: Path) -> None:
     [
         ({"shards": "some"}, "use one of auto, none"),
         ({"upload_dtype": "fp8"}, "use one of fp32, bf16, int8"),
-        ({"dp": {"noise_multiplier": 1.0, "clip": 1.0}}, 'set shards = "none"'),
+        ({"dp": {"noise_multiplier": 1.0, "clip": 1.0}, "aggregation": "exact"}, "full-rank residual"),
         ({"dp": {"noise_multiplier": 1.0}}, "[dp]"),
     ],
 )
