@@ -31,20 +31,19 @@ ROUNDS, ATTACKER = 2, 3
 
 
 def write_campaign(root: Path) -> tuple[Path, list[Path]]:
-    # shards = "none": with "auto" and min_coverage 2 each layer has only 2 trainers, too few to outvote
-    # one attacker (see tests/test_poisoning_demo.py::test_sharded_robust_rounds_survive_scale50)
+    # the campaign defaults an open network runs: robust rule, shards = "auto" with 3 trainers per layer
     data = write_demo_data(root / "data", 4, 8, 4)
     path = root / "campaign.toml"
     path.write_text(
         f'name = "life"\nbase_model = "tiny"\neval_file = "{data["test"]}"\nrounds = {ROUNDS}\nmin_nodes = 4\n'
-        'eval_size = 4\nround_timeout = 120\nnode_wait = 120\nshards = "none"\nupload_dtype = "int8"\n'
+        'eval_size = 4\nround_timeout = 120\nnode_wait = 120\nupload_dtype = "int8"\n'
         "[train]\nsteps = 2\nbatch_size = 2\nmax_length = 48\n"
     )
     return path, data["train"]
 
 
 def honest_reference(campaign_file: Path, data: list[Path], root: Path) -> dict[str, np.ndarray]:
-    """The same campaign run in-process by the three honest nodes alone (same configs, plain FedAvg)."""
+    """The same campaign run in-process by the three honest nodes alone (whole adapter, plain FedAvg)."""
     campaign = load(campaign_file)
     base, _ = load_base(campaign.base_model)
     g = get_state(wrap(base, {**campaign.lora.__dict__}))
