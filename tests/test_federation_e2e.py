@@ -129,9 +129,9 @@ def test_coordinator_killed_with_9_resumes_and_the_volunteers_reconnect(tmp_path
     assert [d.returncode for d in daemons] == [0, 0]  # SIGTERM is a clean stop
 
 
-@pytest.mark.slow  # about 2 minutes: the dead node costs one round_timeout
+@pytest.mark.slow  # about 90 s: the dead node costs one round_timeout
 def test_a_node_killed_mid_round_is_covered_and_a_forger_is_refused(tmp_path: Path) -> None:
-    campaign, data = write_campaign(tmp_path, 4, rounds=1, round_timeout=60)
+    campaign, data = write_campaign(tmp_path, 4, rounds=1, round_timeout=40)  # > the ~25 s an honest node needs
     keys = [Identity.load_or_create(tmp_path / f"node{i}" / "identity" / "ed25519.key").public_hex[:16]
             for i in range(4)]
     net = TestNetwork(tmp_path / "net")
@@ -155,36 +155,3 @@ def test_a_node_killed_mid_round_is_covered_and_a_forger_is_refused(tmp_path: Pa
     end = next(e for e in log if e["event"] == "round_end")
     assert end["accepted"] >= 2 and min(end["coverage"]) >= 1
     assert keys[victim] not in {e["node"] for e in log if e["event"] == "update"}
-
-
-def test_a_closed_campaign_admits_registered_supernodes_only(tmp_path: Path) -> None:
-    from commons.flower import _bin, _env, free_port, wait_port
-    from coordinator import closed
-
-    tls = closed.make_tls(tmp_path / "tls")
-    net = Network(tmp_path)
-    try:
-        port = free_port()
-        link, log = net._spawn("superlink", [_bin("flower-superlink"), *closed.superlink_args(tls),
-                                             "--host", "127.0.0.1", "--port", str(port)], {})
-        wait_port("127.0.0.1", port, link, 60, "flower-superlink", log)
-        net.address = f"127.0.0.1:{port}"
-        flwr_home = tmp_path / "flwr"
-        closed.flwr_config(flwr_home, net.address, tls.ca)
-        keys = {name: closed.supernode_key(tmp_path / name) for name in ("member", "stranger")}
-        node_id = closed.register(_bin("flwr"), flwr_home, keys["member"][1], _env({}))
-        for name, (private, _) in keys.items():
-            net.start_supernode(name, net.address, {"home": str(tmp_path / name)}, insecure=False,
-                                extra=closed.supernode_args(tls.ca, private))
-        deadline, listed = time.monotonic() + 90, []
-        while time.monotonic() < deadline and not any(n["status"] == "online" for n in listed):
-            time.sleep(1)
-            done = subprocess.run([_bin("flwr"), "supernode", "list", "commons", "--format", "json"],
-                                  capture_output=True, text=True, check=False, env=_env({"FLWR_HOME": str(flwr_home)}))
-            listed = json.loads(done.stdout).get("nodes", [])
-        time.sleep(3)
-        stranger_log = (tmp_path / "logs" / "stranger.log").read_text()
-    finally:
-        net.close()
-    assert [(int(n["node-id"]), n["status"]) for n in listed] == [(node_id, "online")]  # only the member
-    assert "Connection attempt failed" in stranger_log and "SuperNode ID" not in stranger_log

@@ -27,7 +27,7 @@ from protocol.lora import get_state, wrap
 from protocol.models import load_base
 from protocol.update import SCALE, decode, encode
 
-ROUNDS, ATTACKER = 2, 3
+ROUNDS, ATTACKER = 1, 3  # one round keeps the suite short; the in-process test runs two
 
 
 def write_campaign(root: Path) -> tuple[Path, list[Path]]:
@@ -101,9 +101,9 @@ def test_a_validly_signed_scaled_update_is_stopped_and_the_campaign_publishes(tm
 
     # its signature verified: the update arrived and was decoded every round, nothing was dropped
     assert not [e for e in log if e["event"] == "update_dropped"]
-    assert sorted(e["round"] for e in log if e["event"] == "update" and e["node"] == attacker[:16]) == [1, 2]
+    assert sorted(e["round"] for e in log if e["event"] == "update" and e["node"] == attacker[:16]) == [1]
     ends = [e for e in log if e["event"] == "round_end"]
-    assert [e["round"] for e in ends] == [1, 2]
+    assert [e["round"] for e in ends] == [1]
     for e in ends:  # ... and the aggregation refused or clipped it, saying why
         why = e["rejected_nodes"].get(attacker) or e["clipped"].get(attacker)
         assert why, e

@@ -18,7 +18,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     home = tmp_path_factory.mktemp("smollm2-home")
-    done = commons("demo", "--nodes", "2", "--rounds", "2", "--steps", "6", "--json", home=home, timeout=1200)
+    # one round: on this task round 1 already reaches what round 2 does (79 % both, measured), and each
+    # round costs ~100 s of the suite on 2 cores
+    done = commons("demo", "--nodes", "2", "--rounds", "1", "--steps", "6", "--json", home=home, timeout=1200)
     return home, json.loads(done.stdout.strip().splitlines()[-1])
 
 
