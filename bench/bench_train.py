@@ -1,13 +1,18 @@
 """Node training throughput: our `node.train.train` vs a plain PEFT loop, same model, batches and steps.
 
-    python bench/bench_train.py             # the tiny model (49k-token head: real matmuls), 30 steps × batch 2
-    python bench/bench_train.py smollm2 6   # SmolLM2-135M, 6 steps (minutes on a loaded 2-core machine)
+    python -m bench train                   # `make bench`: SmolLM2-135M (the demo's real model), 16 steps × batch 2,
+                                            # plus the tiny model as a second figure
+    python bench/bench_train.py tiny 30     # the tiny model alone (49k-token head), 30 steps × batch 2
+
+The headline ratio is on SmolLM2: on the tiny model a step takes ~30 ms, so the fixed per-step work a
+volunteer needs (gradient clipping above all) weighs ~2-5 % there and well under 1 % on a real model.
 
 ratio = our tokens/s ÷ the plain loop's tokens/s (goal ≥ 0.97). The plain loop is what a PEFT tutorial
 writes: AdamW over the LoRA parameters, pad the batch, forward, backward, step, zero_grad, on the same
 examples in the same order.
 Ours adds what a volunteer needs (finite-loss check, gradient clipping, the status callback). The two
-alternate (ours, plain, × 3, after a warm-up of each) on the same wrapped model and the best of each is kept, so load from
+alternate in ABBA order (after a warm-up of each) on the same wrapped model; the ratio is the median of the
+back-to-back pairs' ratios (best-of is reported too), so load from
 other processes on a shared machine hits both alike.
 """
 
@@ -17,6 +22,7 @@ import json
 import sys
 import time
 
+import numpy as np
 import torch
 
 from commons.demo_task import STYLES, make_records
@@ -45,7 +51,7 @@ def plain_peft_loop(model, batches: list[list[tuple[list[int], list[int]]]], pad
     return tokens / seconds
 
 
-def run(model_id: str = "tiny", steps: int = 30, batch_size: int = 2, max_length: int = 64, reps: int = 3) -> dict:
+def measure(model_id: str = "tiny", steps: int = 30, batch_size: int = 2, max_length: int = 64, reps: int = 3) -> dict:
     base, tokenizer = load_base(model_id)
     model = wrap(base, {"r": 8, "alpha": 16})
     records = make_records(steps * batch_size, list(STYLES), seed=3)
@@ -60,15 +66,23 @@ def run(model_id: str = "tiny", steps: int = 30, batch_size: int = 2, max_length
     train(model, tokenizer, records, TrainConfig(steps=3, batch_size=batch_size, max_length=max_length))  # warm-up
     plain_peft_loop(model, batches[:3], tokenizer.pad_token_id, config.lr)
     ours, plain = [], []
-    for _ in range(reps):
+
+    def ours_once() -> None:
         result = train(model, tokenizer, records, config)
         ours.append(result.tokens / result.seconds)
+
+    def plain_once() -> None:
         plain.append(plain_peft_loop(model, batches, tokenizer.pad_token_id, config.lr))
+
+    for rep in range(reps):  # ABBA: whichever runs second in a pair is measurably faster on a shared box
+        for once in (ours_once, plain_once) if rep % 2 == 0 else (plain_once, ours_once):
+            once()
     tokens = sum(len(ids) for batch in batches for ids, _ in batch)
-    ratio = max(ours) / max(plain)
+    ratio = float(np.median([o / q for o, q in zip(ours, plain)]))  # pairs taken back to back
     return {
         "name": "bench_train",
         "ratio": round(ratio, 3),
+        "best_of_ratio": round(max(ours) / max(plain), 3),
         "goal": 0.97,
         "model": model_id,
         "steps": steps,
@@ -81,6 +95,13 @@ def run(model_id: str = "tiny", steps: int = 30, batch_size: int = 2, max_length
     }
 
 
+def run() -> dict:
+    real = measure("smollm2", steps=16, reps=4)
+    tiny = measure("tiny")
+    return {**real, "name": "bench_train", "tiny_ratio": tiny["ratio"],
+            "summary": real["summary"] + f"; tiny model ratio {tiny['ratio']:.3f}"}
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
-    print(json.dumps(run(*(args[:1] or ["tiny"]), *[int(a) for a in args[1:2]]), indent=1))
+    print(json.dumps(measure(*(args[:1] or ["tiny"]), *[int(a) for a in args[1:2]]), indent=1))
