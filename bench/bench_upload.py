@@ -4,7 +4,8 @@ the compression and the aggregation rule do to the held-out eval of the demo tas
     python bench/bench_upload.py            # SmolLM2-135M, 3 volunteers × 2 steps, 16 held-out records
     python bench/bench_upload.py tiny       # the tiny random model (bytes only mean something here)
 
-Bytes: the shard plan for 8 equal volunteers (min_coverage 2: every layer trained by 2 nodes) on the
+Bytes: the shard plan for 8 equal volunteers (min_coverage 2: every layer trained by 2 nodes; the
+campaign default 3 is reported too) on the
 model's LoRA keys; each node uploads its shard encoded as the campaign asks (`protocol.update.encode`).
 ratio = mean upload bytes per node (shard + int8) ÷ the fp32 full adapter (goal ≤ 1/8).
 Eval: 3 non-IID volunteers train from the same global adapter; their updates are aggregated (robust)
@@ -54,8 +55,8 @@ def held_out(model, tokenizer, records: list[dict], max_length: int = 64) -> dic
     return {"loss": round(total_loss / count, 5), "token_accuracy": round(hits / count, 5)}
 
 
-def upload_bytes(g: dict[str, np.ndarray], update: dict[str, np.ndarray], nodes: int = 8) -> dict:
-    plan = make_plan(layers_from_keys(g), {f"n{i}": CPU for i in range(nodes)}, min_coverage=2)
+def upload_bytes(g: dict[str, np.ndarray], update: dict[str, np.ndarray], nodes: int = 8, coverage: int = 2) -> dict:
+    plan = make_plan(layers_from_keys(g), {f"n{i}": CPU for i in range(nodes)}, min_coverage=coverage)
     full = wire_bytes(encode_update(g, g, "fp32"))
     out = {"fp32_full_adapter": full}
     for dtype in ("fp32", "bf16", "int8"):
@@ -80,6 +81,7 @@ def run(model_id: str = "smollm2", nodes: int = 3, steps: int = 2, batch_size: i
                                                                max_length=64, seed=i))
         updates.append(result.state)
     sizes = upload_bytes(g, updates[0])
+    cov3 = upload_bytes(g, updates[0], coverage=3)
 
     def score(tensors: dict[str, np.ndarray]) -> dict:
         set_state(model, tensors)
@@ -107,6 +109,9 @@ def run(model_id: str = "smollm2", nodes: int = 3, steps: int = 2, batch_size: i
         "ratio": round(ratio, 4),
         "goal": "<= 0.125, eval within 1%",
         "bf16_ratio": round(sizes["shard_bf16_mean"] / sizes["fp32_full_adapter"], 4),
+        # the campaign default, min_coverage = 3 (3 trainers per layer out-vote one bad volunteer)
+        "coverage3_int8_ratio": round(cov3["shard_int8_mean"] / cov3["fp32_full_adapter"], 4),
+        "coverage3_bf16_ratio": round(cov3["shard_bf16_mean"] / cov3["fp32_full_adapter"], 4),
         "bytes": sizes,
         "eval": evals,
         "eval_max_rel_loss_delta": round(worst, 5),
