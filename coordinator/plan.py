@@ -279,23 +279,23 @@ def _clip_round(
     may have only two trainers, and then no per-part rule can tell the liar from the honest node; across
     the whole round a ×50 or noise attacker is one outlier among many."""
     rms: dict[str, float] = {}
+    sizes = {nid: sum(global_tensors[k].size for k in expected[nid]) for nid in sent}
     for nid, u in sent.items():
         with np.errstate(over="ignore", invalid="ignore"):
             total = sum(float(np.sum((u.tensors[k].astype(np.float64) - global_tensors[k]) ** 2))
                         for k in expected[nid])
-        size = sum(global_tensors[k].size for k in expected[nid])
-        if math.isfinite(total) and size:
-            rms[nid] = math.sqrt(total / size)
+        if math.isfinite(total) and sizes[nid]:
+            rms[nid] = math.sqrt(total / sizes[nid])
     if len(rms) < 3:
         return
     bound = factor * float(np.median(list(rms.values())))
     for nid, r in rms.items():
         if r > bound > 0:
-            f = bound / r
-            u = sent[nid]
-            sent[nid] = Update(nid, {k: (global_tensors[k] + np.float32(f) * (u.tensors[k] - global_tensors[k]))
-                                     .astype(np.float32) for k in u.tensors}, u.num_examples)
-            report.clipped[nid] = min(f, report.clipped.get(nid, 1.0))
+            g = {k: np.asarray(global_tensors[k], dtype=np.float32) for k in expected[nid]}
+            clipped = privacy.clip_update(g, sent[nid].tensors, bound * math.sqrt(sizes[nid]))
+            if clipped is not None:  # not finite: `aggregate` rejects it with the reason
+                sent[nid] = Update(nid, clipped[0], sent[nid].num_examples)
+                report.clipped[nid] = min(clipped[1], report.clipped.get(nid, 1.0))
 
 
 def _clip_jointly(
