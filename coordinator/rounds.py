@@ -85,7 +85,7 @@ class Roster:
             answers = query_nodes(grid, new, timeout)
             self.infos.update(sorted(answers.items()))
             self.unanswered |= set(new) - set(answers)
-        return {i: info for i, info in self.infos.items()}
+        return dict(self.infos)
 
     def suspect(self, flower_id: int) -> None:
         """It did not answer a train message: ask it again next round (a dead node that is still listed
@@ -220,6 +220,13 @@ def check_reply(
     return Update(node_id=public.hex(), tensors=tensors, num_examples=examples), metrics
 
 
+def adopt(nodes: Nodes, back: Nodes, round_: int, events: Events) -> None:
+    """Nodes that reconnected under a new Flower id: address them there from now on."""
+    for key, node in back.items():
+        nodes[key] = node
+        events("rejoined", round=round_, node=key[:16], node_id=node[0])
+
+
 def train_nodes(
     grid: Any,
     campaign: Campaign,
@@ -256,11 +263,10 @@ def train_nodes(
         the same work, so it resumes from its own checkpoint."""
         waiting = {owner[d]: d for d in pending if d in owner and rejoins[owner[d]] < MAX_REJOINS}
         back = roster.rejoined(grid, waiting, min(QUERY_SECONDS, campaign.round_timeout)) if roster and waiting else {}
+        adopt(nodes, back, round_, events)
         extra = []
         for key, node in back.items():
             rejoins[key] += 1
-            nodes[key] = node
-            events("rejoined", round=round_, node=key[:16], node_id=node[0])
             extra.append(message(key, node[0], f"{group}.rejoin{rejoins[key]}"))
         return {waiting[key] for key in back}, extra
 
@@ -318,9 +324,7 @@ def run_round(
         back = roster.rejoined(grid, missing, min(QUERY_SECONDS, campaign.round_timeout)) if roster and missing else {}
         if not back:
             break
-        for key, node in back.items():
-            nodes[key] = node
-            events("rejoined", round=round_, node=key[:16], node_id=node[0])
+        adopt(nodes, back, round_, events)
         got.update(train_nodes(grid, campaign, round_, tensors, {k: work[k] for k in back}, nodes, events,
                                f"{round_}.rejoin{attempt}", roster))
     sub = 0
