@@ -101,20 +101,6 @@ def dataset_records(cid: str, store: BlockStore, source: str, cache: Path) -> li
     return _VERIFIED[key]
 
 
-class _Checked:
-    """A block source that remembers which blocks failed their hash, so the error can say so."""
-
-    def __init__(self, inner: GatewaySource) -> None:
-        self.inner, self.name, self.bad = inner, inner.name, []
-
-    def get_block(self, cid: str) -> bytes | None:
-        block = self.inner.get_block(cid)
-        if block is not None and hashlib.sha256(block).digest() != CID.decode(cid).digest:
-            self.bad.append(cid)
-            return None
-        return block
-
-
 def fetch(cid: str, store: BlockStore, source: str) -> None:
     """Make `store` hold the whole DAG of `cid`, every fetched block verified; one-line errors."""
     try:
@@ -126,19 +112,18 @@ def fetch(cid: str, store: BlockStore, source: str) -> None:
     if not source:
         raise CommonsError(f"dataset {cid} is not in this node's block store and the campaign sets no "
                            'data_source: set data_source = "http://INDEX:8000" in the campaign file')
-    gateway = _Checked(GatewaySource(source))
+    gateway = GatewaySource(source)
     try:
         fetch_dag(cid, store, [gateway], progress=False)
+    except VerifyError as exc:
+        raise VerifyError(f"{exc}; use a data_source you trust") from None
     except CommonsError as exc:
-        if gateway.bad:
-            raise VerifyError(f"block {gateway.bad[0]} from {source} does not hash to its CID (tampered or "
-                              "corrupt) and was refused; use a data_source you trust") from None
         if not store.has(cid):
             raise CommonsError(f"dataset {cid} was not found at {source} (not published there, or the gateway "
                                "is down): publish it there with `commons data publish` or fix data_source") from None
         raise CommonsError(f"dataset {cid} is incomplete at {source} ({exc})") from None
     finally:
-        gateway.inner.close()
+        gateway.close()
 
 
 def verified_data(cid: str, store: BlockStore) -> bytes:

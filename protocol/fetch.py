@@ -23,6 +23,7 @@ class BlockSource(Protocol):
 
 
 def _from_sources(cid: str, sources: Sequence[BlockSource], store: BlockStore) -> bytes:
+    lied = []
     for source in sources:
         block = source.get_block(cid)
         if block is None:
@@ -30,8 +31,12 @@ def _from_sources(cid: str, sources: Sequence[BlockSource], store: BlockStore) -
         try:
             store.put(cid, block)  # re-hashes: a wrong block never lands
         except VerifyError:
+            lied.append(source.name)
             continue
         return block
+    if lied:  # a VerifyError: the caller can tell tampering from absence
+        raise VerifyError(f"block {cid} from {', '.join(lied)} does not hash to its CID (tampered or corrupt) and "
+                          "was refused; fetch from a source you trust")
     names = ", ".join(s.name for s in sources) or "no sources"
     raise CommonsError(f"block {cid} is not available from {names}: start a peer that holds it and retry")
 
