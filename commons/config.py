@@ -12,6 +12,7 @@ DEFAULTS = {
     "index_url": "http://127.0.0.1:8765",
     "gateways": [],  # extra trustless gateways to pull blocks from
     "peers": [],  # libp2p multiaddrs of peers that seed blocks
+    "node_limits": {},  # what this volunteer's node agrees to train (node/limits.py)
 }
 
 TEMPLATE = """# LoRA Commons configuration (flags on the command line override these)
@@ -21,6 +22,14 @@ index_url = "{index_url}"
 gateways = []
 # libp2p peers that seed blocks (/ip4/.../tcp/.../p2p/12D3...):
 peers = []
+
+# What your node agrees to train when you volunteer (defaults shown; raise them to allow more):
+[node_limits]
+# max_rank = 256
+# max_steps = 10000
+# max_batch = 512
+# max_length = 16384
+# max_datasets = 64
 """
 
 

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from commons import config
+from commons import config, narrate, timing
 from commons.demo_task import write_demo_data
 from commons.flower import Network
 from coordinator.campaign import Campaign, LoraSpec, TrainSpec, dump
@@ -39,12 +39,18 @@ def campaign_for(name: str, model: str, eval_file: Path, nodes: int, rounds: int
 
 
 class Follower:
-    """Reads the coordinator's event log and the nodes' status files; drives the progress bar."""
+    """Reads the coordinator's event log and the nodes' status files; drives the progress bar.
 
-    def __init__(self, events: Path, node_homes: list[Path], rounds: int, progress: bool) -> None:
+    `offset`: where this run's events start (a campaign run again appends to its old log); `demo`: only the
+    lines `commons demo` shows, else one line for every event commons/narrate.py knows."""
+
+    def __init__(self, events: Path, node_homes: list[Path], rounds: int, progress: bool, offset: int = 0,
+                 demo: bool = True) -> None:
         from tqdm import tqdm
 
-        self.events, self.node_homes, self.offset, self.progress = events, node_homes, 0, progress
+        self.events, self.node_homes, self.offset, self.progress = events, node_homes, offset, progress
+        self.demo = demo
+        self.seen = time.monotonic()  # when the last event arrived
         # the live bar only on a terminal; the event lines are printed either way
         self.bar = tqdm(total=rounds, desc="rounds", unit="round", disable=not (progress and sys.stderr.isatty()), file=sys.stderr,
                         bar_format="{desc}: {n_fmt}/{total_fmt} |{bar:20}| {elapsed} {postfix}")
@@ -57,16 +63,14 @@ class Follower:
                 fh.seek(self.offset)
                 lines = fh.readlines()
                 self.offset = fh.tell()
-            for line in lines:
-                event = json.loads(line)
-                self.last = event
+            for text in lines:
+                event = json.loads(text)
+                self.last, self.seen = event, time.monotonic()
                 if event["event"] == "round_end":
                     self.bar.update(1)
-                    self._say(f"round {event['round']}: loss {event['loss']:.3f}, held-out accuracy {event['accuracy']:.1%}")
-                elif event["event"] == "base_eval":
-                    self._say(f"base model held-out accuracy {event['accuracy']:.1%} (n={event['n']})")
-                elif event["event"] == "update_dropped":
-                    self._say(f"dropped an update: {event['reason']}")
+                said = narrate.line(event, demo=self.demo)
+                if said:
+                    self._say(said)
                 if event["event"] in ("campaign_end", "error"):
                     return event
         self.bar.set_postfix_str(self._status(), refresh=True)
@@ -132,7 +136,10 @@ def run_demo(nodes: int = 3, rounds: int = 2, model: str = SMOLLM2_ID, steps: in
     if final["event"] == "error":
         raise CommonsError(f"the campaign failed: {final['message']} (logs in {work / 'logs'} and {root / 'logs'})")
     result = json.loads((root / "campaigns" / name / "result.json").read_text())
-    return _register(result, nodes, rounds)
+    summary = _register(result, nodes, rounds)
+    events = [json.loads(x) for x in (root / "campaigns" / name / "events.jsonl").read_text().splitlines()]
+    summary.update(timing.summary(timing.round_times(events)))
+    return summary
 
 
 def publish_training_data(files: list[Path]) -> list[dict]:
@@ -149,18 +156,19 @@ def publish_training_data(files: list[Path]) -> list[dict]:
     return cited
 
 
-def _follow(events: Path, node_homes: list[Path], rounds: int, progress: bool, timeout: float, work: Path) -> dict:
-    follower = Follower(events, node_homes, rounds, progress)
-    deadline = time.monotonic() + timeout
+def _follow(events: Path, node_homes: list[Path], rounds: int, progress: bool, timeout: float, work: Path,
+            offset: int = 0, demo: bool = True) -> dict:
+    """The campaign's final event; gives up after `timeout` seconds without any event."""
+    follower = Follower(events, node_homes, rounds, progress, offset, demo)
     try:
-        while time.monotonic() < deadline:
+        while time.monotonic() < follower.seen + timeout:
             final = follower.poll()
             if final:
                 return final
             time.sleep(0.5)
     finally:
         follower.close()
-    raise CommonsError(f"the campaign did not finish within {timeout:.0f}s; see the logs in {work / 'logs'}")
+    raise CommonsError(f"the campaign said nothing for {timeout:.0f}s; see the logs in {work / 'logs'}")
 
 
 def _register(result: dict, nodes: int, rounds: int) -> dict:

@@ -231,6 +231,11 @@ class Network:
         return int(reply["run-id"])
 
     def close(self) -> None:
+        """Stop every process started here and all below them: the SuperLink starts superexec, which
+        starts the ServerApp, each in a session of its own that stopping the SuperLink's group misses."""
+        from commons.processes import descendants, stop
+
+        below = descendants([proc.pid for proc in self.procs])
         for proc in reversed(self.procs):
             if proc.poll() is None:
                 try:
@@ -244,3 +249,4 @@ class Network:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, 9)
         self.procs.clear()
+        stop(below)

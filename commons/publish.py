@@ -1,14 +1,37 @@
-"""Publish a folder: sign it, store it content-addressed, register it in the local index."""
+"""Publish a folder: sign it, store it content-addressed, register it in the local index.
+
+    >>> with publishing():                                  # one publish at a time in this home
+    ...     version, previous = next_version(IndexDB(), name)
+    ...     entry = publish(folder, meta_from_folder(folder, name, "MIT", version=version), db)
+
+The version is read from the index, signed into the manifest and then registered: two publishes of one
+name at once would both sign the same version, so `publishing()` serializes them.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from protocol.blockstore import BlockStore
 from protocol.errors import CommonsError
+from protocol.home import home
 from protocol.keys import Identity
 from protocol.manifest import SIGNATURE_FILE, AdapterMeta, sign_directory
+
+
+@contextmanager
+def publishing() -> Iterator[None]:
+    """Hold this home's publish lock (released when the process dies, however it dies)."""
+    with open(home() / "publish.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def next_version(db, name: str) -> tuple[int, str | None]:

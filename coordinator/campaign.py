@@ -4,13 +4,14 @@
     base_model = "smollm2"
     eval_file = "test.jsonl"
     shards = "auto"                      # each node trains a span of layers sized to its hardware
+    quantization = "auto"                # the base on each node: its memory plan picks none or nf4
     data = "campaign"                    # each node trains on its slice of [[datasets]] (default "local")
     data_source = "http://index:8000"    # trustless gateway the nodes fetch dataset blocks from
     [dp]                                 # central DP: works with shards = "auto" and "none", not "exact"
     noise_multiplier = 1.0
     clip = 0.5
     [[datasets]]
-    cid = "Qm..."                        # printed by `commons data publish`
+    cid = "Qm..."                        # printed by `commons data add`
     name = "my-chats"
     license = "CC-BY-4.0"
 
@@ -24,6 +25,7 @@ clipped nor noised.
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,41 @@ from protocol.multiformats import CID
 RULES = ("fedavg", "exact", "robust")
 SHARDS = ("auto", "none")
 UPLOAD_DTYPES = ("fp32", "bf16", "int8")
+QUANTIZATIONS = ("auto", "none", "nf4", "int8")  # nf4/int8: QLoRA, bitsandbytes (protocol/quantization.py)
 DATA_MODES = ("local", "campaign")
+DEFAULT_LICENSE = "Apache-2.0"  # what an adapter is published under when the campaign file names no licence
+DATASET_KEYS = ("cid", "name", "license")
+
+# The range of every number in the campaign file ("where.key", or the bare key at the top level).
+RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "rounds": (lambda v: v >= 1, "at least 1"),
+    "min_nodes": (lambda v: v >= 1, "at least 1"),
+    "round_timeout": (lambda v: v >= 1, "at least 1 (seconds)"),
+    "node_wait": (lambda v: v >= 0, "0 or more (seconds)"),
+    "min_coverage": (lambda v: v >= 1, "at least 1"),
+    "eval_size": (lambda v: v >= 1, "at least 1"),
+    "publish_margin": (lambda v: -1 <= v <= 1, "between -1 and 1 (a fraction: 0.05 is 5 points)"),
+    "early_stop": (lambda v: v >= 0, "0 (off) or more rounds"),
+    "lora.r": (lambda v: 1 <= v <= 1024, "between 1 and 1024"),
+    "lora.alpha": (lambda v: v > 0, "above 0"),
+    "lora.dropout": (lambda v: 0 <= v < 1, "at least 0 and below 1"),
+    "lora.seed": (lambda v: v >= 0, "0 or more"),
+    "train.steps": (lambda v: v >= 1, "at least 1"),
+    "train.batch_size": (lambda v: v >= 1, "at least 1"),
+    "train.lr": (lambda v: 0 < v <= 1, "above 0 and at most 1 (e.g. 2e-3)"),
+    "train.max_length": (lambda v: v >= 8, "at least 8 (tokens)"),
+}
+# What each annotation accepts from TOML, and how an error names it; other annotations (the [lora], [train]
+# and [dp] tables parse() builds itself) are not checked here.
+_KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number"),
+    "float": (lambda v: isinstance(v, int | float) and not isinstance(v, bool), "a number"),
+    "str": (lambda v: isinstance(v, str), "a string in quotes"),
+    "Path": (lambda v: isinstance(v, str | Path), "a path in quotes"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "list[str]": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
+    "list[dict]": (lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v), "a list of tables"),
+}
 
 
 @dataclass
@@ -76,22 +112,24 @@ class Campaign:
     name: str
     base_model: str
     eval_file: Path
-    license: str = "Apache-2.0"
+    license: str = ""  # SPDX id the adapter is published under; unset: DEFAULT_LICENSE, said out loud
     base_revision: str = ""
     rounds: int = 2
     min_nodes: int = 1
     round_timeout: float = 900.0
-    node_wait: float = 300.0
+    node_wait: float = 1800.0  # patience: seconds a round waits for min_nodes usable volunteers before failing
     aggregation: str = "robust"  # an open network cannot trust every volunteer: robust by default
     shards: str = "auto"  # "auto": each node trains a span of layers sized to its hardware; "none": all
     min_coverage: int = 3  # nodes training each layer per round (when there are that many): 3 out-vote one liar
     upload_dtype: str = "fp32"  # what nodes send back: fp32 | bf16 | int8 (deltas, per-tensor scale)
+    quantization: str = "auto"  # the base on each node: auto (its memory plan decides) | none | nf4 | int8
     data: str = "local"  # "local": each node its own file; "campaign": its slice of [[datasets]] (node/data.py)
     data_source: str = ""  # gateway nodes fetch dataset blocks from, e.g. "http://index:8000" (data = "campaign")
     closed: bool = False  # only registered volunteers join (TLS + SuperNode auth; `commons coordinator start`)
     volunteers: str = ""  # closed campaigns: keys file or folder of *.pub, relative to this file
     eval_size: int = 64
     publish_margin: float = 0.0
+    early_stop: int = 0  # stop after this many rounds without a better eval (0: run every round)
     description: str = ""
     task: str = ""
     datasets: list[dict] = field(default_factory=list)
@@ -99,6 +137,9 @@ class Campaign:
     train: TrainSpec = field(default_factory=TrainSpec)
     dp: DPSpec | None = None
     source: Path | None = None
+
+    def published_license(self) -> str:
+        return self.license or DEFAULT_LICENSE
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -120,7 +161,37 @@ def _section(cls: type, raw: Any, where: str) -> Any:
                      and f.default_factory is MISSING)
     if missing:
         raise CommonsError(f"[{where}] needs `{missing[0]} = ...` in the campaign file")
-    return cls(**raw)
+    fields = cls.__dataclass_fields__
+    return cls(**{key: _typed(where, key, value, fields[key]) for key, value in raw.items()})
+
+
+def _typed(where: str, key: str, value: Any, spec: Any) -> Any:
+    """`value` as its field's type and within its range, or one line that says what to write."""
+    name = key if where == "campaign" else f"{where}.{key}"
+    kind = str(spec.type).removesuffix(" | None")
+    if kind not in _KINDS:
+        return value
+    accepts, wanted = _KINDS[kind]
+    if not accepts(value):
+        raise CommonsError(f"{name} = {_toml(value)} in the campaign file must be {wanted}{_example(key, spec, value)}")
+    check = RANGES.get(name)
+    if check and not check[0](value):
+        raise CommonsError(f"{name} = {_toml(value)} in the campaign file must be {check[1]}")
+    return float(value) if kind == "float" else value
+
+
+def _example(key: str, spec: Any, value: Any) -> str:
+    """How the line should read: the number without its quotes, or the field's default."""
+    if isinstance(value, str) and str(spec.type) in ("int", "float"):
+        try:
+            number = int(value) if str(spec.type) == "int" else float(value)
+        except ValueError:
+            pass
+        else:
+            return f": write {key} = {_toml(number)} (no quotes)"
+    if spec.default is not MISSING and spec.default not in ("", None):
+        return f", e.g. {key} = {_toml(spec.default)}"
+    return ""
 
 
 def parse(raw: dict[str, Any], base_dir: Path) -> Campaign:
@@ -151,8 +222,10 @@ def parse(raw: dict[str, Any], base_dir: Path) -> Campaign:
         raise CommonsError(
             f"upload_dtype = {campaign.upload_dtype!r} is unknown: use one of {', '.join(UPLOAD_DTYPES)}"
         )
-    if campaign.min_coverage < 1:
-        raise CommonsError("min_coverage must be at least 1 in the campaign file")
+    if campaign.quantization not in QUANTIZATIONS:
+        raise CommonsError(
+            f"quantization = {campaign.quantization!r} is unknown: use one of {', '.join(QUANTIZATIONS)}"
+        )
     _check_data(campaign)
     if dp and campaign.aggregation == "exact":
         raise CommonsError(
@@ -161,8 +234,6 @@ def parse(raw: dict[str, Any], base_dir: Path) -> Campaign:
         )
     if dp and not (dp.noise_multiplier > 0 and dp.clip > 0 and 0 < dp.delta < 1):
         raise CommonsError("[dp] needs noise_multiplier > 0, clip > 0 and 0 < delta < 1 in the campaign file")
-    if campaign.rounds < 1 or campaign.min_nodes < 1 or campaign.train.steps < 1:
-        raise CommonsError("rounds, min_nodes and train.steps must each be at least 1 in the campaign file")
     if not campaign.eval_file.is_file():
         raise CommonsError(
             f"eval_file {campaign.eval_file} does not exist: fix the path in the campaign file"
@@ -179,18 +250,28 @@ def _check_data(campaign: Campaign) -> None:
         raise CommonsError(
             f"data_source = {campaign.data_source!r} is not a gateway URL: use e.g. \"http://index:8000\""
         )
-    if campaign.data != "campaign":
-        return
-    if not campaign.datasets:
+    for i, ds in enumerate(campaign.datasets, 1):
+        _check_dataset(i, ds)
+    if campaign.data == "campaign" and not campaign.datasets:
         raise CommonsError('data = "campaign" needs at least one [[datasets]] table with cid = "..." in the campaign file')
-    for i, ds in enumerate(campaign.datasets):
-        try:
-            CID.decode(str(ds.get("cid", "")) if isinstance(ds, dict) else "")
-        except CommonsError:
-            raise CommonsError(
-                f"[[datasets]] entry {i + 1} needs cid = a dataset CID (from `commons data publish`) when "
-                'data = "campaign"'
-            ) from None
+
+
+def _check_dataset(i: int, ds: dict) -> None:
+    """A [[datasets]] table names a real dataset: the manifest cites it, nodes may fetch it (a placeholder
+    such as "bafy..." is refused whatever `data` says)."""
+    unknown = sorted(set(ds) - set(DATASET_KEYS))
+    if unknown:
+        raise CommonsError(f"unknown key {unknown[0]} in [[datasets]] entry {i} of the campaign file: allowed are "
+                           f"{', '.join(DATASET_KEYS)}")
+    cid = ds.get("cid", "")
+    try:
+        CID.decode(cid if isinstance(cid, str) else "")
+    except CommonsError:
+        raise CommonsError(f"[[datasets]] entry {i} needs cid = a dataset CID (what `commons data add` printed); "
+                           f"{_toml(cid)} is not one") from None
+    for key in ("name", "license"):
+        if not isinstance(ds.get(key, ""), str):
+            raise CommonsError(f"[[datasets]] entry {i}: {key} = {_toml(ds[key])} must be a string in quotes")
 
 
 def load(path: Path) -> Campaign:

@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from protocol.quantization import TrainedAs
+
 
 def normalize(text: str) -> str:
     """Whitespace and a trailing full stop are not the model's answer; everything else counts."""
@@ -42,4 +44,5 @@ def exact_match(model: Any, tokenizer: Any, records: list[dict], batch_size: int
         {"prompt": r["messages"][-2]["content"], "expected": g, "answer": a.strip()}
         for r, g, a in list(zip(records, golds, answers))[:5]
     ]
-    return {"accuracy": sum(hits) / max(len(hits), 1), "n": len(hits), "samples": samples}
+    return {"accuracy": sum(hits) / max(len(hits), 1), "n": len(hits), "samples": samples,
+            "base_precision": TrainedAs.of(model).label()}  # the precision the scores were measured in

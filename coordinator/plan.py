@@ -27,8 +27,11 @@ import numpy as np
 
 from coordinator import privacy
 from coordinator.aggregate import AggregateConfig, AggregateReport, Tensors, Update, aggregate, check_update
+from coordinator.campaign import Campaign
 from coordinator.robust import split_key
 from protocol.errors import CommonsError
+from protocol.memory import Device, ModelShape, Workload, lowest_first_layer
+from protocol.models import model_config
 
 PLAN_VERSION = 1
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -155,30 +158,87 @@ def split_sizes(scores: list[float], total: int) -> list[int]:
 
 
 def make_plan(
-    layers: list[tuple[int, list[str]]], nodes: Mapping[str, Mapping], min_coverage: int = 2
+    layers: list[tuple[int, list[str]]], nodes: Mapping[str, Mapping], min_coverage: int = 2,
+    floors: Mapping[str, int | None] | None = None,
 ) -> Plan:
-    """Assign every node one contiguous span; every layer is covered by each lane."""
+    """Assign every node one contiguous span; every layer is covered by each lane.
+
+    `floors` (from `memory_floors`): the lowest layer index each node's memory lets its span start at, None
+    for a node that cannot train even the top layer. Such a node gets no span; a lane starts with a node
+    that can hold the whole backward pass, and a span is pushed up to its node's floor (the span below it
+    grows upwards, which costs that node no activation memory). Without floors every node may start at 0."""
     if not layers:
         raise CommonsError("no LoRA modules to plan over; pass layers_from_keys(global adapter keys)")
     if not nodes:
         raise CommonsError("no nodes to plan for; wait until at least one node has joined")
     if min_coverage < 1:
         raise CommonsError(f"min_coverage must be >= 1, got {min_coverage}")
-    n_layers, n_nodes = len(layers), len(nodes)
-    lanes = max(min(n_nodes, min_coverage), math.ceil(n_nodes / n_layers))
-    scored = sorted(((capability_score(c), nid) for nid, c in nodes.items()), key=lambda x: (-x[0], x[1]))
+    floor = _positions(layers, nodes, floors)
+    able = [nid for nid in nodes if floor[nid] is not None]
+    bottom = [nid for nid in able if floor[nid] == 0]
+    if not bottom:
+        raise CommonsError("no volunteer has the memory to train the lowest layers of this model "
+                           "(`commons node plan` says what it needs): volunteers with more memory must join, "
+                           "or lower train.max_length or train.batch_size")
+    n_layers, n_nodes = len(layers), len(able)
+    lanes = min(max(min(n_nodes, min_coverage), math.ceil(n_nodes / n_layers)), len(bottom))
+    # each lane opens with a node that can train layer 0, then LPT: the next strongest node joins the
+    # weakest lane that still has room
+    scored = sorted(((capability_score(nodes[nid]), nid) for nid in able),
+                    key=lambda x: (floor[x[1]] > 0, -x[0], x[1]))
     members: list[list[tuple[float, str]]] = [[] for _ in range(lanes)]
-    for score, nid in scored:  # LPT: next strongest node joins the weakest lane that still has room
+    for score, nid in scored:
         open_lanes = [j for j in range(lanes) if len(members[j]) < n_layers]
+        if not open_lanes:
+            break
         j = min(open_lanes, key=lambda j: (sum(s for s, _ in members[j]), j))
         members[j].append((score, nid))
     shards = []
     for lane, group in enumerate(members):
-        start = 0
-        for (score, nid), size in zip(group, split_sizes([s for s, _ in group], n_layers)):
-            shards.append(Shard(nid, lane, start, start + size - 1, score))
-            start += size
+        group.sort(key=lambda x: (floor[x[1]], -x[0], x[1]))
+        shards += _lane_spans(lane, group, floor, n_layers)
     return Plan([(i, list(m)) for i, m in layers], shards, min_coverage)
+
+
+def _positions(layers: list[tuple[int, list[str]]], nodes: Mapping[str, Mapping],
+               floors: Mapping[str, int | None] | None) -> dict[str, int | None]:
+    """Each node's floor as a position in `layers` (layer indices ascend; the -1 group is the top)."""
+    if floors is None:
+        return dict.fromkeys(nodes, 0)
+    out: dict[str, int | None] = {}
+    for nid in nodes:
+        low = floors.get(nid, 0)
+        out[nid] = None if low is None else next(p for p, (i, _) in enumerate(layers) if i >= low or i == -1)
+    return out
+
+
+def _lane_spans(lane: int, group: list[tuple[float, str]], floor: Mapping[str, int | None],
+                n_layers: int) -> list[Shard]:
+    """Spans proportional to score, each start raised to its node's floor; a node left no room is dropped."""
+    starts, at = [], 0
+    for size in split_sizes([s for s, _ in group], n_layers):
+        starts.append(at)
+        at += size
+    kept: list[tuple[float, str, int]] = []
+    for (score, nid), start in zip(group, starts):
+        if kept:
+            start = max(start, floor[nid] or 0, kept[-1][2] + 1)
+        if start < n_layers:
+            kept.append((score, nid, start))
+    ends = [start - 1 for _, _, start in kept[1:]] + [n_layers - 1]
+    return [Shard(nid, lane, start, end, score) for (score, nid, start), end in zip(kept, ends)]
+
+
+def memory_floors(campaign: Campaign, nodes: Mapping[str, Mapping]) -> dict[str, int | None]:
+    """The lowest layer each node's memory lets its span start at, from the same estimate the node checks
+    before it trains (protocol/memory.py, the model's config.json and the node's capability report)."""
+    config = model_config(campaign.base_model, campaign.base_revision)
+    shape = ModelShape.from_config(config, name=campaign.base_model)
+    work = Workload(batch_size=campaign.train.batch_size, max_length=campaign.train.max_length,
+                    lora_r=campaign.lora.r, lora_dropout=campaign.lora.dropout,
+                    targets=tuple(campaign.lora.target_modules))
+    return {nid: lowest_first_layer(shape, work, Device.from_capability(dict(caps)), campaign.quantization)
+            for nid, caps in nodes.items()}
 
 
 def reassign(plan: Plan, dropped: Iterable[str]) -> Plan:

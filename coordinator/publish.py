@@ -11,6 +11,7 @@ from coordinator.campaign import Campaign
 from protocol.blockstore import BlockStore
 from protocol.keys import Identity
 from protocol.manifest import AdapterMeta, sign_directory
+from protocol.quantization import TrainedAs
 
 CARD = """---
 base_model: {base_model}
@@ -41,11 +42,14 @@ from commons import load_adapter
 model = load_adapter("{base_model}", "{name}")
 ```
 
-or with PEFT directly, from the pulled folder:
+or with PEFT directly, from the pulled folder, on the exact base it was trained on
+(`{base_revision}`; `commons base path {base_model}` prints the folder holding it):
 
 ```python
 from peft import PeftModel
-model = PeftModel.from_pretrained(base_model, "path/to/{name}")
+from transformers import AutoModelForCausalLM
+base_model = AutoModelForCausalLM.from_pretrained("BASE_FOLDER")  # what `commons base path` printed
+model = PeftModel.from_pretrained(base_model, "ADAPTER_FOLDER")  # what `commons pull {name}` printed
 ```
 
 Every file is listed with its sha256 in `model.sig` (an OpenSSF model_signing v1.0 statement in a DSSE
@@ -54,25 +58,31 @@ envelope, ed25519); `commons verify` checks it.
 
 
 def write_adapter(
-    model: Any, folder: Path, campaign: Campaign, eval_result: dict, n_contributors: int
+    model: Any, folder: Path, campaign: Campaign, eval_result: dict, n_contributors: int, base_revision: str = ""
 ) -> Path:
-    """adapter_config.json + adapter_model.safetensors (PEFT's own writer) + a model card."""
+    """adapter_config.json + adapter_model.safetensors (PEFT's own writer) + a model card.
+
+    `base_revision` pins the base exactly (protocol.models.exact_revision): a Hub commit goes into
+    adapter_config.json's `revision`; a local conversion ("sha256:...") has no Hub revision, so none is
+    written there (PEFT would ask the Hub for it) and the manifest carries the hash."""
     if folder.exists():
         shutil.rmtree(folder)
     model.save_pretrained(str(folder), safe_serialization=True)
     config_path = folder / "adapter_config.json"
     config = json.loads(config_path.read_text())
     config["base_model_name_or_path"] = campaign.base_model
-    config["revision"] = campaign.base_revision
+    revision = base_revision or campaign.base_revision
+    config["revision"] = None if revision.startswith("sha256:") else revision
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     (folder / "README.md").write_text(
         CARD.format(
             name=campaign.name,
             base_model=campaign.base_model,
-            license_lower=campaign.license.lower(),
+            license_lower=campaign.published_license().lower(),
+            base_revision=revision,
             description=campaign.description or f"Fine-tuned for: {campaign.task or campaign.name}.",
             n_contributors=n_contributors,
-            rounds=campaign.rounds,
+            rounds=eval_result.get("rounds", campaign.rounds),
             campaign=campaign.name,
             rule=campaign.aggregation,
             acc_base=eval_result["accuracy_base"],
@@ -80,6 +90,15 @@ def write_adapter(
         )
     )
     return folder
+
+
+def record_training(entry: dict, metrics: dict) -> None:
+    """Add to a node's contribution-ledger entry how it held the base this round ("nf4/bfloat16",
+    "float32"; from its reply, protocol/quantization.py): the manifest's ledger says how each node trained."""
+    trained = TrainedAs.from_metrics(metrics)
+    held = entry.setdefault("trained_as", [])
+    if trained is not None and trained.label() not in held:
+        held.append(trained.label())
 
 
 def sign_and_store(

@@ -9,6 +9,7 @@ upload encoding) before anything else reads it.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -19,7 +20,15 @@ from flwr.common.constant import ErrorCode
 
 from coordinator.aggregate import Update
 from coordinator.campaign import Campaign
-from coordinator.plan import Plan, capability_score, layers_from_keys, make_plan, reassign, shard_keys
+from coordinator.plan import (
+    Plan,
+    capability_score,
+    layers_from_keys,
+    make_plan,
+    memory_floors,
+    reassign,
+    shard_keys,
+)
 from protocol.errors import CommonsError, VerifyError
 from protocol.keys import verify_signature
 from protocol.update import decode, update_digest
@@ -28,7 +37,9 @@ Events = Callable[..., None]
 Nodes = dict[str, tuple[int, dict]]  # public key hex -> (Flower node id, capability)
 
 
-def query_nodes(grid: Any, node_ids: list[int], timeout: float) -> dict[int, dict]:
+def query_nodes(grid: Any, node_ids: list[int], timeout: float, events: Events | None = None) -> dict[int, dict]:
+    """What each node says it is; a node whose ClientApp raised (bad local data, a broken install) is left
+    out, with its own one-line reason in the events."""
     messages = [
         Message(RecordDict({"config": ConfigRecord({"want": "info"})}), dst_node_id=n, message_type="query")
         for n in node_ids
@@ -37,7 +48,19 @@ def query_nodes(grid: Any, node_ids: list[int], timeout: float) -> dict[int, dic
     for dst, reply in exchange(grid, messages, timeout):
         if not reply.has_error():
             infos[dst] = dict(reply.content["info"])
+        elif events is not None and reply.error.code != ErrorCode.NODE_UNAVAILABLE:
+            events("node_ignored", node=f"flower:{dst}", reason=error_text(reply.error.reason))
     return infos
+
+
+def error_text(reason: str) -> str:
+    """The node's own message out of Flower's "<class 'module.Error'>:<'message'>" (first line, short)."""
+    match = re.fullmatch(r"<class '([\w.]+)'>:<'(.*)'>", reason.strip(), re.DOTALL)
+    if not match:
+        return reason.strip().splitlines()[0][:300] if reason.strip() else "no reason given"
+    kind, message = match.group(1).rsplit(".", 1)[-1], match.group(2).strip()
+    line = message.splitlines()[0] if message else ""
+    return (line if kind in ("CommonsError", "VerifyError") else f"{kind}: {line}")[:300]
 
 
 def _caps(info: dict) -> dict:
@@ -68,21 +91,24 @@ class Roster:
     """What each Flower node id said it is, kept across rounds: a query starts a ClientApp process on the
     node, and one to a node that just dropped costs the whole query timeout, so only new ids are asked."""
 
-    def __init__(self) -> None:
+    def __init__(self, events: Events | None = None) -> None:
+        self.events = events
         self.infos: dict[int, dict] = {}  # in the order first seen
         self.unanswered: set[int] = set()  # asked during this round, no answer: not asked again this round
 
     def refresh(self, grid: Any, listed: list[int], timeout: float) -> dict[int, dict]:
         """Forget ids the grid no longer lists, query the new ones; the infos of the listed ids."""
         self.unanswered = set()
-        return self._update(grid, listed, timeout)
+        return self.update(grid, listed, timeout)
 
-    def _update(self, grid: Any, listed: list[int], timeout: float) -> dict[int, dict]:
+    def update(self, grid: Any, listed: list[int], timeout: float) -> dict[int, dict]:
+        """Like `refresh`, but ids that did not answer (or answered with an error) this round are not
+        asked again: a node with bad data is told once, not at every poll."""
         ids = set(listed)
         self.infos = {i: info for i, info in self.infos.items() if i in ids}
         new = sorted(ids - set(self.infos) - self.unanswered)
         if new:
-            answers = query_nodes(grid, new, timeout)
+            answers = query_nodes(grid, new, timeout, self.events)
             self.infos.update(sorted(answers.items()))
             self.unanswered |= set(new) - set(answers)
         return dict(self.infos)
@@ -96,7 +122,7 @@ class Roster:
     def rejoined(self, grid: Any, waiting: dict[str, int], timeout: float) -> dict[str, tuple[int, dict]]:
         """Nodes of `waiting` (public key -> the Flower id we wait on) that reconnected: an id first seen
         after that one (or while that one is no longer listed) claims the same key; the latest wins."""
-        infos = self._update(grid, list(grid.get_node_ids()), timeout)
+        infos = self.update(grid, list(grid.get_node_ids()), timeout)
         passed = {key for key, flower_id in waiting.items() if flower_id not in infos}
         found = {}
         for flower_id, info in infos.items():
@@ -161,7 +187,8 @@ def plan_round(campaign: Campaign, keys: list[str], nodes: dict[str, tuple[int, 
     """Spans sized to hardware ("auto"), or every node training the whole adapter ("none")."""
     caps = {key: c for key, (_, c) in nodes.items()}
     coverage = campaign.min_coverage if campaign.shards == "auto" else len(caps)
-    return make_plan(layers_from_keys(keys), caps, min_coverage=max(1, coverage))
+    floors = memory_floors(campaign, caps)  # how low each node's memory lets its span start
+    return make_plan(layers_from_keys(keys), caps, min_coverage=max(1, coverage), floors=floors)
 
 
 def train_config(campaign: Campaign, round_: int, keys: list[str], slot: tuple[int, int] = (0, 1)) -> dict:
@@ -175,6 +202,7 @@ def train_config(campaign: Campaign, round_: int, keys: list[str], slot: tuple[i
         "lora": json.dumps(lora, sort_keys=True),
         "keys": json.dumps(keys),
         "upload_dtype": campaign.upload_dtype,
+        "quantization": campaign.quantization,
         "steps": campaign.train.steps,
         "batch_size": campaign.train.batch_size,
         "lr": campaign.train.lr,
@@ -194,7 +222,7 @@ def check_reply(
     """A verified, decoded update for exactly the keys in `sent`, or the one-line reason it was dropped."""
     node = known_key[:16] or str(reply.metadata.src_node_id)
     if reply.has_error():
-        return f"node {node} failed: {reply.error.reason[:200]}"
+        return f"node {node} failed: {error_text(reply.error.reason)}"
     try:
         wire = {k: v.numpy() for k, v in reply.content["adapter"].items()}
         metrics = dict(reply.content["metrics"])
@@ -275,7 +303,7 @@ def train_nodes(
         if key is None or key in got:
             continue
         if reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE:
-            why[key] = "the SuperLink lost its heartbeat"  # missing, not a bad update
+            why[key] = "it left the network: stopped, or its heartbeat lapsed"  # missing, not a bad update
             continue
         checked = check_reply(reply, campaign, round_, key, {k: tensors[k] for k in work[key]})
         if isinstance(checked, str):
@@ -286,7 +314,8 @@ def train_nodes(
         metrics = checked[1]
         events("update", round=round_, group=groups[key], node=key[:16], keys=len(work[key]),
                loss=metrics.get("loss"), tokens=metrics.get("tokens"), upload_bytes=metrics.get("upload_bytes"),
-               resumed_from=metrics.get("resumed_from", 0))
+               resumed_from=metrics.get("resumed_from", 0), seconds=metrics.get("seconds"),
+               load_seconds=metrics.get("load_seconds"), task_seconds=metrics.get("task_seconds"))
     for key in work:
         if key not in got:
             if roster is not None:
@@ -303,6 +332,29 @@ def merge(main: tuple[Update, dict], extra: tuple[Update, dict]) -> tuple[Update
     return Update(u.node_id, {**u.tensors, **x.tensors}, u.num_examples), metrics
 
 
+def coverage_shortfall(campaign: Campaign, have: int) -> str:
+    """Why fewer trainers per layer than min_coverage matter, in one line ("" when there are enough)."""
+    if have >= campaign.min_coverage:
+        return ""
+    return (f"min_coverage = {campaign.min_coverage} but only {have} volunteer{'s' * (have != 1)} train each layer "
+            f"this round: too few to out-vote a bad one (start more volunteers, or lower min_coverage to accept it)")
+
+
+def await_rejoin(grid: Any, roster: Roster, missing: dict[str, int], campaign: Campaign, round_: int,
+                 events: Events, until: float | None) -> Nodes:
+    """Missing nodes seen back under a new Flower id; with `until`, poll for them until then."""
+    said = False
+    while True:
+        back = roster.rejoined(grid, missing, min(QUERY_SECONDS, campaign.round_timeout))
+        if back or until is None or time.monotonic() >= until:
+            return back
+        if not said:
+            events("waiting_for_rejoin", round=round_, nodes=[k[:16] for k in missing],
+                   seconds=round(until - time.monotonic()))
+            said = True
+        time.sleep(min(POLL_SECONDS, max(0.0, until - time.monotonic())))
+
+
 def run_round(
     grid: Any, campaign: Campaign, round_: int, tensors: dict[str, np.ndarray],
     nodes: dict[str, tuple[int, dict]], events: Events, roster: Roster | None = None,
@@ -313,15 +365,21 @@ def run_round(
     that answered (or no one is left)."""
     nodes = dict(nodes)
     keys = sorted(tensors)
+    deadline = time.monotonic() + campaign.round_timeout
     plan = plan_round(campaign, keys, nodes)
     events("plan", round=round_, coverage=plan.coverage(), shards=[
         {"node": s.node_id[:16], "lane": s.lane, "start": s.start, "end": s.end,
          "keys": len(shard_keys(plan, s.node_id, keys))} for s in plan.shards])
+    short = coverage_shortfall(campaign, min(plan.coverage()))
+    if short:
+        events("coverage_short", round=round_, wanted=campaign.min_coverage, have=min(plan.coverage()), reason=short)
     work = {s.node_id: shard_keys(plan, s.node_id, keys) for s in plan.shards}
     got = train_nodes(grid, campaign, round_, tensors, work, nodes, events, str(round_), roster)
     for attempt in range(1, MAX_REJOINS + 1):
         missing = {key: nodes[key][0] for key in work if key not in got}
-        back = roster.rejoined(grid, missing, min(QUERY_SECONDS, campaign.round_timeout)) if roster and missing else {}
+        # a round that cannot reach min_nodes without them waits for their rejoin (to the round's deadline)
+        until = deadline if len(got) < campaign.min_nodes else None
+        back = await_rejoin(grid, roster, missing, campaign, round_, events, until) if roster and missing else {}
         if not back:
             break
         adopt(nodes, back, round_, events)
@@ -329,6 +387,8 @@ def run_round(
                                f"{round_}.rejoin{attempt}", roster))
     sub = 0
     while missing := [s.node_id for s in plan.shards if s.node_id not in got]:
+        if len(missing) == len(plan.shards):  # no one left to take the spans: the runner tries the round again
+            break
         new = reassign(plan, missing)
         extra = {s.node_id: sorted(set(shard_keys(new, s.node_id, keys)) - set(shard_keys(plan, s.node_id, keys)))
                  for s in new.shards}

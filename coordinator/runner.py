@@ -7,10 +7,10 @@ coordinator killed with -9 resumes after the last completed round.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +24,15 @@ from coordinator.plan import (
     aggregate_sharded,
 )
 from coordinator.privacy import DPConfig
-from coordinator.publish import sign_and_store, write_adapter
+from coordinator.publish import record_training, sign_and_store, write_adapter
 from coordinator.residual import accumulate, apply, join_checkpoint, project, snapshot, split_checkpoint
-from coordinator.rounds import Roster, capabilities, run_round
+from coordinator.restart import fingerprint
+from coordinator.rounds import Nodes, Roster, capabilities, coverage_shortfall, run_round
 from protocol.errors import CommonsError
 from protocol.keys import Identity
 from protocol.lora import get_state, set_state, wrap
 from protocol.manifest import AdapterMeta
-from protocol.models import load_base
+from protocol.models import exact_revision, load_base
 from protocol.records import read_records
 
 log = logging.getLogger("commons.coordinator")
@@ -51,28 +52,65 @@ class Events:
         log.info("%s %s", event, json.dumps(fields, default=str)[:300])
 
 
-def fingerprint(campaign: Campaign) -> str:
-    data = campaign.to_json()
-    data.pop("source", None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+ROUND_ATTEMPTS = 3  # a round short of min_nodes valid updates is tried again, after waiting for volunteers
+WAIT_SECONDS = 2.0  # between looks at who is connected
 
 
-def wait_for_nodes(grid: Any, want: int, timeout: float, events: Events) -> list[int]:
-    deadline = time.monotonic() + timeout
-    announced = -1
-    while True:
-        nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= want:
-            return nodes
-        if len(nodes) != announced:
-            events("waiting_for_nodes", have=len(nodes), want=want)
-            announced = len(nodes)
+def gather(grid: Any, campaign: Campaign, round_: int, roster: Roster, events: Events) -> Nodes:
+    """The volunteers usable this round (connected, and their query answered with a sound report).
+
+    Waits up to the patience (`node_wait`) for `min_nodes` of them, querying each new one once; a node
+    whose ClientApp raised (bad data, a broken install) is reported with its own reason and left out."""
+    deadline = time.monotonic() + campaign.node_wait
+    timeout = min(campaign.round_timeout, 60)
+    once = _once(events)  # a node with a bad report is named once, not at every look
+    listed = sorted(grid.get_node_ids())
+    nodes = capabilities(roster.refresh(grid, listed, timeout), once)
+    said = None
+    while len(nodes) < campaign.min_nodes:
+        if (len(listed), len(nodes)) != said:
+            events("waiting_for_nodes", round=round_, connected=len(listed), have=len(nodes), want=campaign.min_nodes)
+            said = (len(listed), len(nodes))
         if time.monotonic() > deadline:
             raise CommonsError(
-                f"only {len(nodes)} of {want} volunteers connected within {timeout:.0f}s: start more nodes "
+                f"round {round_}: only {len(nodes)} of min_nodes={campaign.min_nodes} volunteers could train after "
+                f"waiting {campaign.node_wait:.0f}s ({len(listed)} connected): start more nodes, raise node_wait "
                 "or lower min_nodes in the campaign file"
             )
-        time.sleep(1.0)
+        time.sleep(WAIT_SECONDS)
+        listed = sorted(grid.get_node_ids())
+        nodes = capabilities(roster.update(grid, listed, timeout), once)
+    return nodes
+
+
+def _once(events: Callable[..., None]) -> Callable[..., None]:
+    """`events`, but each exact event only the first time."""
+    said: set[str] = set()
+
+    def say(event: str, **fields: Any) -> None:
+        key = json.dumps([event, fields], sort_keys=True, default=str)
+        if key not in said:
+            said.add(key)
+            events(event, **fields)
+
+    return say
+
+
+def train_round(grid: Any, campaign: Campaign, round_: int, tensors: dict[str, np.ndarray], roster: Roster,
+                events: Events) -> tuple[dict, Any]:
+    """At least `min_nodes` verified updates for this round, or a one-line error after ROUND_ATTEMPTS."""
+    for attempt in range(1, ROUND_ATTEMPTS + 1):
+        nodes = gather(grid, campaign, round_, roster, events)
+        events("round_start", round=round_, nodes=len(nodes), attempt=attempt, volunteers=sorted(k[:16] for k in nodes))
+        got, plan = run_round(grid, campaign, round_, tensors, nodes, events, roster)
+        if len(got) >= campaign.min_nodes:
+            return got, plan
+        events("round_short", round=round_, got=len(got), want=campaign.min_nodes, attempt=attempt)
+    raise CommonsError(
+        f"round {round_} got fewer than min_nodes={campaign.min_nodes} valid updates in {ROUND_ATTEMPTS} tries: "
+        "see `update_dropped`/`node_missing` in the campaign's events.jsonl, start more nodes, raise round_timeout "
+        "or lower min_nodes in the campaign file"
+    )
 
 
 def aggregate_config(campaign: Campaign) -> tuple[str, AggregateConfig]:
@@ -83,15 +121,59 @@ def aggregate_config(campaign: Campaign) -> tuple[str, AggregateConfig]:
     return campaign.aggregation, AggregateConfig(dp=dp)
 
 
+def stop_early(campaign: Campaign, state: dict) -> str:
+    """Why to stop before the next round ("" to go on): `early_stop` rounds without a better eval."""
+    best = state.get("best")
+    if not campaign.early_stop or not best or state["round"] - best["round"] < campaign.early_stop:
+        return ""
+    return (f"no better held-out accuracy for {state['round'] - best['round']} round(s) after round {best['round']} "
+            f"({best['accuracy']:.1%}; early_stop = {campaign.early_stop})")
+
+
+def published_because(state: dict) -> str:
+    """Which round is published and why, in one line (the manifest and the events carry it)."""
+    best, last = state["best"], state["curve"][-1]
+    if best["round"] == last["round"]:
+        return f"round {best['round']}, the last, scored best on the held-out set ({best['accuracy']:.1%})"
+    return (f"round {best['round']} scored best on the held-out set ({best['accuracy']:.1%}); the last round, "
+            f"{last['round']}, scored {last['accuracy']:.1%}")
+
+
+def update_ledger(ledger: dict, accepted: set[str], metrics: dict[str, dict]) -> None:
+    for node_id in accepted:
+        entry = ledger.setdefault(node_id, {"node": node_id, "rounds": 0, "tokens": 0, "examples": 0})
+        entry["rounds"] += 1
+        entry["tokens"] += int(metrics[node_id].get("tokens", 0))
+        entry["examples"] += int(metrics[node_id].get("num_examples", 0))
+        record_training(entry, metrics[node_id])  # quantization and dtype it trained in
+
+
+def curve_point(round_: int, accepted: set[str], metrics: dict[str, dict], evaluation: dict, report: Any,
+                plan: Any) -> dict:
+    losses = [float(metrics[n]["loss"]) for n in accepted if n in metrics]
+    return {
+        "round": round_,
+        "loss": float(np.mean(losses)) if losses else None,
+        "accuracy": evaluation["accuracy"],
+        "accepted": len(accepted),
+        "rejected": len(report.rejected),
+        "upload_bytes": int(np.mean([int(m.get("upload_bytes", 0)) for m in metrics.values()])),
+        "fewest_trainers": min(plan.coverage()),  # per layer, against the campaign's min_coverage
+    }
+
+
 def run(grid: Any, campaign: Campaign, home: Path) -> dict:
     folder = home / "campaigns" / campaign.name
     events = Events(folder / "events.jsonl")
     identity = Identity.load_or_create(home / "identity" / "ed25519.key")
     test = read_records(campaign.eval_file)[: campaign.eval_size]
     events("campaign_start", name=campaign.name, base_model=campaign.base_model, rounds=campaign.rounds,
-           aggregation=campaign.aggregation, shards=campaign.shards, upload_dtype=campaign.upload_dtype)
+           aggregation=campaign.aggregation, shards=campaign.shards, upload_dtype=campaign.upload_dtype,
+           min_nodes=campaign.min_nodes, node_wait=campaign.node_wait, license=campaign.published_license(),
+           license_default=not campaign.license)
 
     base, tokenizer = load_base(campaign.base_model, campaign.base_revision)
+    base_revision = exact_revision(campaign.base_model, campaign.base_revision, base)
     lora_spec = {**campaign.lora.__dict__}
     scaling = campaign.lora.alpha / campaign.lora.r
     print_id = fingerprint(campaign)
@@ -99,13 +181,16 @@ def run(grid: Any, campaign: Campaign, home: Path) -> dict:
     if resumed:
         saved, state = resumed
         tensors, total = split_checkpoint(saved)
+        if state["curve"] and "best" not in state:  # a checkpoint from before best rounds were kept
+            state["best"] = {"round": state["round"], "accuracy": state["curve"][-1]["accuracy"]}
         events("resumed", round=state["round"])
     else:
         base_eval = exact_match(base, tokenizer, test)
-        events("base_eval", accuracy=base_eval["accuracy"], n=base_eval["n"])
+        events("base_eval", accuracy=base_eval["accuracy"], n=base_eval["n"],
+               precision=base_eval["base_precision"])
         total = {}
         state = {"round": 0, "fingerprint": print_id, "accuracy_base": base_eval["accuracy"], "curve": [],
-                 "ledger": {}}
+                 "ledger": {}, "eval_n": base_eval["n"], "base_precision": base_eval["base_precision"]}
     model = wrap(base, lora_spec)
     if resumed:
         set_state(model, tensors)
@@ -115,20 +200,14 @@ def run(grid: Any, campaign: Campaign, home: Path) -> dict:
     apply(model, originals, total, scaling)
     rule, config = aggregate_config(campaign)
 
-    roster = Roster()  # node infos by Flower id across rounds: only ids not seen before are queried
+    roster = Roster(events)  # node infos by Flower id across rounds: only ids not seen before are queried
     for round_ in range(state["round"] + 1, campaign.rounds + 1):
-        flower_ids = wait_for_nodes(grid, campaign.min_nodes, campaign.node_wait, events)
-        nodes = capabilities(roster.refresh(grid, flower_ids, timeout=min(campaign.round_timeout, 60)), events)
-        if len(nodes) < campaign.min_nodes:
-            raise CommonsError(f"round {round_}: only {len(nodes)} of the connected nodes answered the query, "
-                               f"fewer than min_nodes={campaign.min_nodes}: check the nodes' logs")
-        events("round_start", round=round_, nodes=len(nodes))
-        got, plan = run_round(grid, campaign, round_, tensors, nodes, events, roster)
-        if len(got) < campaign.min_nodes:
-            raise CommonsError(
-                f"round {round_} got {len(got)} valid updates, fewer than min_nodes={campaign.min_nodes}: "
-                "start more nodes, raise round_timeout or lower min_nodes in the campaign file"
-            )
+        if why := stop_early(campaign, state):
+            events("early_stop", round=state["round"], best_round=state["best"]["round"], reason=why)
+            break
+        # train: at least min_nodes verified updates, waiting for volunteers within the patience
+        got, plan = train_round(grid, campaign, round_, tensors, roster, events)
+        # aggregate per key group, then evaluate the new global adapter
         metrics = {key: m for key, (_, m) in got.items()}
         tensors, report = aggregate_sharded(tensors, [u for u, _ in got.values()], plan, rule, config)
         if report.residuals:
@@ -137,57 +216,59 @@ def run(grid: Any, campaign: Campaign, home: Path) -> dict:
         set_state(model, tensors)
         apply(model, originals, total, scaling)
         evaluation = exact_match(model, tokenizer, test)
+        # record: ledger, curve, the best round so far, a checkpoint
         accepted = set(report.accepted)
-        for node_id in accepted:
-            entry = state["ledger"].setdefault(node_id, {"node": node_id, "rounds": 0, "tokens": 0, "examples": 0})
-            entry["rounds"] += 1
-            entry["tokens"] += int(metrics[node_id].get("tokens", 0))
-            entry["examples"] += int(metrics[node_id].get("num_examples", 0))
-        losses = [float(metrics[n]["loss"]) for n in accepted if n in metrics]
-        point = {
-            "round": round_,
-            "loss": float(np.mean(losses)) if losses else None,
-            "accuracy": evaluation["accuracy"],
-            "accepted": len(accepted),
-            "rejected": len(report.rejected),
-            "upload_bytes": int(np.mean([int(m.get("upload_bytes", 0)) for m in metrics.values()])),
-        }
+        update_ledger(state["ledger"], accepted, metrics)
+        point = curve_point(round_, accepted, metrics, evaluation, report, plan)
         if report.dp:
             state["dp"] = report.dp
         state["curve"].append(point)
         state["round"] = round_
-        state["samples"] = evaluation["samples"]
-        checkpoint.save(folder / "checkpoint", join_checkpoint(tensors, total), state)
-        events("round_end", **point, rejected_nodes=report.rejected, clipped=report.clipped,
+        state["eval_n"] = evaluation["n"]
+        best = "best" not in state or evaluation["accuracy"] >= state["best"]["accuracy"]  # ties: more training
+        if best:
+            state["best"] = {"round": round_, "accuracy": evaluation["accuracy"], "samples": evaluation["samples"]}
+        state = checkpoint.save(folder / "checkpoint", join_checkpoint(tensors, total), state, best=best)
+        events("round_end", **point, best=best, rejected_nodes=report.rejected, clipped=report.clipped,
                coverage=plan.coverage(), dp=report.dp)
 
+    if "best" in state and state["best"]["round"] != state["round"]:  # publish the best round, not the last
+        tensors, total = split_checkpoint(checkpoint.load_best(folder / "checkpoint", state))
+        apply(model, originals, total, scaling)
+        set_state(model, tensors)
     if total:  # publish what PEFT can load: the residual re-projected into the adapter's rank
         apply(model, originals, {}, scaling)
         set_state(model, project(tensors, total))
         published = exact_match(model, tokenizer, test)
-        state["accuracy_exact"] = state["curve"][-1]["accuracy"] if state["curve"] else None
+        state["accuracy_exact"] = state["best"]["accuracy"] if "best" in state else None
         state["accuracy_published"] = published["accuracy"]
         events("projected", accuracy_exact=state["accuracy_exact"], accuracy_published=published["accuracy"])
-    return finish(campaign, home, model, state, identity, events)
+    return finish(campaign, home, model, state, identity, events, base_revision)
 
 
 def finish(
-    campaign: Campaign, home: Path, model: Any, state: dict, identity: Identity, events: Events
+    campaign: Campaign, home: Path, model: Any, state: dict, identity: Identity, events: Events,
+    base_revision: str = "",
 ) -> dict:
     folder = home / "campaigns" / campaign.name
-    final = state["curve"][-1]["accuracy"] if state["curve"] else state["accuracy_base"]
+    best = state.get("best")
+    final = best["accuracy"] if best else state["accuracy_base"]
     final = state.get("accuracy_published", final)  # the exact rule: score what is published
     result = {
         "name": campaign.name,
         "rounds": state["round"],
+        "published_round": best["round"] if best else 0,
+        "published_because": published_because(state) if best else "",
         "accuracy_base": state["accuracy_base"],
         "accuracy_adapter": final,
         "curve": state["curve"],
-        "samples": state.get("samples", []),
+        "samples": best.get("samples", []) if best else [],
         "contributors": sorted(state["ledger"]),
         "ledger": list(state["ledger"].values()),
         "coordinator": identity.public_hex,
         "dp": state.get("dp"),
+        "license": campaign.published_license(),
+        "license_default": not campaign.license,
         "published": False,
     }
     if final < state["accuracy_base"] + campaign.publish_margin:
@@ -199,29 +280,21 @@ def finish(
     else:
         published = _published_versions(home)
         previous = published.get(campaign.name)
-        adapter_dir = write_adapter(model, folder / "adapter", campaign, result, len(result["contributors"]))
+        card = {**result, "rounds": result["published_round"]}
+        adapter_dir = write_adapter(model, folder / "adapter", campaign, card, len(result["contributors"]),
+                                    base_revision)
         meta = AdapterMeta(
             name=campaign.name,
             version=(previous["version"] + 1) if previous else 1,
             base_model=campaign.base_model,
-            base_revision=campaign.base_revision,
+            base_revision=base_revision or campaign.base_revision,
             lora_config={**campaign.lora.__dict__},
             campaign=campaign.name,
-            rounds=state["round"],
+            rounds=result["published_round"],
             contributors=result["contributors"],
             datasets=campaign.datasets,
-            eval={
-                "metric": "exact_match",
-                "accuracy_base": state["accuracy_base"],
-                "accuracy_adapter": final,
-                "n": campaign.eval_size,
-                "curve": state["curve"],
-                "task": campaign.task,
-                "aggregation": campaign.aggregation,
-                **({"accuracy_exact": state["accuracy_exact"]} if "accuracy_exact" in state else {}),
-                **({"dp": state["dp"]} if state.get("dp") else {}),
-            },
-            license=campaign.license,
+            eval=manifest_eval(campaign, state, final, result),
+            license=campaign.published_license(),
             previous=previous["cid"] if previous else None,
             ledger=result["ledger"],
         )
@@ -229,10 +302,35 @@ def finish(
         published[campaign.name] = {"version": meta.version, "cid": cid}
         (home / "published.json").write_text(json.dumps(published, indent=1))
         result.update(published=True, adapter_cid=cid, version=meta.version, adapter_dir=str(adapter_dir))
-        events("published", cid=cid, version=meta.version)
+        events("published", name=campaign.name, cid=cid, version=meta.version, round=result["published_round"],
+               because=result["published_because"], license=meta.license, license_default=result["license_default"])
     (folder / "result.json").write_text(json.dumps(result, indent=1))
     events("campaign_end", published=result["published"])
     return result
+
+
+def manifest_eval(campaign: Campaign, state: dict, final: float, result: dict) -> dict:
+    """The manifest's `eval`: scores, the number actually scored, which round is published and why, and
+    how many volunteers trained each layer against the campaign's min_coverage."""
+    achieved = min((p["fewest_trainers"] for p in state["curve"] if "fewest_trainers" in p), default=0)
+    coverage = {"min_coverage": campaign.min_coverage, "achieved": achieved}
+    if achieved < campaign.min_coverage:
+        coverage["note"] = coverage_shortfall(campaign, achieved)
+    return {
+        "metric": "exact_match",
+        "accuracy_base": state["accuracy_base"],
+        "accuracy_adapter": final,
+        "n": state.get("eval_n", campaign.eval_size),
+        "curve": state["curve"],
+        "published_round": result["published_round"],
+        "published_because": result["published_because"],
+        "coverage": coverage,
+        "task": campaign.task,
+        "aggregation": campaign.aggregation,
+        **({"base_precision": state["base_precision"]} if "base_precision" in state else {}),
+        **({"accuracy_exact": state["accuracy_exact"]} if "accuracy_exact" in state else {}),
+        **({"dp": state["dp"]} if state.get("dp") else {}),
+    }
 
 
 def _published_versions(home: Path) -> dict:

@@ -1,4 +1,8 @@
-"""The JSON API: the same data as the pages, plus the two write doors (announce, presence)."""
+"""The JSON API: the same data as the pages, plus the two write doors (announce, presence).
+
+Every integer a client sends is bounded here (a 4xx, never a database overflow), and an announcement
+lists nothing until the index holds its DAG and it checks out (`index.admit`).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,9 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.responses import JSONResponse
 
+from index.admit import admit, settle
 from index.db import ConflictError, IndexDB
 from index.licenses import conflicts
 from index.models import (
@@ -26,6 +32,9 @@ from index.present import PRICE_PER_1K_TOKENS, cost_usd, pull_command
 from protocol.errors import CommonsError, VerifyError
 
 PRESENCE_SKEW = 300  # seconds a presence timestamp may differ from our clock (replay window)
+MAX_VERSION = 2**53 - 1  # what a manifest may carry (protocol.manifest)
+MAX_OFFSET = 1_000_000
+MAX_SIZE = 2**62
 
 
 def summary(entry: dict) -> dict:
@@ -47,8 +56,9 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
     if not sep:
         return name, None
     digits = version[1:] if version.lower().startswith("v") else version
-    if not digits.isdigit():
-        raise CommonsError(f"{ref!r}: the version after @ must be a number, e.g. {name}@2")
+    if not (digits.isascii() and digits.isdigit()) or len(digits) > 16 or not 1 <= int(digits) <= MAX_VERSION:
+        raise CommonsError(f"{ref[:120]!r}: the version after @ must be a number from 1 to {MAX_VERSION}, e.g. "
+                           f"{name[:100]}@2")
     return name, int(digits)
 
 
@@ -91,19 +101,29 @@ def http_error(exc: CommonsError) -> HTTPException:
     return HTTPException(status, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
 
-def make_router(db: IndexDB, check_directory: Any) -> APIRouter:
+def pending_reply(verified: Any, cid: str) -> JSONResponse:
+    """202: held, not listed; what the publisher does next."""
+    meta = verified.meta
+    detail = (f"pending: {meta.name} v{meta.version} is listed once this index holds every block of {cid} and "
+              "they carry this model.sig; push them (`commons p2p announce`, or `commons car import` here)")
+    return JSONResponse({"cid": str(cid), "name": meta.name, "version": meta.version, "signer": verified.signer,
+                         "url": None, "status": "pending", "detail": detail}, status_code=202)
+
+
+def make_router(db: IndexDB, store: Any) -> APIRouter:
     api = APIRouter(prefix="/api", tags=["index"])
 
     @api.get("/adapters", response_model=list[EntrySummary], summary="Search adapters (latest versions)")
     def adapters(q: str = Query("", max_length=200), base_model: str | None = None, license: str | None = None,
-                 task: str | None = None, trusted: bool | None = None, max_size: int | None = Query(None, ge=0),
-                 limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)) -> list[dict]:
+                 task: str | None = None, trusted: bool | None = None,
+                 max_size: int | None = Query(None, ge=0, le=MAX_SIZE), limit: int = Query(50, ge=1, le=500),
+                 offset: int = Query(0, ge=0, le=MAX_OFFSET)) -> list[dict]:
         found = db.search(q, base_model=base_model or None, license=license or None, task=task or None,
                           trusted=trusted, max_size=max_size, limit=limit, offset=offset)
         return [summary(e) for e in found]
 
     @api.get("/adapters/{name}", response_model=EntryDetail, summary="One adapter with provenance and files")
-    def adapter(name: str, version: int | None = None) -> dict:
+    def adapter(name: str, version: int | None = Query(None, ge=1, le=MAX_VERSION)) -> dict:
         try:
             return detail(db, db.resolve(name, version))
         except CommonsError as exc:
@@ -115,6 +135,7 @@ def make_router(db: IndexDB, check_directory: Any) -> APIRouter:
             name, version = parse_ref(ref)
         except CommonsError as exc:
             raise http_error(exc) from None
+        settle(db, store, name)  # a pending announcement whose DAG arrived meanwhile is listed now
         try:
             return detail(db, db.resolve(name, version))
         except CommonsError as exc:
@@ -135,11 +156,14 @@ def make_router(db: IndexDB, check_directory: Any) -> APIRouter:
         return db.leaderboard(limit)
 
     @api.post("/announce", response_model=Announced, status_code=201,
-              summary="Register a signed manifest (DSSE envelope) under its directory CID")
-    def announce(body: Announce, request: Request) -> dict:
+              summary="Register a signed manifest (DSSE envelope) under its directory CID",
+              responses={202: {"model": Announced, "description": "pending: the index does not hold the DAG yet"}})
+    def announce(body: Announce, request: Request) -> Any:
         try:
             envelope = decode_envelope(body.envelope)
-            entry = db.register(envelope, body.cid, precheck=check_directory)
+            entry, verified = admit(db, store, envelope, body.cid)
+            if entry is None:
+                return pending_reply(verified, body.cid)
         except CommonsError as exc:
             raise http_error(exc) from None
         except (ValueError, TypeError, json.JSONDecodeError) as exc:
@@ -148,7 +172,7 @@ def make_router(db: IndexDB, check_directory: Any) -> APIRouter:
         page = "dataset_page" if entry["kind"] == "dataset" else "adapter_page"
         url = str(request.url_for(page, name=entry["name"]))
         return {"cid": entry["cid"], "name": entry["name"], "version": entry["version"],
-                "signer": entry["signer"], "url": url}
+                "signer": entry["signer"], "url": url, "status": "listed"}
 
     @api.post("/presence", status_code=204, summary="A node says it is online (signed, fresh)")
     def presence(body: Presence) -> None:

@@ -9,49 +9,24 @@ CARs (`?format=car`): clients re-hash everything, so the index never has to be t
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
 from index import api, pages
 from index.db import IndexDB
 from index.ratelimit import BodyLimit, TokenBucket, WriteRateLimit
 from protocol.blockstore import BlockStore
-from protocol.errors import CommonsError, VerifyError
+from protocol.errors import CommonsError
 from protocol.multiformats import CID
 
 RAW = "application/vnd.ipld.raw"
 CAR = "application/vnd.ipld.car"
 STATIC = Path(__file__).parent / "static"
-
-
-def directory_checker(store: BlockStore):
-    """Refuse an announcement whose CID we hold and whose model.sig differs from the envelope sent."""
-
-    def check(cid: str, envelope: bytes) -> None:
-        from protocol import unixfs
-        from protocol.manifest import SIGNATURE_FILE
-
-        try:
-            if not store.has(cid):
-                return  # the index lists pointers; `commons pull` verifies the content it fetches
-            listing = unixfs.list_directory(store.get, cid)
-            sig_cid = next((c for path, c, _ in listing if path == SIGNATURE_FILE), None)
-            held = b"".join(unixfs.iter_file(store.get, sig_cid)) if sig_cid else None
-        except CommonsError:
-            return  # partly held: nothing to compare against
-        except Exception:  # noqa: BLE001 - a malformed CID is reported by register()
-            return
-        if held is None:
-            raise VerifyError(f"the directory {cid} holds no {SIGNATURE_FILE}; sign it with `commons sign`")
-        if held.strip() != envelope.strip():
-            raise VerifyError(f"the {SIGNATURE_FILE} inside {cid} differs from the envelope sent; announce the "
-                              "directory's own manifest")
-
-    return check
 
 
 def validation_line(exc: RequestValidationError) -> str:
@@ -77,7 +52,7 @@ def create_app(db: IndexDB, store: BlockStore, *, write_rate: float = 1.0, write
     app = FastAPI(title="LoRA Commons index", version="1",
                   description="Signed, content-addressed LoRA adapters and datasets. Pull with `commons pull NAME`.")
     app.state.db, app.state.store = db, store
-    app.include_router(api.make_router(db, directory_checker(store)))
+    app.include_router(api.make_router(db, store))
     app.include_router(pages.make_router(db))
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
 
@@ -102,11 +77,13 @@ def create_app(db: IndexDB, store: BlockStore, *, write_rate: float = 1.0, write
                 raise HTTPException(404, str(exc)) from None
             return Response(block, media_type=RAW, headers=headers)
         try:
-            car = _car_bytes(store, parsed)
+            missing = store.missing(parsed)
         except CommonsError as exc:
-            raise HTTPException(404, f"part of the DAG under {cid} is not held here ({exc}); try another source"
-                                ) from None
-        return Response(car, media_type=CAR, headers=headers)
+            missing = [str(exc)]
+        if missing:
+            raise HTTPException(404, f"part of the DAG under {cid} is not held here ({missing[0]}); try another "
+                                     "source")
+        return StreamingResponse(_car_stream(store, parsed), media_type=CAR, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     def one_line_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -117,12 +94,14 @@ def create_app(db: IndexDB, store: BlockStore, *, write_rate: float = 1.0, write
     return app
 
 
-def _car_bytes(store: BlockStore, root: str) -> bytes:
-    """The whole DAG as a CAR, built before the response starts so a missing block is a clean 404."""
-    import io
+def _car_stream(store: BlockStore, root: str) -> Iterator[bytes]:
+    """The whole DAG as a CAR (protocol.car's framing), block by block: a request for a 2 GiB adapter holds
+    one block in memory, not 2 GiB. Completeness is checked before the response starts (a clean 404)."""
+    from protocol.car import encode_header
+    from protocol.multiformats import varint_encode
 
-    from protocol.car import write_car
-
-    buf = io.BytesIO()
-    write_car(buf, [root], store.dag(root))
-    return buf.getvalue()
+    header = encode_header([root])
+    yield varint_encode(len(header)) + header
+    for cid, block in store.dag(root):
+        raw = CID.decode(cid).to_bytes()
+        yield varint_encode(len(raw) + len(block)) + raw + block

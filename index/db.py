@@ -7,20 +7,22 @@
 
 SQLAlchemy Core with bound parameters only. Full-text search is FTS5 on SQLite and a `simple` tsvector
 (GIN-indexed) on PostgreSQL; both get the same sanitized prefix query, so user input never reaches SQL.
-The index is a registry of names: the first signer of a name owns it, and a (name, version) or a CID,
-once registered, never changes.
+The index is a registry of names: the first signer of a name owns it (and every name that folds to the
+same, see `schema.fold`), and a (name, version) or a CID, once registered, never changes. Announcements
+whose DAG the index does not hold wait in `pending`, binding nothing (see `index.admit`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from sqlalchemy import create_engine, event, func, literal_column, select, text, update
+from sqlalchemy import create_engine, delete, event, func, literal_column, select, text, update
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from index.schema import (
     FTS_DDL,
@@ -29,9 +31,12 @@ from index.schema import (
     contributors,
     documents,
     entries,
+    fold,
     ledger,
     metadata,
+    names,
     nonneg,
+    pending,
     presence,
     rows_for,
     same_envelope,
@@ -46,6 +51,9 @@ from protocol.trust import TrustPolicy
 __all__ = ["ConflictError", "IndexDB", "default_url", "fts_terms", "metadata"]
 LIVE_SECONDS = 300  # a node that announced presence this recently counts as live
 MAX_LIMIT = 500
+MAX_PENDING = 2000  # announcements held at most; the oldest go first (their publisher announces again)
+MAX_PENDING_ENVELOPE = 256 << 10  # so the table stays under 512 MiB however it is flooded
+PENDING_SECONDS = 7 * 86400
 SUMMARY_COLUMNS = [entries.c[name] for name in SUMMARY_FIELDS]
 
 
@@ -55,6 +63,15 @@ class ConflictError(VerifyError):
 
 def default_url() -> str:
     return f"sqlite:///{home() / 'index.db'}"
+
+
+def root_cid(cid: str) -> str:
+    """The CID in its normal form, or a one-line CommonsError."""
+    try:
+        return str(CID.decode(cid))
+    except Exception:  # noqa: BLE001 - any decoding failure is the user's malformed CID
+        raise CommonsError(f"{str(cid)[:80]!r} is not a CID; pass the Qm.../b... root CID of the "
+                           "signed directory") from None
 
 
 def fts_terms(q: str) -> list[str]:
@@ -78,10 +95,22 @@ class IndexDB:
         self.dialect = self.engine.dialect.name
         if self.dialect == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        metadata.create_all(self.engine)
-        with self.engine.begin() as conn:
-            if self.dialect in ("sqlite", "postgresql"):
-                conn.execute(text(FTS_DDL if self.dialect == "sqlite" else PG_DDL))
+        self._create_tables()
+
+    def _create_tables(self) -> None:
+        """Create what is missing; two processes opening a new database at once both succeed."""
+        for attempt in range(5):
+            try:
+                metadata.create_all(self.engine)
+                with self.engine.begin() as conn:
+                    if self.dialect in ("sqlite", "postgresql"):
+                        conn.execute(text(FTS_DDL if self.dialect == "sqlite" else PG_DDL))
+                    _backfill_names(conn)
+                return
+            except (OperationalError, IntegrityError):  # the other process created it between check and create
+                if attempt == 4:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
 
     # -- writing ---------------------------------------------------------------------------------------
     def register(self, envelope: bytes, cid: str,
@@ -90,11 +119,7 @@ class IndexDB:
 
         `precheck(cid, envelope)` runs after the signature verified and before anything is stored.
         """
-        try:
-            cid = str(CID.decode(cid))
-        except Exception:  # noqa: BLE001 - any decoding failure is the user's malformed CID
-            raise CommonsError(f"{str(cid)[:80]!r} is not a CID; pass the Qm.../b... root CID of the "
-                               "signed directory") from None
+        cid = root_cid(cid)
         verified = verify_envelope(envelope, self.policy)
         if precheck is not None:
             precheck(cid, envelope)
@@ -112,6 +137,12 @@ class IndexDB:
                 raise ConflictError(f"CID {cid} is already registered with a different manifest; entries "
                                     "never change, so publish a new version instead")
             self._check_name(conn, name, version, verified.signer, cid)
+            if conn.execute(select(names.c.folded).where(names.c.folded == fold(name))).first() is None:
+                try:
+                    conn.execute(names.insert().values(folded=fold(name), name=name, signer=verified.signer))
+                except IntegrityError:  # the transaction is void: nothing of this entry stays
+                    raise ConflictError(f"{name!r} was registered by someone else just now; pick another name"
+                                        ) from None
             newest = conn.execute(select(func.max(entries.c.version)).where(entries.c.name == name)).scalar()
             latest = newest is None or version > newest
             if latest:
@@ -144,17 +175,64 @@ class IndexDB:
         if nodes:
             conn.execute(contributors.insert(), [{"cid": cid, "node": n} for n in sorted(nodes)])
 
+    def listed(self, cid: str, envelope: bytes) -> dict | None:
+        """The entry when exactly this (CID, envelope) pair is already registered, else None."""
+        with self.engine.connect() as conn:
+            held = conn.execute(select(documents.c.envelope).where(documents.c.cid == cid)).scalar()
+            return self._get(conn, cid) if held is not None and same_envelope(held, envelope) else None
+
+    def claimable(self, verified: Any, cid: str) -> None:
+        """ConflictError unless `verified` could be registered under `cid` now (owner, version free); no write."""
+        with self.engine.connect() as conn:
+            self._check_name(conn, verified.meta.name, int(verified.meta.version), verified.signer, cid)
+
     @staticmethod
     def _check_name(conn: Connection, name: str, version: int, signer: str, cid: str) -> None:
-        owner = conn.execute(select(entries.c.signer).where(entries.c.name == name).limit(1)).scalar()
-        if owner is not None and owner != signer:
-            raise ConflictError(f"{name!r} is published by key {owner[:16]}…, not by this signer "
+        owner = conn.execute(select(names.c.signer, names.c.name).where(names.c.folded == fold(name))).first()
+        if owner is not None and owner.signer != signer:
+            held = "" if owner.name == name else f" (as {owner.name!r}: names are compared ignoring case and -_.)"
+            raise ConflictError(f"{name!r} is published by key {owner.signer[:16]}…{held}, not by this signer "
                                 f"{signer[:16]}…; pick another name")
         taken = conn.execute(select(entries.c.cid).where(entries.c.name == name,
                                                          entries.c.version == version)).scalar()
         if taken is not None and taken != cid:
             raise ConflictError(f"replay refused: {name} v{version} is already registered as {taken}; "
                                 "publish the next version instead")
+
+    # -- pending announcements -------------------------------------------------------------------------
+    def hold(self, name: str, envelope: bytes, cid: str, now: float | None = None) -> None:
+        """Keep an announcement whose DAG is not here yet; it binds nothing (see index.admit)."""
+        now = time.time() if now is None else now
+        if len(envelope) > MAX_PENDING_ENVELOPE:
+            raise CommonsError(f"a model.sig over {MAX_PENDING_ENVELOPE >> 10} KiB is only taken once the index "
+                               "holds its blocks; push them first, then announce")
+        digest = hashlib.sha256(envelope).hexdigest()
+        with self.engine.begin() as conn:
+            conn.execute(delete(pending).where(pending.c.received_at < now - PENDING_SECONDS))
+            known = conn.execute(select(pending.c.cid).where(pending.c.cid == cid, pending.c.digest == digest))
+            if known.first() is None:
+                conn.execute(pending.insert().values(cid=cid, digest=digest, name=name, envelope=bytes(envelope),
+                                                     received_at=now))
+            count = conn.execute(select(func.count()).select_from(pending)).scalar() or 0
+            if count > MAX_PENDING:
+                oldest = select(pending.c.received_at).order_by(pending.c.received_at).limit(1).offset(
+                    count - MAX_PENDING - 1).scalar_subquery()
+                conn.execute(delete(pending).where(pending.c.received_at <= oldest))
+
+    def held(self, name: str) -> list[tuple[str, bytes]]:
+        """(CID, envelope) of the pending announcements of `name`, oldest first."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(pending.c.cid, pending.c.envelope).where(pending.c.name == name)
+                                .order_by(pending.c.received_at).limit(100))
+            return [(row.cid, bytes(row.envelope)) for row in rows]
+
+    def release(self, cid: str, envelope: bytes | None = None) -> None:
+        """Forget pending announcements of `cid` (of this envelope only, when given)."""
+        query = delete(pending).where(pending.c.cid == cid)
+        if envelope is not None:
+            query = query.where(pending.c.digest == hashlib.sha256(envelope).hexdigest())
+        with self.engine.begin() as conn:
+            conn.execute(query)
 
     def record_presence(self, node: str, seen_at: float | None = None) -> None:
         seen_at = time.time() if seen_at is None else seen_at
@@ -273,9 +351,20 @@ class IndexDB:
             return {key: int(conn.execute(q).scalar() or 0) for key, q in queries.items()}
 
 
+def _backfill_names(conn: Connection) -> None:
+    """A database from before `names` existed: each name's owner is the signer of its first entry."""
+    if conn.execute(select(names.c.folded).limit(1)).first() is not None:
+        return
+    owners: dict[str, tuple[str, str]] = {}
+    for row in conn.execute(select(entries.c.name, entries.c.signer).order_by(entries.c.id)):
+        owners.setdefault(fold(row.name), (row.name, row.signer))
+    if owners:
+        conn.execute(names.insert(), [{"folded": f, "name": n, "signer": s} for f, (n, s) in owners.items()])
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA busy_timeout=5000")  # first: switching to WAL waits for a writer instead of failing
     cur.execute("PRAGMA journal_mode=WAL")  # the web server reads while `commons data add` writes
     cur.execute("PRAGMA synchronous=NORMAL")  # WAL keeps the file consistent; only the last commit may be lost
-    cur.execute("PRAGMA busy_timeout=5000")
     cur.close()

@@ -9,8 +9,10 @@ For every adapter or dataset announcement that passed the gossip checks (signatu
 1. the DSSE envelope is verified (`verify_envelope` under the index's policy) and must name what the
    announcement names; a name owned by another signer, or a version already taken by another CID, is
    refused here, before any byte is fetched;
-2. the DAG is fetched from the announced providers into the index's BlockStore (every block re-hashed);
-3. the fetched directory must carry that same `model.sig` and the files it signs (path → CID);
+2. the DAG is fetched from the announced providers into the index's BlockStore (every block re-hashed),
+   stopped past what the envelope promises (a dataset's, unknown until fetched: past the policy's limit);
+3. the fetched directory must carry that same `model.sig` and exactly the files it signs, each within its
+   signed size (`protocol.fetch.fetch_signed` over the blocks now held);
 4. `IndexDB.register` records it, and the index re-announces the CID with its own addresses: the
    publisher takes that as "replicated" and may stop seeding.
 
@@ -26,10 +28,12 @@ import trio
 from fastapi import APIRouter
 from sqlalchemy import select
 
-from index.app import directory_checker
 from index.db import IndexDB
 from index.schema import documents
+from protocol import dagpb
+from protocol.dsse import MAX_ENVELOPE_BYTES
 from protocol.errors import CommonsError
+from protocol.fetch import NODE_OVERHEAD, fetch_signed
 from protocol.manifest import SIGNATURE_FILE, Verified, verify_envelope
 from protocol.p2p.announce import (
     AdapterAnnouncement,
@@ -43,7 +47,7 @@ from protocol.p2p.node import Node, open_node
 from protocol.p2p.resolve import serve_resolve
 from protocol.p2p.service import announce_presence
 from protocol.p2p.topics import TOPICS
-from protocol.unixfs import iter_file, list_directory
+from protocol.unixfs import file_bounds, iter_file, upto
 
 DONE = ("ingested", "presence", "known", "blocks")  # the counters that are not drops
 
@@ -71,26 +75,44 @@ def check_claim(verified: Verified, name: str, version: int | None, cid: str, ve
         raise Refused("rejected", f"{name} v{meta.version} is already {taken}; {cid} refused (replay or fork)")
 
 
-def check_dag(store, cid: str, verified: Verified, envelope: bytes) -> None:
-    """The fetched directory holds this very model.sig and exactly the files it signs."""
+def check_dag(store, cid: str, envelope: bytes, policy) -> None:
+    """The fetched directory holds this very model.sig and exactly the files it signs, each within its size."""
     try:
-        directory_checker(store)(cid, envelope)
+        fetch_signed(cid, store, (), policy, envelope=envelope)
     except CommonsError as exc:
         raise Refused("mismatch", str(exc)) from None
-    held = {path: file_cid for path, file_cid, _ in list_directory(store.get, cid) if path != SIGNATURE_FILE}
-    signed = {f["name"]: f["cid"] for f in verified.files}
-    if held != signed:
-        odd = sorted(set(held.items()) ^ set(signed.items()))[:1]
-        raise Refused("mismatch", f"the files under {cid} differ from those its manifest signs (e.g. {odd}); "
-                                  "refused")
+
+
+class Budget:
+    """`on_block` for the libp2p fetch: stops it past the blocks and bytes the manifest can take."""
+
+    def __init__(self, cid: str, verified: Verified | None, max_file_size: int) -> None:
+        files = verified.files if verified is not None else [{"name": "data", "size": max_file_size}]
+        parts = [upto(MAX_ENVELOPE_BYTES), *(file_bounds(f["size"]) for f in files)]
+        folders = {f["name"].rsplit("/", i)[0] for f in files for i in range(1, f["name"].count("/") + 1)}
+        self.cid = cid
+        self.blocks = sum(p.links for p in parts) + len(folders) + 1
+        self.bytes = sum(p.bytes for p in parts) + self.blocks * NODE_OVERHEAD
+        self.taken = [0, 0]
+
+    def __call__(self, _block: str, size: int) -> None:
+        self.taken[0] += 1
+        self.taken[1] += size
+        if self.taken[0] > self.blocks or self.taken[1] > self.bytes:
+            raise Refused("mismatch", f"{self.cid} takes more than the {self.blocks} blocks and {self.bytes} bytes "
+                                      "its manifest allows (a DAG bomb); refused")
 
 
 def envelope_in_dag(store, cid: str) -> bytes:
     """A dataset announcement carries no envelope: the DAG's own model.sig is the one to verify."""
-    sig = next((c for path, c, _ in list_directory(store.get, cid) if path == SIGNATURE_FILE), None)
+    try:
+        links, _ = dagpb.decode_node(store.get(cid))
+    except CommonsError:
+        links = []
+    sig = next((str(link.cid) for link in links if link.name == SIGNATURE_FILE), None)
     if sig is None:
         raise Refused("mismatch", f"{cid} holds no {SIGNATURE_FILE}; only signed datasets are indexed")
-    return b"".join(iter_file(store.get, sig))
+    return b"".join(iter_file(store.get, sig, upto(MAX_ENVELOPE_BYTES), SIGNATURE_FILE))
 
 
 @dataclass
@@ -164,7 +186,9 @@ class Ingestor:
         if not body.providers:
             raise Refused("unfetchable", f"announcement of {cid} lists no providers")
         try:
-            report = await fetch_dag_async(node.host, cid, self.store, body.providers, progress=False)
+            budget = Budget(cid, verified, self.db.policy.max_file_size)
+            report = await fetch_dag_async(node.host, cid, self.store, body.providers, progress=False,
+                                           on_block=budget)
         except BaseExceptionGroup as group:
             raise Refused("unfetchable", f"fetching {cid}: {unwrap(group)}") from None
         except CommonsError as exc:
@@ -174,8 +198,9 @@ class Ingestor:
             envelope = envelope_in_dag(self.store, cid)
             verified = await trio.to_thread.run_sync(verify_envelope, envelope, self.db.policy)
             check_claim(verified, body.name, None, cid, versions)
-        check_dag(self.store, cid, verified, envelope)
+        await trio.to_thread.run_sync(check_dag, self.store, cid, envelope, self.db.policy)
         await trio.to_thread.run_sync(self.db.register, envelope, cid)
+        await trio.to_thread.run_sync(self.db.release, cid)  # an HTTP announcement of it waits no more
         self._note("ingested", signed, f"{body.name} v{verified.meta.version}")
         # We hold it now: say so, so the publisher may stop seeding and pullers find a second source.
         if is_adapter:

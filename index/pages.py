@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse
 from fastapi.templating import Jinja2Templates
 
-from index.api import detail
+from index.api import MAX_VERSION, detail
 from index.db import IndexDB
 from index.present import PRICE_PER_1K_TOKENS, curve_svg, human_size, pull_command
 from protocol.errors import CommonsError
@@ -26,8 +26,15 @@ def make_templates() -> Jinja2Templates:
     env.filters["short"] = lambda key: (str(key)[:16] + "…") if len(str(key)) > 16 else str(key)
     env.filters["usd"] = lambda v: f"${v:,.2f}"
     env.filters["pct"] = lambda v: f"{float(v) * 100:.1f}%" if isinstance(v, int | float) else "–"
+    env.filters["plural"] = plural
     env.globals["price_per_1k"] = PRICE_PER_1K_TOKENS
     return templates
+
+
+def plural(count: object, word: str, with_count: bool = True) -> str:
+    """`1|plural("adapter")` is "1 adapter", `2|plural("adapter")` "2 adapters"; the word alone without the count."""
+    noun = word if count == 1 else f"{word}s"
+    return f"{count} {noun}" if with_count else noun
 
 
 def _bool(value: str) -> bool | None:
@@ -55,7 +62,8 @@ def make_router(db: IndexDB) -> APIRouter:
                       sizes=list(SIZES), stats=db.stats())
 
     @pages.get("/adapters/{name}", response_class=HTMLResponse, name="adapter_page")
-    def adapter_page(request: Request, name: str, version: int | None = None) -> HTMLResponse:
+    def adapter_page(request: Request, name: str,
+                     version: int | None = Query(None, ge=1, le=MAX_VERSION)) -> HTMLResponse:
         try:
             entry = detail(db, db.resolve(name, version))
         except CommonsError as exc:
@@ -73,7 +81,8 @@ def make_router(db: IndexDB) -> APIRouter:
                       licenses=db.facets("dataset")["license"])
 
     @pages.get("/datasets/{name}", response_class=HTMLResponse, name="dataset_page")
-    def dataset_page(request: Request, name: str, version: int | None = None) -> HTMLResponse:
+    def dataset_page(request: Request, name: str,
+                     version: int | None = Query(None, ge=1, le=MAX_VERSION)) -> HTMLResponse:
         return adapter_page(request, name, version)
 
     @pages.get("/leaderboard", response_class=HTMLResponse, name="leaderboard_page")

@@ -1,10 +1,13 @@
 """Per-IP token buckets for writes, and a cap on request bodies: the index is on the open internet.
 
-Both are plain ASGI middleware so they act before FastAPI reads (or buffers) a body.
+Both are plain ASGI middleware so they act before FastAPI reads (or buffers) a body. The address is the
+connection's peer: `commons index serve` lets uvicorn replace it from X-Forwarded-For only for the proxies
+named with --trust-proxy, never by default (a client would pick a fresh bucket for every write).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import threading
@@ -52,6 +55,20 @@ async def _reply(send: Send, status: int, detail: str, headers: list[tuple[bytes
     await send({"type": "http.response.body", "body": body})
 
 
+def client_key(host: str) -> str:
+    """The bucket an address writes under: itself for IPv4, its /64 for IPv6 (one host holds a whole /64,
+    so per-address buckets would let it pick a fresh one for every write)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if address.version == 4:
+        return str(address)
+    if address.ipv4_mapped is not None:  # a dual-stack socket's view of an IPv4 client
+        return str(address.ipv4_mapped)
+    return str(ipaddress.ip_network(f"{address}/64", strict=False))
+
+
 class WriteRateLimit:
     def __init__(self, app: ASGIApp, bucket: TokenBucket) -> None:
         self.app, self.bucket = app, bucket
@@ -59,7 +76,7 @@ class WriteRateLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] in WRITE_METHODS:
             client = scope.get("client") or ("unknown", 0)
-            wait = self.bucket.take(str(client[0]))
+            wait = self.bucket.take(client_key(str(client[0])))
             if wait > 0:
                 secs = max(1, math.ceil(wait))
                 await _reply(send, 429, f"too many writes from your address; retry in {secs} s",

@@ -74,6 +74,22 @@ contributors = Table(
     Column("cid", String(128), primary_key=True),
     Column("node", String(64), primary_key=True),
 )
+# Who owns a name, compared folded (case, and runs of '-', '_', '.'), so `My.Model` cannot be taken from `my-model`.
+names = Table(
+    "names", metadata,
+    Column("folded", String(200), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("signer", String(64), nullable=False),
+)
+# Announcements whose DAG the index does not hold yet: they bind nothing until it does and checks out.
+pending = Table(
+    "pending", metadata,
+    Column("cid", String(128), primary_key=True),
+    Column("digest", String(64), primary_key=True),  # sha256 of the envelope
+    Column("name", String(200), nullable=False, index=True),
+    Column("envelope", LargeBinary, nullable=False),
+    Column("received_at", Float, nullable=False),
+)
 presence = Table(
     "presence", metadata,
     Column("node", String(64), primary_key=True),
@@ -85,6 +101,11 @@ FTS_DDL = ("CREATE VIRTUAL TABLE IF NOT EXISTS entries_fts USING fts5("
 PG_DDL = "CREATE INDEX IF NOT EXISTS entries_tsv ON entries USING gin (search_tsv)"
 SUMMARY_FIELDS = ("cid", "name", "version", "kind", "base_model", "license", "task", "campaign", "description",
                   "signer", "trusted", "size", "rounds", "tokens", "created")
+
+
+def fold(name: str) -> str:
+    """The form two names are compared in: `My.Model`, `my_model` and `my--model` are one name."""
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def search_body(meta: Any, task: str, description: str) -> str:

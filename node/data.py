@@ -6,8 +6,9 @@
 (`datasets`: JSON list of dataset CIDs), where to fetch them (`data_source`: a trustless gateway such as
 the index, `GET /ipfs/{cid}?format=raw`) and this node's slot (`data_slot` of `data_slots`). Each dataset
 is taken from the node's block store (`<home>/blocks`) or fetched into it, every block hash-checked
-against its CID; it must be a signed commons dataset (`model.sig` of kind "dataset" whose signature
-verifies, and a `data.jsonl` whose sha256 is the signed one).
+against its CID and every walk held to what the signed manifest promises (`protocol.fetch.fetch_signed`);
+it must be a signed commons dataset (`model.sig` of kind "dataset" whose signature verifies, nothing in
+the folder it does not sign, and a `data.jsonl` whose sha256 is the signed one).
 
 Slicing rule: the records of every dataset, in the order the campaign lists the datasets and in file
 order within each, form one sequence r_0 … r_{N−1}; the node in slot s of n trains on r_s, r_{s+n},
@@ -28,9 +29,8 @@ from typing import TYPE_CHECKING, Any
 from protocol import unixfs
 from protocol.blockstore import BlockStore
 from protocol.errors import CommonsError, VerifyError
-from protocol.fetch import fetch_dag
+from protocol.fetch import Missing, NotSigned, SignedDag, fetch_signed
 from protocol.gateway import GatewaySource
-from protocol.manifest import SIGNATURE_FILE, verify_envelope
 from protocol.multiformats import CID
 from protocol.records import read_records
 from protocol.trust import TrustPolicy
@@ -95,55 +95,52 @@ def dataset_records(cid: str, store: BlockStore, source: str, cache: Path) -> li
     """The verified records of one commons dataset, fetched into `store` first when it lacks blocks."""
     key = (str(store.root), cid)
     if key not in _VERIFIED:
-        fetch(cid, store, source)
-        data = verified_data(cid, store)
+        data = verified_data(cid, store, source)
         _VERIFIED[key] = read_records(_cached(cache, cid, data))
     return _VERIFIED[key]
 
 
-def fetch(cid: str, store: BlockStore, source: str) -> None:
-    """Make `store` hold the whole DAG of `cid`, every fetched block verified; one-line errors."""
+def verified_data(cid: str, store: BlockStore, source: str) -> bytes:
+    """The bytes of `data.jsonl` in the signed commons dataset at `cid`, every fetch bounded by its manifest
+    (`protocol.fetch.fetch_signed`: a DAG bomb is refused before a byte is cached); one-line errors."""
+    signed = _fetch(cid, store, source)
+    fix = "list only CIDs printed by `commons data publish` in [[datasets]]"
+    meta = signed.verified.meta
+    if meta.kind != "dataset":
+        raise CommonsError(f"{cid} is a commons {meta.kind} ({meta.name}), not a dataset; {fix}")
+    entry = next((f for f in signed.verified.files if f["name"] == DATA_FILE), None)
+    if entry is None:
+        raise CommonsError(f"{cid} is not a commons dataset (no {DATA_FILE}); {fix}")
+    data = b"".join(unixfs.iter_file(store.get, entry["cid"], unixfs.file_bounds(entry["size"]), DATA_FILE))
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise VerifyError(f"{DATA_FILE} in dataset {cid} does not match its signature; re-publish the dataset")
+    return data
+
+
+def _fetch(cid: str, store: BlockStore, source: str) -> SignedDag:
     try:
         CID.decode(cid)
     except (CommonsError, ValueError) as exc:
         raise CommonsError(f"dataset {cid!r} in the campaign is not a CID ({exc}); fix [[datasets]] cid") from None
-    if not store.missing(cid):
-        return
-    if not source:
-        raise CommonsError(f"dataset {cid} is not in this node's block store and the campaign sets no "
-                           'data_source: set data_source = "http://INDEX:8000" in the campaign file')
-    gateway = GatewaySource(source)
-    try:
-        fetch_dag(cid, store, [gateway], progress=False)
+    gateway = GatewaySource(source) if source else None
+    try:  # the CID the coordinator chose pins the content: any valid signer will do
+        return fetch_signed(cid, store, [gateway] if gateway else [], TrustPolicy())
+    except NotSigned:
+        raise CommonsError(f"{cid} is not a commons dataset (not a signed folder); list only CIDs printed by "
+                           "`commons data publish` in [[datasets]]") from None
     except VerifyError as exc:
-        raise VerifyError(f"{exc}; use a data_source you trust") from None
-    except CommonsError as exc:
+        raise VerifyError(f"dataset {cid}: {exc}; use a data_source you trust") from None
+    except Missing as exc:
+        if not source:
+            raise CommonsError(f"dataset {cid} is not in this node's block store and the campaign sets no "
+                               'data_source: set data_source = "http://INDEX:8000" in the campaign file') from None
         if not store.has(cid):
             raise CommonsError(f"dataset {cid} was not found at {source} (not published there, or the gateway "
                                "is down): publish it there with `commons data publish` or fix data_source") from None
         raise CommonsError(f"dataset {cid} is incomplete at {source} ({exc})") from None
     finally:
-        gateway.close()
-
-
-def verified_data(cid: str, store: BlockStore) -> bytes:
-    """The bytes of `data.jsonl` in the signed commons dataset at `cid` (all blocks already held)."""
-    fix = "list only CIDs printed by `commons data publish` in [[datasets]]"
-    try:
-        files = {path: file_cid for path, file_cid, _ in unixfs.list_directory(store.get, cid)}
-    except CommonsError:
-        raise CommonsError(f"{cid} is not a commons dataset (a single file, not a signed folder); {fix}") from None
-    if SIGNATURE_FILE not in files or DATA_FILE not in files:
-        raise CommonsError(f"{cid} is not a commons dataset (no {SIGNATURE_FILE} and {DATA_FILE}); {fix}")
-    envelope = b"".join(unixfs.iter_file(store.get, files[SIGNATURE_FILE]))
-    verified = verify_envelope(envelope, TrustPolicy())  # the CID the coordinator chose pins the content
-    if verified.meta.kind != "dataset":
-        raise CommonsError(f"{cid} is a commons {verified.meta.kind} ({verified.meta.name}), not a dataset; {fix}")
-    signed = next((f for f in verified.files if f["name"] == DATA_FILE), None)
-    data = b"".join(unixfs.iter_file(store.get, files[DATA_FILE]))
-    if signed is None or hashlib.sha256(data).hexdigest() != signed["sha256"]:
-        raise VerifyError(f"{DATA_FILE} in dataset {cid} does not match its signature; re-publish the dataset")
-    return data
+        if gateway is not None:
+            gateway.close()
 
 
 def _cached(cache: Path, cid: str, data: bytes) -> Path:

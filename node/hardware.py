@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 
 def detect(max_vram_gb: float | None = None, max_cpu_threads: int | None = None) -> dict:
@@ -10,7 +11,8 @@ def detect(max_vram_gb: float | None = None, max_cpu_threads: int | None = None)
 
     cores = os.cpu_count() or 1
     threads = min(cores, max_cpu_threads) if max_cpu_threads else cores
-    info: dict = {"device": "cpu", "vram_gb": None, "cpu_cores": threads, "ram_gb": _ram_gb(), "bf16": False}
+    info: dict = {"device": "cpu", "vram_gb": None, "cpu_cores": threads, "ram_gb": _ram_gb(),
+                  "ram_free_gb": _free_ram_gb(), "bf16": False}
     if torch.cuda.is_available():
         free, _total = torch.cuda.mem_get_info()
         vram = free / 2**30
@@ -29,6 +31,17 @@ def _ram_gb() -> float:
         return round(pages * size / 2**30, 1)
     except (ValueError, OSError, AttributeError):
         return 0.0
+
+
+def _free_ram_gb() -> float | None:
+    """RAM a new allocation can get without swapping (Linux MemAvailable); None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return round(int(line.split()[1]) / 2**20, 2)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def train_placement() -> tuple[str, object]:

@@ -153,9 +153,11 @@ class Runner:
             if message is not None:
                 reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
         try:
+            handed = time.monotonic()
             if reply is not None and context is not None:
                 push_message(client, reply, context)
             push_task_output(client=client, context=context, sub_status=sub_status, details=details)
+            log.info("reply handed to the SuperNode in %.2f s", time.monotonic() - handed)
         except Exception as exc:  # noqa: BLE001 - a lost reply is the round's timeout to handle, not a crash
             log.warning("could not send the reply: %s", exc)
         finally:
@@ -177,6 +179,21 @@ def _status(home: Path, **fields) -> None:
     status(NodeSettings(home=home, data=home), **fields)
 
 
+def _exit_with_parent() -> None:
+    """A daemon killed with -9 cannot stop its runner: the runner notices it was orphaned and stops."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        log.info("the volunteer's daemon is gone: stopping")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m node.runner", description=__doc__.splitlines()[0])
     parser.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API, HOST:PORT")
@@ -188,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(filename=logs / "node.log", level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    _exit_with_parent()
     # the volunteer's own choice of implementation (tests use a deliberately malicious one); never the bundle's
     app = load_app(os.environ.get("COMMONS_NODE_APP", APP))
     log.info("runner serving %s with %s", args.runtime_api_address, APP)

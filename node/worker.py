@@ -5,18 +5,20 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from node import hardware, idle, resume
+from node import hardware, idle, limits, resume
 from node.data import local_examples, training_records
 from node.train import TrainConfig, train
 from protocol.keys import Identity
 from protocol.lora import set_state, wrap
-from protocol.models import load_base
+from protocol.memory import Device, MemoryPlan, ModelShape, Workload, lowest_layer, plan
+from protocol.models import DEFAULT_TARGETS, load_base, model_config
+from protocol.quantization import TrainedAs
 from protocol.update import encode, update_digest, wire_bytes
 
 log = logging.getLogger("commons.node")
@@ -54,14 +56,38 @@ def query(settings: NodeSettings) -> dict:
     }
 
 
-def _model(config: dict) -> Any:
-    key = json.dumps([config["base_model"], config["base_revision"], config["lora"]], sort_keys=True)
+def _memory_plan(settings: NodeSettings, config: dict) -> MemoryPlan:
+    """This round's plan on this machine (protocol/memory.py), before any weight is loaded. A warm model's
+    own weights count as free: it is dropped if the plan wants another precision.
+
+    Raises CommonsError ("needs 6.1 GB, 4.0 GB free: …") for a round this machine cannot finish."""
+    lora = json.loads(config["lora"])
+    keys = json.loads(config["keys"]) if config.get("keys") else None
+    work = Workload(batch_size=int(config["batch_size"]), max_length=int(config["max_length"]),
+                    lora_r=int(lora.get("r", 8)), lora_dropout=float(lora.get("dropout", 0.0)),
+                    targets=tuple(lora.get("target_modules", DEFAULT_TARGETS)),
+                    first_layer=lowest_layer(keys))
+    shape = ModelShape.from_config(model_config(config["base_model"], config["base_revision"]),
+                                   name=config["base_model"])
+    device = Device.from_capability(hardware.detect(settings.max_vram_gb, settings.threads))
+    warm = sum(p.numel() * p.element_size() for model, _ in _MODELS.values() for p in model.parameters())
+    device = replace(device, free_gb=device.free_gb + warm / 2**30)
+    return plan(shape, work, device, str(config.get("quantization", "auto")))
+
+
+def _model(settings: NodeSettings, config: dict) -> tuple[Any, Any, MemoryPlan]:
+    """The wrapped model for this round, in the precision its memory plan chose, and that plan."""
+    memory = _memory_plan(settings, config)
+    key = json.dumps([config["base_model"], config["base_revision"], config["lora"], memory.quantization],
+                     sort_keys=True)
     if key not in _MODELS:
-        device, dtype = hardware.train_placement()
-        base, tokenizer = load_base(config["base_model"], config["base_revision"], dtype=dtype, device=device)
         _MODELS.clear()  # one campaign at a time: free the last model first
+        device, dtype = hardware.train_placement()
+        base, tokenizer = load_base(config["base_model"], config["base_revision"], dtype=dtype, device=device,
+                                    quantization=memory.quantization)
         _MODELS[key] = (wrap(base, json.loads(config["lora"])), tokenizer)
-    return _MODELS[key]
+    model, tokenizer = _MODELS[key]
+    return model, tokenizer, memory
 
 
 def train_round(settings: NodeSettings, config: dict, tensors: dict[str, np.ndarray]) -> tuple[dict, dict, dict]:
@@ -71,10 +97,13 @@ def train_round(settings: NodeSettings, config: dict, tensors: dict[str, np.ndar
     the shard this node trains and sends back, encoded as `config["upload_dtype"]` asks."""
     import torch
 
+    limits.check(config, limits.read(settings.home))  # data, not code: and only what this volunteer allows
     if settings.threads:
         torch.set_num_threads(settings.threads)
     round_ = int(config["round"])
-    model, tokenizer = _model(config)
+    started = time.monotonic()
+    model, tokenizer, memory = _model(settings, config)
+    load_seconds = time.monotonic() - started  # ~0 when the runner kept the model warm from the last round
     set_state(model, tensors)
     keys = json.loads(config["keys"]) if config.get("keys") else sorted(tensors)
     unknown = sorted(set(keys) - set(tensors))
@@ -106,6 +135,7 @@ def train_round(settings: NodeSettings, config: dict, tensors: dict[str, np.ndar
     cfg = TrainConfig(
         steps=steps, batch_size=int(config["batch_size"]), lr=float(config["lr"]),
         max_length=int(config["max_length"]), seed=int(config.get("seed", 0)) + round_,
+        micro_batch=memory.micro_batch, gradient_checkpointing=memory.gradient_checkpointing,
     )
     result = train(model, tokenizer, records, cfg, keys=keys, on_step=on_step, checkpoint=checkpoint)
     wire = encode(result.state, {k: tensors[k] for k in keys}, str(config.get("upload_dtype", "fp32")))
@@ -117,6 +147,11 @@ def train_round(settings: NodeSettings, config: dict, tensors: dict[str, np.ndar
         "num_examples": result.num_examples, "tokens": result.tokens, "loss": result.loss,
         "seconds": result.seconds, "tokens_per_s": result.tokens / max(result.seconds, 1e-9),
         "upload_bytes": wire_bytes(wire), "resumed_from": result.resumed_from,
+        "load_seconds": load_seconds, "task_seconds": time.monotonic() - started,
+        # how it trained: the manifest's ledger records it (protocol/quantization.py), the rest is for the log
+        **TrainedAs.of(model).to_metrics(), "padding": result.padding, "micro_batch": memory.micro_batch,
+        "accumulation": memory.accumulation, "gradient_checkpointing": int(memory.gradient_checkpointing),
+        "predicted_peak_gb": memory.predicted_peak_gb,
     }
     status(settings, state="sent", round=round_, loss=round(result.loss, 4), tokens_per_s=round(metrics["tokens_per_s"], 1))
     log.info("round %d: done, loss %.4f, %.0f tokens/s", round_, result.loss, metrics["tokens_per_s"])

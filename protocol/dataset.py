@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from protocol.errors import CommonsError
-from protocol.pii import scrub
+from protocol.pii import describe, scrub
 
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {
@@ -52,6 +52,13 @@ class Report:
 
 
 def check_license(spdx: str) -> str:
+    """A known SPDX id, or an expression of them (`MIT AND CC-BY-4.0`, `… WITH …`), in canonical form."""
+    from protocol.spdx import canonical
+
+    return canonical(spdx.strip(), _known_license)
+
+
+def _known_license(spdx: str) -> str:
     canonical = {lic.lower(): lic for lic in KNOWN_LICENSES}.get(spdx.strip().lower())
     if canonical:
         return canonical
@@ -184,7 +191,7 @@ def write_records(path: Path, records: list[dict]) -> None:
 
 
 def dataset_card(name: str, license: str, source: str, report: Report) -> str:
-    pii = ", ".join(f"{k}: {v}" for k, v in sorted(report.pii.items())) or "none found"
+    pii = describe(report.pii)
     return (f"# {name}\n\nChat records in `data.jsonl` (one `messages` conversation per line).\n\n"
             f"- Licence: {license}\n- Source: {source}\n- Records: {report.records} "
             f"({report.duplicates} duplicates removed)\n- PII scrubbed: {pii}\n")

@@ -25,10 +25,17 @@ def lora_config(spec: dict[str, Any]) -> Any:
 
 
 def wrap(base: Any, spec: dict[str, Any]) -> Any:
-    """The base model with fresh LoRA weights; PEFT's init (B = 0) means it starts equal to the base."""
-    import torch
-    from peft import get_peft_model
+    """The base model with fresh LoRA weights; PEFT's init (B = 0) means it starts equal to the base.
 
+    A quantized base (nf4/int8) first goes through `prepare_model_for_kbit_training`: frozen, what is left
+    unquantized in float32. Checkpointing is not switched on here: node/train.py sets it per round."""
+    import torch
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    from protocol.quantization import quantization_of
+
+    if quantization_of(base) != "none":
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     torch.manual_seed(int(spec.get("seed", 0)))  # every node must start from the same A
     return get_peft_model(base, lora_config(spec))
 

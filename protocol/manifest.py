@@ -10,9 +10,13 @@ sha256 over the sorted per-file sha256 digests (as model_signing computes it), w
 every file under `resources` and carries our metadata, file sizes and CIDv0s under `commons`.
 
 What is covered: every regular file under DIR except `model.sig` and hidden paths (any component
-starting with '.'), which `ipfs add -r` also leaves out, so a directory pulled by CID verifies.
-What is refused, always: symlinks anywhere, pickle-based files (.bin/.pt/.pth/.pkl/.ckpt/...;
-weights must be safetensors), unsafe names, files over the size limit, anything not byte-identical.
+starting with '.'), which `ipfs add -r` also leaves out, so a directory pulled by CID verifies. What is
+left out is said, not implied: `serialization.ignore_paths` lists `model.sig` and every hidden path the
+signer skipped, and a hidden path on disk that it does not list is refused like any unsigned file.
+What is refused, always: symlinks anywhere, file kinds outside the allowlist (weights must be
+safetensors; no pickles, whatever their name), unsafe names, folders that would be published without a
+signed file in them, files over the size limit, anything not byte-identical, control characters in the
+metadata's strings.
 
 Recording: `verify_directory(record=True)` (the default) pins the signer and marks the version seen once
 everything checked out; pass `record=False` for a dry check. `verify_envelope` never records by default.
@@ -44,6 +48,7 @@ from protocol.trust import (
     DEFAULT_MAX_FILE_SIZE,
     TrustPolicy,
     file_rule_violation,
+    kind_problem,
     name_problem,
     oversize_message,
     q,
@@ -60,6 +65,7 @@ SERIALIZATION = {
 }
 
 
+MAX_IGNORED = 1000  # hidden paths one signature may list as left out
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _CIDV0 = re.compile(r"^Qm[1-9A-HJ-NP-Za-km-z]{44}$")
@@ -136,7 +142,27 @@ def _is(value: Any, kinds: tuple[type, ...]) -> bool:
     return type(value) in kinds  # exact: a bool is not an int here
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_PLAIN = ("kind", "base_model", "base_revision", "campaign", "license", "previous", "created", "expires")
+
+
+def _control_problem(data: dict) -> str | None:
+    """Control, line-separator and bidi characters in the strings a terminal or a snippet shows."""
+    for key in _PLAIN:
+        if isinstance(data[key], str) and _CONTROL.search(data[key]):
+            return f"{key} must not hold control characters"
+    if any(_CONTROL.search(c) for c in data["contributors"]):
+        return "contributors must not hold control characters"
+    for item in data["datasets"]:
+        if any(isinstance(v, str) and _CONTROL.search(v) for v in item.values()):
+            return "datasets must not hold control characters"
+    return None
+
+
 def _meta_problem(data: dict) -> str | None:
+    control = _control_problem(data)
+    if control:
+        return control
     if not _NAME.fullmatch(data["name"]):
         return "name must be 1-100 letters, digits, '.', '_' or '-' (starting with a letter or digit)"
     if data["version"] < 1 or data["version"] >= 2**53:
@@ -145,8 +171,8 @@ def _meta_problem(data: dict) -> str | None:
         return "kind must be 'adapter' or 'dataset'"
     if data["rounds"] < 0:
         return "rounds must not be negative"
-    if not data["license"].strip():
-        return "license must be an SPDX id such as Apache-2.0 (or NOASSERTION)"
+    if not data["license"].strip() or len(data["license"]) > 200:
+        return "license must be an SPDX expression such as Apache-2.0 or MIT AND CC-BY-4.0 (or NOASSERTION)"
     for key in ("created", "expires"):
         if data[key] is not None and _time(data[key]) is None:
             return f"{key} must be an ISO 8601 UTC time like 2026-01-31T12:00:00Z"
@@ -168,6 +194,7 @@ class Verified:
     files: list[dict]  # [{name, size, sha256, cid}] sorted by name
     digest: str = ""  # subject digest: sha256 over the sorted file digests
     payload_sha256: str = ""  # sha256 of the signed statement: what versions.json remembers
+    ignored: tuple[str, ...] = ()  # hidden paths the signer left out (ignore_paths, less model.sig)
 
 
 def root_digest(resources: list[dict]) -> str:
@@ -183,6 +210,7 @@ class _Parsed:
     meta: AdapterMeta
     files: list[dict]
     digest: str
+    ignored: tuple[str, ...]
 
 
 def parse_statement(payload: bytes, max_file_size: int) -> _Parsed:
@@ -199,11 +227,7 @@ def parse_statement(payload: bytes, max_file_size: int) -> _Parsed:
     exact_keys(subjects[0]["digest"], {"sha256"}, "model.sig subject digest")
     predicate = statement["predicate"]
     exact_keys(predicate, {"serialization", "resources", "commons"}, "model.sig predicate")
-    _require(
-        type(predicate["serialization"]) is dict
-        and canonical_json(predicate["serialization"]) == canonical_json(SERIALIZATION),
-        "model.sig serialization must be files/sha256 without symlinks",
-    )
+    ignored = _parse_serialization(predicate["serialization"])
     resources = predicate["resources"]
     _require(type(resources) is list, "model.sig resources must be a list")
     previous = None
@@ -216,6 +240,8 @@ def parse_statement(payload: bytes, max_file_size: int) -> _Parsed:
         _require(resource["algorithm"] == "sha256", "model.sig resource algorithm must be sha256")
         _require(_hex64(resource["digest"]), f"model.sig digest of {q(name)} must be 64 lowercase hex")
         _require(name != SIGNATURE_FILE, "model.sig cannot list itself as a resource")
+        kind = kind_problem(name)
+        _require(kind is None, f"{kind}; refuse this adapter")
         _require(name != previous, f"duplicate resource name {q(name)} in model.sig; refuse this adapter")
         _require(previous is None or name > previous, "model.sig resources must be sorted by name")
         previous = name
@@ -232,7 +258,35 @@ def parse_statement(payload: bytes, max_file_size: int) -> _Parsed:
     files = _parse_files(commons.pop("files"), resources, max_file_size)
     meta = AdapterMeta.from_dict(commons, "model.sig commons")
     _require(subjects[0]["name"] == meta.name, "model.sig subject name differs from commons.name")
-    return _Parsed(meta, files, digest)
+    return _Parsed(meta, files, digest, ignored)
+
+
+def _parse_serialization(serialization: Any) -> tuple[str, ...]:
+    """The hidden paths the signer left out; the rest of `serialization` is fixed."""
+    exact_keys(serialization, set(SERIALIZATION), "model.sig serialization")
+    fixed = {key: serialization[key] for key in SERIALIZATION if key != "ignore_paths"}
+    _require(
+        canonical_json(fixed) == canonical_json({k: v for k, v in SERIALIZATION.items() if k != "ignore_paths"}),
+        "model.sig serialization must be files/sha256 without symlinks",
+    )
+    paths = serialization["ignore_paths"]
+    _require(
+        type(paths) is list and all(type(p) is str for p in paths) and paths == sorted(set(paths))
+        and SIGNATURE_FILE in paths and len(paths) <= MAX_IGNORED,
+        "model.sig serialization.ignore_paths must be a sorted list of paths holding model.sig",
+    )
+    for path in paths:
+        _require(path == SIGNATURE_FILE or hidden_top(path),
+                 f"model.sig may ignore only model.sig and hidden paths, not {q(path)}; refuse this adapter")
+    return tuple(p for p in paths if p != SIGNATURE_FILE)
+
+
+def hidden_top(path: str) -> bool:
+    """A safe relative path whose last component, and only that one, is hidden ('.git', 'eval/.cache')."""
+    parts = path.split("/")
+    if parts[-1] in (".", "..") or not parts[-1].startswith(".") or len(parts[-1]) < 2:
+        return False
+    return name_problem("/".join([*parts[:-1], "x" + parts[-1][1:]])) is None
 
 
 def _parse_files(entries: Any, resources: list[dict], max_file_size: int) -> list[dict]:
@@ -269,10 +323,24 @@ def _require(condition: bool, message: str) -> None:
 # --- files on disk ------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Scan:
+    names: list[str]  # files the manifest covers, sorted
+    skipped: list[str]  # topmost hidden paths, left out (and listed as ignored), sorted
+    bare: list[str]  # folders `ipfs add -r` would publish with no covered file in them, sorted
+
+
 def scan_directory(directory: Path, max_file_size: int = DEFAULT_MAX_FILE_SIZE) -> list[str]:
     """Relative posix paths of the files a manifest covers, sorted; refuses anything unsafe."""
+    return survey(directory, max_file_size).names
+
+
+def survey(directory: Path, max_file_size: int = DEFAULT_MAX_FILE_SIZE) -> Scan:
+    """What a manifest covers, what it leaves out, and folders it cannot cover; refuses anything unsafe."""
     directory = Path(directory)
     names: list[str] = []
+    skipped: list[str] = []
+    folders: list[str] = []
     for root, dirs, files in os.walk(directory, followlinks=False, onerror=_walk_error):
         base = Path(root)
         for entry in sorted(dirs) + sorted(files):
@@ -283,8 +351,14 @@ def scan_directory(directory: Path, max_file_size: int = DEFAULT_MAX_FILE_SIZE) 
                 raise VerifyError(
                     f"{q(rel)} is a symlink; symlinks are refused, replace it with the real file"
                 )
-            if entry in dirs or any(part.startswith(".") for part in rel.split("/")):
-                continue  # hidden paths are not published (`ipfs add -r` skips them); symlinks still refused
+            parts = rel.split("/")
+            if any(part.startswith(".") for part in parts):
+                if entry.startswith(".") and not any(part.startswith(".") for part in parts[:-1]):
+                    skipped.append(rel)  # `ipfs add -r` skips hidden paths: said in ignore_paths
+                continue
+            if entry in dirs:
+                folders.append(rel)
+                continue
             if rel == SIGNATURE_FILE:
                 continue
             if not stat.S_ISREG(info.st_mode):
@@ -301,7 +375,8 @@ def scan_directory(directory: Path, max_file_size: int = DEFAULT_MAX_FILE_SIZE) 
             if violation:
                 raise VerifyError(violation)
             names.append(rel)
-    return sorted(names)
+    holding = {name.rsplit("/", i)[0] for name in names for i in range(1, name.count("/") + 1)}
+    return Scan(sorted(names), sorted(skipped), sorted(set(folders) - holding))
 
 
 def describe_files(directory: Path, names: list[str], progress: bool = False) -> list[dict]:
@@ -349,8 +424,9 @@ class _HashingReader:
 # --- signing ------------------------------------------------------------------------------------------------
 
 
-def build_statement(meta: AdapterMeta, files: list[dict]) -> dict:
+def build_statement(meta: AdapterMeta, files: list[dict], ignored: list[str] | tuple[str, ...] = ()) -> dict:
     files = sorted(files, key=lambda f: f["name"])
+    serialization = {**SERIALIZATION, "ignore_paths": sorted({SIGNATURE_FILE, *ignored})}
     resources = [{"name": f["name"], "algorithm": "sha256", "digest": f["sha256"]} for f in files]
     commons = meta.to_dict() | {
         "files": [{"name": f["name"], "size": f["size"], "cid": f["cid"]} for f in files]
@@ -359,7 +435,7 @@ def build_statement(meta: AdapterMeta, files: list[dict]) -> dict:
         "_type": STATEMENT_TYPE,
         "subject": [{"name": meta.name, "digest": {"sha256": root_digest(resources)}}],
         "predicateType": PREDICATE_TYPE,
-        "predicate": {"serialization": SERIALIZATION, "resources": resources, "commons": commons},
+        "predicate": {"serialization": serialization, "resources": resources, "commons": commons},
     }
 
 
@@ -374,10 +450,21 @@ def sign_directory(
     """Hash every file, sign the statement, write DIR/model.sig; returns the envelope."""
     directory = _check_dir(directory)
     AdapterMeta.from_dict(meta.to_dict(), "adapter metadata", error=CommonsError)  # same rules as verify
-    names = scan_directory(directory, max_file_size)
-    if not names:
+    scan = survey(directory, max_file_size)
+    if not scan.names:
         raise CommonsError(f"{directory} has no files to sign; point at the adapter folder")
-    statement = build_statement(meta, describe_files(directory, names, progress))
+    kind = next((problem for name in scan.names if (problem := kind_problem(name))), None)
+    if kind:
+        raise CommonsError(kind)
+    if scan.bare:
+        raise CommonsError(f"folder {q(scan.bare[0])} holds no file to sign, yet `ipfs add -r` would publish it "
+                           "and pull would refuse it; remove it or put a file in it")
+    if len(scan.skipped) > MAX_IGNORED:
+        raise CommonsError(f"{directory} holds over {MAX_IGNORED} hidden paths; sign a folder with the adapter only")
+    odd = next((path for path in scan.skipped if not hidden_top(path)), None)
+    if odd is not None:  # it would be listed as ignored, and that list is refused with an unsafe name in it
+        raise CommonsError(f"hidden path {q(odd)} has an unsafe name; rename or remove it")
+    statement = build_statement(meta, describe_files(directory, scan.names, progress), scan.skipped)
     try:
         payload = canonical_json(statement)
     except (ValueError, TypeError):
@@ -414,7 +501,7 @@ def verify_envelope(envelope: bytes, policy: TrustPolicy | None = None, *, recor
         )
     payload_sha256 = hashlib.sha256(payload).hexdigest()
     policy.check(meta.name, meta.version, signer, payload_sha256)
-    verified = Verified(meta, signer, parsed.files, parsed.digest, payload_sha256)
+    verified = Verified(meta, signer, parsed.files, parsed.digest, payload_sha256, parsed.ignored)
     if record:
         policy.record(verified)
     return verified
@@ -430,7 +517,13 @@ def verify_directory(
         raise VerifyError(f"no {SIGNATURE_FILE} in {q(str(directory), 80)}; sign it with `commons sign DIR`")
     policy = policy if policy is not None else TrustPolicy.load()
     verified = verify_envelope(sig.read_bytes(), policy)
-    on_disk = scan_directory(directory, policy.max_file_size)
+    scan = survey(directory, policy.max_file_size)
+    unlisted = sorted(set(scan.skipped) - set(verified.ignored))
+    if unlisted:
+        raise VerifyError(
+            f"{q(unlisted[0])} is not covered by {SIGNATURE_FILE} (nor listed as ignored); remove it or re-sign"
+        )
+    on_disk = scan.names
     expected = {f["name"]: f for f in verified.files}
     missing = sorted(expected.keys() - set(on_disk))
     if missing:

@@ -9,6 +9,7 @@ Real users pass any Hugging Face model id. Two ids resolve locally, so the demo 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -122,23 +123,89 @@ def load_tokenizer(model_id: str, revision: str | None = None) -> Any:
     return tokenizer
 
 
-def load_base(model_id: str, revision: str | None = None, dtype: Any = None, device: str = "cpu") -> tuple[Any, Any]:
-    """(model, tokenizer) for a base-model id, in eval mode with gradients off."""
+def model_config(model_id: str, revision: str | None = None) -> dict:
+    """A model's config.json, without its weights: a folder (or the file itself), an alias, or a hub id
+    (only config.json is fetched). What the memory plan (protocol/memory.py) reads."""
+    given = Path(model_id).expanduser()
+    if given.is_dir() or given.is_file():
+        file = given / "config.json" if given.is_dir() else given
+    elif (path := local_path(model_id)) is not None:
+        file = path / "config.json"
+    else:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            file = Path(hf_hub_download(canonical_id(model_id), "config.json", revision=revision or None))
+        except Exception as exc:  # noqa: BLE001 - the hub client raises a dozen kinds; all mean "not here"
+            raise CommonsError(f"cannot fetch config.json of {model_id!r}: {str(exc).splitlines()[0][:160]} "
+                               "(check the id, pass a folder with config.json, or `hf auth login`)") from None
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CommonsError(f"cannot read {file}: {exc}; pass a model folder holding config.json") from None
+
+
+def load_base(model_id: str, revision: str | None = None, dtype: Any = None, device: str = "cpu",
+              quantization: str = "none") -> tuple[Any, Any]:
+    """(model, tokenizer) for a base-model id, in eval mode with gradients off; `quantization` "nf4" or
+    "int8" loads the attention and MLP matrices through bitsandbytes (protocol/quantization.py)."""
     from transformers import AutoModelForCausalLM
+
+    from protocol.quantization import from_pretrained_kwargs
 
     path = local_path(model_id)
     source = str(path) if path else canonical_id(model_id)
+    extra = from_pretrained_kwargs(quantization, dtype or "float32", device)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source, revision=None if path else revision, dtype=dtype or "float32"
+            source, revision=None if path else revision, dtype=dtype or "float32", **extra
         )
     except OSError as exc:
         raise CommonsError(
             f"cannot load base model {model_id!r}: {str(exc).splitlines()[0]} "
             "(check the id, or log in with `hf auth login` for gated models)"
         ) from None
-    model.to(device)
+    if quantization == "none":  # bitsandbytes placed its weights while loading
+        model.to(device)
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)
     return model, load_tokenizer(model_id, revision)
+
+
+def weights_sha256(folder: Path) -> str:
+    """sha256 over a model folder's weight files in name order (one file: what `sha256sum` prints)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for file in sorted(folder.glob("*.safetensors")):
+        with file.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def exact_revision(model_id: str, revision: str | None = None, model: Any = None) -> str:
+    """What pins a base model exactly: "sha256:<weights>" for a local conversion (`commons base path NAME`
+    prints its folder), else the Hub commit the model was loaded from (or `revision` when unknown)."""
+    path = local_path(model_id)
+    if path is not None:
+        return f"sha256:{weights_sha256(path)}"
+    commit = getattr(getattr(model, "config", None), "_commit_hash", None)
+    return str(commit or revision or "main")
+
+
+def base_folder(model_id: str, revision: str | None = None) -> Path:
+    """The folder holding a base model's files: the local conversion in the cache, or the Hub snapshot
+    (downloaded on first use, as loading would)."""
+    path = local_path(model_id)
+    if path is not None:
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(canonical_id(model_id), revision=revision or None))
+    except Exception as exc:  # noqa: BLE001 - hub errors are long; the user needs the id and the reason
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise CommonsError(f"cannot fetch base model {model_id!r} ({reason}): check the id, the network, or log in "
+                           "with `hf auth login` for gated models") from None

@@ -41,6 +41,12 @@ POLICY = "policy.json"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 # Formats that can run code when loaded (pickle inside); weights must be safetensors.
 REFUSED_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".dill", ".npy", ".npz")
+# Everything else is refused unless it is one of these kinds: safetensors weights, and the configs, cards,
+# tokenizers and data around them, none of which any loader unpickles. An allowlist, not a denylist: a
+# protocol-0 pickle named `weights` (no suffix) is refused for its name before its bytes are looked at.
+ALLOWED_SUFFIXES = (".safetensors", ".json", ".jsonl", ".md", ".txt", ".jinja", ".model", ".yaml", ".yml",
+                    ".csv", ".tsv", ".cff", ".rst")
+ALLOWED_NAMES = ("LICENSE", "NOTICE", "README", "COPYING", "AUTHORS", "CITATION")
 
 
 def trust_dir() -> Path:
@@ -120,8 +126,8 @@ class TrustPolicy:
         newest = max(seen, default=None)
         if newest is not None and version < newest and not self.allow_older:
             raise VerifyError(
-                f"replay refused: {q(name)} v{version} is older than v{newest} already seen; pull the latest "
-                "version, or ask for this one explicitly"
+                f"replay refused: {q(name)} v{version} is older than v{newest} already seen; take the latest, "
+                "or pass --allow-older if you mean this one"
             )
 
     def check(self, name: str, version: int, signer: str, digest: str) -> None:
@@ -183,8 +189,24 @@ def name_problem(name: str) -> str | None:
     return None
 
 
+def kind_problem(rel: str) -> str | None:
+    """Why a file's name is not an allowed kind (see ALLOWED_SUFFIXES), or None."""
+    lower = rel.lower()
+    suffix = next((s for s in REFUSED_SUFFIXES if lower.endswith(s)), None)
+    if suffix:
+        return f"{q(rel)} is a pickle-capable format ({suffix}); only safetensors weights are accepted"
+    base = rel.rsplit("/", 1)[-1]
+    if lower.endswith(ALLOWED_SUFFIXES) or base in ALLOWED_NAMES:
+        return None
+    return (f"{q(rel)} is not a kind of file an adapter or dataset holds (weights .safetensors; text .json "
+            ".jsonl .md .txt .yaml ...); remove it")
+
+
 def file_rule_violation(path: Path, rel: str) -> str | None:
-    """Content we refuse whatever its signature says: anything that can run code when loaded."""
+    """Content we refuse whatever its signature says, on any file in the folder: anything that can run code.
+
+    What may be signed at all is narrower (`kind_problem`: an allowlist), checked where names get signed.
+    """
     lower = rel.lower()
     suffix = next((s for s in REFUSED_SUFFIXES if lower.endswith(s)), None)
     if suffix:

@@ -27,6 +27,8 @@ from protocol.multiformats import CID, DAG_PB, RAW, varint_decode, varint_encode
 CHUNK_SIZE = 262144
 MAX_LINKS = 174
 HAMT_THRESHOLD = 262144  # Kubo's default UnixFS sharding threshold (bytes of link estimates)
+MAX_DEPTH = 64  # levels any walk follows: a Kubo file of 2 GiB has 3, the deepest folder we publish a few more
+MAX_ENTRIES = 100_000  # entries a directory walk lists, repeats included
 
 # UnixFS Data.Type values
 T_RAW, T_DIRECTORY, T_FILE, T_METADATA, T_SYMLINK, T_HAMT = range(6)
@@ -290,35 +292,131 @@ def block_links(cid: str, block: bytes) -> list[str]:
     return [str(link.cid) for link in links]
 
 
-def _node(get_block: GetBlock, cid: str) -> tuple[list[dagpb.Link], FSNode] | None:
-    """None for a raw block; (links, unixfs) for dag-pb."""
+# --- bounded walks ----------------------------------------------------------------------------------
+#
+# A DAG is a graph, not a tree: one small block may link the same child a million times, or nest a
+# thousand levels deep. Every walk below is iterative and counts what it visits *with* repeats, so it
+# is refused (VerifyError, one line) as soon as it passes what the file can honestly take:
+#
+#                     root          ≤ `depth` levels       the file's bytes ≤ `bytes`
+#                 /    |    \
+#            node     node   node   ≤ `links` visits in all (a repeated child counts each time)
+#           / | \
+#       leaf leaf leaf
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The most a walk of one file may visit: blocks (counted with repeats), content bytes, levels."""
+
+    links: int
+    bytes: int
+    depth: int = MAX_DEPTH
+    exact: bool = True  # the file must hold exactly `bytes` (False: at most)
+
+
+def file_bounds(size: int) -> Bounds:
+    """Exactly what Kubo's layout (CHUNK_SIZE leaves, ≤ MAX_LINKS per node) takes for a `size`-byte file."""
+    level = max(1, -(-size // CHUNK_SIZE))
+    nodes, depth = level, 1
+    while level > 1:
+        level = -(-level // MAX_LINKS)
+        nodes += level
+        depth += 1
+    return Bounds(links=nodes, bytes=size, depth=depth)
+
+
+def upto(limit: int) -> Bounds:
+    """For a file known only to be at most `limit` bytes (a model.sig: nothing states its size)."""
+    most = file_bounds(limit)
+    return Bounds(links=most.links, bytes=limit, depth=most.depth, exact=False)
+
+
+def claimed_bounds(filesize: int) -> Bounds:
+    """For a file nobody signed: what its own root claims, with room for other chunkers (≥ 1 KiB a block)."""
+    return Bounds(links=64 + filesize // 1024, bytes=filesize)
+
+
+@dataclass(frozen=True)
+class Measured:
+    size: int  # content bytes
+    tsize: int  # block bytes with repeats: what a parent's link to this file says (Kubo's Tsize)
+
+
+def _file_pieces(get_block: GetBlock, cid: str, bounds: Bounds | None, name: str) -> Iterator[tuple[int, bytes]]:
+    """(block length, content bytes) of every node of the file, in order; VerifyError past its bounds.
+
+    Links are counted as they are pushed, not as they are visited: one 2 MiB block may hold 50 000 links,
+    and a walk that let them pile up before counting would run out of memory before it said no.
+    """
+    label = name or cid
+    stack = [(cid, 1)]
+    visits = content = 0
+    while stack:
+        current, depth = stack.pop()
+        block = get_block(current)
+        if bounds is None:  # nobody signed a size: hold the file to what its own root claims
+            bounds = claimed_bounds(_claimed_size(current, block))
+        visits += 1
+        links, data = _file_node(current, block, label)
+        if links and depth >= bounds.depth:
+            raise VerifyError(f"{label} nests deeper than the {bounds.depth} levels a {bounds.bytes}-byte file has "
+                              "(a DAG bomb); refusing it")
+        if visits + len(stack) + len(links) > bounds.links:
+            raise VerifyError(f"{label} links more than the {bounds.links} blocks a {bounds.bytes}-byte file has "
+                              "(a DAG bomb); refusing it")
+        content += len(data)
+        if content > bounds.bytes:
+            raise VerifyError(f"{label} holds more than the {bounds.bytes} bytes promised for it; refusing it")
+        stack.extend((str(link.cid), depth + 1) for link in reversed(links))
+        yield len(block), data
+    if bounds is not None and bounds.exact and content != bounds.bytes:
+        raise VerifyError(f"{label} holds {content} bytes, not the {bounds.bytes} promised for it; refusing it")
+
+
+def _claimed_size(cid: str, block: bytes) -> int:
     if CID.decode(cid).codec == RAW:
-        return None
-    links, data = dagpb.decode_node(get_block(cid))
-    return links, decode_unixfs(data)
+        return len(block)
+    _, data = dagpb.decode_node(block)
+    return decode_unixfs(data).filesize
 
 
-def iter_file(get_block: GetBlock, cid: str) -> Iterator[bytes]:
-    """The file's bytes, in order, block by block."""
-    parsed = _node(get_block, cid)
-    if parsed is None:
-        yield get_block(cid)
-        return
-    links, node = parsed
+def _file_node(cid: str, block: bytes, label: str) -> tuple[list[dagpb.Link], bytes]:
+    """(links, content) of one node of a file: a raw leaf, or a dag-pb UnixFS File/Raw node."""
+    parsed = CID.decode(cid)
+    if parsed.codec == RAW:
+        return [], block
+    if parsed.codec != DAG_PB:
+        raise CommonsError(f"unsupported codec 0x{parsed.codec:x} in {cid}: only dag-pb and raw are handled")
+    links, data = dagpb.decode_node(block)
+    node = decode_unixfs(data)
     if node.type not in (T_FILE, T_RAW):
-        raise CommonsError(f"{cid} is not a file (UnixFS type {node.type}): use export for directories")
-    if node.data:
-        yield node.data
-    for link in links:
-        yield from iter_file(get_block, str(link.cid))
+        raise VerifyError(f"{label} is not a file (UnixFS type {node.type} at {cid}): use export for directories")
+    return links, node.data
+
+
+def iter_file(get_block: GetBlock, cid: str, bounds: Bounds | None = None, name: str = "") -> Iterator[bytes]:
+    """The file's bytes, in order, block by block; held to `bounds` (default: what its root claims)."""
+    for _, data in _file_pieces(get_block, cid, bounds, name):
+        if data:
+            yield data
+
+
+def measure_file(get_block: GetBlock, cid: str, bounds: Bounds, name: str = "") -> Measured:
+    """Walks the whole file within `bounds` without keeping its bytes: its size and Tsize."""
+    size = tsize = 0
+    for block_len, data in _file_pieces(get_block, cid, bounds, name):
+        size += len(data)
+        tsize += block_len
+    return Measured(size, tsize)
 
 
 def _dir_links(get_block: GetBlock, cid: str) -> list[dagpb.Link] | None:
     """Links of a directory node, or None when cid is a file."""
-    parsed = _node(get_block, cid)
-    if parsed is None:
+    if CID.decode(cid).codec == RAW:
         return None
-    links, node = parsed
+    links, data = dagpb.decode_node(get_block(cid))
+    node = decode_unixfs(data)
     if node.type == T_HAMT:
         raise CommonsError(f"{cid} is a HAMT-sharded directory, which is not supported: split it")
     if node.type == T_SYMLINK:
@@ -331,45 +429,63 @@ def _dir_links(get_block: GetBlock, cid: str) -> list[dagpb.Link] | None:
     return None
 
 
+def walk_directory(get_block: GetBlock, cid: str, max_entries: int = MAX_ENTRIES
+                   ) -> Iterator[tuple[str, str, list[dagpb.Link] | None]]:
+    """(relative path, CID, links or None for a file) of every entry below a directory, in link order."""
+    root_links = _dir_links(get_block, cid)
+    if root_links is None:
+        raise CommonsError(f"{cid} is a file, not a directory: use iter_file")
+    stack = [("", link, 1) for link in reversed(root_links)]
+    listed = len(stack)
+    while stack:
+        prefix, link, depth = stack.pop()
+        child, path = str(link.cid), prefix + link.name
+        sub = _dir_links(get_block, child)
+        yield path, child, sub
+        if sub is None:
+            continue
+        listed += len(sub)  # counted as pushed, so a directory repeated under itself stops here
+        if listed > max_entries:
+            raise VerifyError(f"directory {cid} lists more than {max_entries} entries; refusing it")
+        if depth >= MAX_DEPTH:
+            raise VerifyError(f"directory {cid} nests deeper than {MAX_DEPTH} levels; refusing it")
+        stack.extend((path + "/", grandchild, depth + 1) for grandchild in reversed(sub))
+
+
 def list_directory(get_block: GetBlock, cid: str) -> list[tuple[str, str, int]]:
-    """Every file below a directory as (relative path, CID, size in bytes), recursively, in link order."""
-    out: list[tuple[str, str, int]] = []
-
-    def walk(node_cid: str, prefix: str) -> None:
-        links = _dir_links(get_block, node_cid)
-        if links is None:
-            raise CommonsError(f"{node_cid} is a file, not a directory: use iter_file")
-        for link in links:
-            child = str(link.cid)
-            sub = _dir_links(get_block, child)
-            if sub is None:
-                out.append((prefix + link.name, child, _file_size(get_block, child)))
-            else:
-                walk(child, prefix + link.name + "/")
-
-    walk(cid, "")
-    return out
+    """Every file below a directory as (relative path, CID, size its root claims), in link order."""
+    return [(path, child, _file_size(get_block, child))
+            for path, child, sub in walk_directory(get_block, cid) if sub is None]
 
 
 def _file_size(get_block: GetBlock, cid: str) -> int:
-    parsed = _node(get_block, cid)
-    return len(get_block(cid)) if parsed is None else parsed[1].filesize
+    return _claimed_size(cid, get_block(cid))
 
 
 def export(get_block: GetBlock, cid: str, out_dir: Path) -> None:
     """Writes the file (at out_dir) or the directory tree (as out_dir), like `ipfs get -o out_dir`."""
     out_dir = Path(out_dir)
-    links = _dir_links(get_block, cid)
-    if links is None:
+    if _dir_links(get_block, cid) is None:
         if out_dir.is_dir():
             raise CommonsError(f"{out_dir} is a directory but {cid} is a file: give a file path to write to")
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_dir.with_name(out_dir.name + ".partial")
-        with tmp.open("wb") as fh:
-            for piece in iter_file(get_block, cid):
-                fh.write(piece)
-        os.replace(tmp, out_dir)
+        write_file(get_block, cid, out_dir)
         return
     out_dir.mkdir(parents=True, exist_ok=True)
-    for link in links:
-        export(get_block, str(link.cid), out_dir / link.name)
+    for path, child, sub in walk_directory(get_block, cid):
+        if sub is None:
+            write_file(get_block, child, out_dir / path)
+        else:
+            (out_dir / path).mkdir(parents=True, exist_ok=True)
+
+
+def write_file(get_block: GetBlock, cid: str, path: Path, bounds: Bounds | None = None, name: str = "") -> None:
+    """The file's bytes at `path`, whole or not at all (a partial write never takes the name)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        with tmp.open("wb") as fh:
+            for piece in iter_file(get_block, cid, bounds, name):
+                fh.write(piece)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

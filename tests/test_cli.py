@@ -105,3 +105,41 @@ def test_node_status_line_says_what_the_volunteer_sees() -> None:
     assert status_text(training, "", "h:1", False) == "round 2 step 3/10 loss 1.235 190 tokens/s"
     paused = {"state": "paused", "round": 2, "reason": "on battery"}
     assert status_text(paused, "", "h:1", False) == "round 2 paused: on battery (--idle-only)"
+    assert status_text({"state": "sent", "round": 3, "loss": None}, "", "h:1", False) == (
+        "round 3 sent; waiting for the next round")  # never "loss None"
+    refused = {"state": "refused", "reason": "refused the coordinator's app: it declares ClientApp 'x:app', …"}
+    assert status_text(refused, "", "h:1", False) == refused["reason"]
+    failed = {"state": "failed", "round": 2, "reason": "CommonsError: train.jsonl:3: not JSON"}
+    assert status_text(failed, "", "h:1", False) == "round 2 failed: CommonsError: train.jsonl:3: not JSON"
+
+
+def test_node_start_refuses_a_url_a_bad_address_and_a_bad_data_line_in_one_line(tmp_path: Path) -> None:
+    code, _, err = run("node", "start", "--coordinator", "http://coord.example.org:9092/")
+    assert code == 1 and err.strip() == ("error: --coordinator takes HOST:PORT without a scheme: use --coordinator "
+                                         "coord.example.org:9092")
+    code, _, err = run("node", "start", "--coordinator", "coord.example.org")
+    assert code == 1 and "needs HOST:PORT, e.g. 192.0.2.10:9092" in err and len(err.strip().splitlines()) == 1
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ho"}]}\n'
+                    '{"messages": [{"role": "user", "content": "no answer"\n')
+    code, _, err = run("node", "start", "--coordinator", "127.0.0.1:9", "--data", str(data))
+    assert code == 1 and err.strip().startswith(f"error: {data}:2: not JSON") and len(err.strip().splitlines()) == 1
+
+
+def test_node_start_says_it_waits_for_an_absent_coordinator_and_stops_on_sigterm(tmp_path: Path) -> None:
+    import os
+    import signal
+    import time
+
+    from commons.flower import free_port
+
+    port = free_port()  # nothing listens there
+    proc = subprocess.Popen([COMMONS, "node", "start", "--coordinator", f"127.0.0.1:{port}"], stderr=subprocess.PIPE,
+                            text=True, env={**os.environ})
+    time.sleep(8)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    assert f"waiting for the coordinator at 127.0.0.1:{port}" in err and "connected to" not in err
+    assert err.strip().splitlines()[-1] == (f"volunteer stopped; `commons node start --coordinator 127.0.0.1:{port}` "
+                                            "joins again")

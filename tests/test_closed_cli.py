@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+from test_code_trust import evil_app, flwr_run, ran_outside_the_attackers_cli
 from test_federation_e2e import read_events, write_campaign
 
-from commons.flower import free_port
+from commons.flower import _bin, _env, free_port
 from coordinator import closed
 from protocol.errors import CommonsError
 from protocol.keys import Identity
@@ -84,13 +85,13 @@ def test_flower_registration_errors_become_one_line(tmp_path: Path) -> None:
                                                                                       "this coordinator: nothing to do")
 
 
-def test_network_speaks_tls_only_when_given_a_ca(tmp_path: Path) -> None:
+def test_the_admins_flwr_talks_to_the_loopback_superlink_with_tls_only_when_given_a_ca(tmp_path: Path) -> None:
     from commons.flower import Network
 
-    open_net = Network(tmp_path / "open", address="0.0.0.0:9092")
-    assert 'address = "0.0.0.0:9092"\ninsecure = true' in (open_net.flwr_home() / "config.toml").read_text()
+    open_net = Network(tmp_path / "open", address="0.0.0.0:9092", control="127.0.0.1:40001")
+    assert 'address = "127.0.0.1:40001"\ninsecure = true' in (open_net.flwr_home() / "config.toml").read_text()
     tls = closed.make_tls(tmp_path / "tls")
-    closed_net = Network(tmp_path / "closed", address="127.0.0.1:9092", ca=tls.ca)
+    closed_net = Network(tmp_path / "closed", address="127.0.0.1:9092", control="127.0.0.1:40002", ca=tls.ca)
     config = (closed_net.flwr_home() / "config.toml").read_text()
     assert f'root-certificates = "{tls.ca}"' in config and "insecure" not in config
 
@@ -118,7 +119,7 @@ def test_tls_without_ca_and_a_malformed_key_fail_with_one_line(tmp_path: Path) -
     line = one_line_error(commons(tmp_path, "coordinator", "admit", str(good)))
     assert line.startswith("error: no coordinator is running under")
     (tmp_path / "test.jsonl").write_text("")
-    (tmp_path / "c.toml").write_text('name = "c"\nbase_model = "tiny"\neval_file = "test.jsonl"\n')
+    (tmp_path / "c.toml").write_text('name = "c"\nbase_model = "tiny"\neval_file = "test.jsonl"\nlicense = "MIT"\n')
     line = one_line_error(commons(tmp_path, "coordinator", "start", "--campaign", str(tmp_path / "c.toml"),
                                   "--tls-host", "x.org"))
     assert "--tls-host only applies to closed campaigns: add --closed" in line
@@ -170,6 +171,14 @@ def test_closed_campaign_admits_registered_volunteers_and_refuses_a_stranger(tmp
         body = wait_text(tmp_path / "coord.log", "volunteers registered", procs["coord"], 90)
         ca = coord / "coordinator" / "tls" / "ca.pem"
         assert f"1 volunteers registered): volunteers copy {ca} and run" in body
+        # a stranger holding the public ca.pem dials the coordinator's port: they may neither register their
+        # own key nor submit a run whose code would execute on the coordinator and its volunteers
+        (tmp_path / "stranger.pub").write_text(keys["stranger"] + "\n")
+        strange = closed.flwr_config(tmp_path / "stranger-flwr", f"127.0.0.1:{port}", ca).parent
+        with pytest.raises(CommonsError, match="could not register"):
+            closed.register(_bin("flwr"), strange, tmp_path / "stranger.pub", _env({}))
+        marker, report = tmp_path / "pwned", tmp_path / "report.json"
+        assert not flwr_run(evil_app(tmp_path / "evil", marker, report, shadow=False), strange, tmp_path)["success"]
         node = ["node", "start", "--coordinator", f"127.0.0.1:{port}", "--ca", str(ca), "--max-cpu-threads", "1"]
         admitted = commons(coord, "coordinator", "admit", str(tmp_path / "bob.pub"), "--json")
         assert admitted.returncode == 0, admitted.stderr
@@ -202,3 +211,4 @@ def test_closed_campaign_admits_registered_volunteers_and_refuses_a_stranger(tmp
     assert sorted(result["contributors"]) == sorted([ids["alice"], ids["bob"]])
     assert ids["stranger"] not in json.dumps(result["ledger"])
     assert not (coord / "coordinator" / "running.json").exists()  # `admit` now says no coordinator runs
+    assert ran_outside_the_attackers_cli(marker) == [] and not report.exists()

@@ -70,7 +70,7 @@ def final_stage(path: Path) -> list[tuple[str, str]]:
 
 
 def resolved_bases(path: Path) -> list[str]:
-    """Every FROM image with ARG defaults substituted; stage aliases are not images."""
+    """Every FROM image with ARG defaults substituted; stage aliases and `scratch` (empty) are not images."""
     args: dict[str, str] = {}
     aliases: set[str] = set()
     bases: list[str] = []
@@ -81,7 +81,7 @@ def resolved_bases(path: Path) -> list[str]:
         elif word == "FROM":
             parts = rest.split()
             image = re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), m.group(0)), parts[0])
-            if image not in aliases:
+            if image not in aliases and image != "scratch":
                 bases.append(image)
             if len(parts) == 3 and parts[1].upper() == "AS":
                 aliases.add(parts[2])

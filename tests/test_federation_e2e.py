@@ -15,24 +15,22 @@ from pathlib import Path
 import pytest
 
 from commons.demo_task import write_demo_data
-from commons.flower import APP_TOML, Network
+from commons.flower import Network
 from protocol.keys import Identity
 
 TESTS = Path(__file__).resolve().parent
 
 
 class TestNetwork(Network):
-    """Our network, with the test-only ClientApp that can forge signatures (tests/attack_client_app.py)."""
+    """Our network, whose volunteers run the test-only ClientApp that can forge signatures
+    (tests/attack_client_app.py): their own local choice (COMMONS_NODE_APP), not something the
+    coordinator can send."""
 
     __test__ = False
 
-    def app_dir(self) -> Path:
-        app = super().app_dir()
-        (app / "pyproject.toml").write_text(APP_TOML.replace("node.client_app:app", "attack_client_app:app"))
-        return app
-
-    def submit(self, run_config: dict[str, str], env: dict[str, str] | None = None) -> int:
-        return super().submit(run_config, {"PYTHONPATH": str(TESTS), **(env or {})})
+    def _spawn(self, name: str, args: list[str], env: dict[str, str], group: int | None = None):
+        local = {"PYTHONPATH": str(TESTS), "COMMONS_NODE_APP": "attack_client_app:app"}
+        return super()._spawn(name, args, {**local, **env}, group=group)
 
 
 def write_campaign(root: Path, nodes: int, rounds: int, round_timeout: float) -> tuple[Path, list[Path]]:

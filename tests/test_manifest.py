@@ -146,10 +146,18 @@ def test_sign_refuses_bad_metadata_with_one_line(tmp_path: Path, home: Path, ali
     assert not (directory / SIGNATURE_FILE).exists()
 
 
-def test_hidden_files_are_not_signed_like_ipfs_add(signed: Path, alice: Identity) -> None:
-    (signed / ".cache").mkdir()
-    (signed / ".cache" / "x").write_text("local junk")
-    assert len(verify_directory(signed).files) == 4
+def test_hidden_files_are_not_signed_like_ipfs_add_but_listed_as_ignored(tmp_path: Path, alice: Identity) -> None:
+    directory = make_adapter(tmp_path / "adapter")
+    (directory / ".cache").mkdir()
+    (directory / ".cache" / "x").write_text("local junk")
+    (directory / "eval" / ".DS_Store").write_text("")
+    sign_directory(directory, AdapterMeta(name="demo"), alice)
+    assert statement_of(directory)["predicate"]["serialization"]["ignore_paths"] == [
+        ".cache", "eval/.DS_Store", SIGNATURE_FILE]
+    verified = verify_directory(directory)
+    assert len(verified.files) == 4 and verified.ignored == (".cache", "eval/.DS_Store")
+    (directory / ".git").mkdir()  # appeared after signing: not covered, not listed
+    rejected(check(directory), "'.git' is not covered by model.sig (nor listed as ignored)")
 
 
 def test_verify_envelope_checks_signature_without_files_and_records_nothing(signed: Path, home: Path) -> None:
@@ -218,18 +226,18 @@ def test_pickle_formats_are_refused_even_when_signed(
 def statement_of_signed_without(directory: Path, name: str, identity: Identity) -> dict:
     """Sign the folder as if `name` were an ordinary file: move it aside, sign, rename the resource back."""
     data = (directory / name).read_bytes()
-    (directory / name).rename(directory / "plain.dat")
-    (directory / "plain.dat").write_bytes(b"\0" + data)  # defuse the magic so signing accepts it
+    (directory / name).rename(directory / "plain.txt")
+    (directory / "plain.txt").write_bytes(b"\0" + data)  # defuse the magic so signing accepts it
     sign_directory(directory, AdapterMeta(name="demo"), identity)
     statement = statement_of(directory)
-    (directory / "plain.dat").unlink()
+    (directory / "plain.txt").unlink()
     (directory / name).write_bytes(data)
     digest = hashlib.sha256(data).hexdigest()
     for resource in statement["predicate"]["resources"]:
-        if resource["name"] == "plain.dat":
+        if resource["name"] == "plain.txt":
             resource.update(name=name, digest=digest)
     for entry in statement["predicate"]["commons"]["files"]:
-        if entry["name"] == "plain.dat":
+        if entry["name"] == "plain.txt":
             entry.update(name=name, size=len(data), cid=unixfs.file_cid(data))
     statement["predicate"]["resources"].sort(key=lambda r: r["name"])
     statement["predicate"]["commons"]["files"].sort(key=lambda r: r["name"])

@@ -1,13 +1,22 @@
-"""PII scrubbing: recall on a planted corpus, and clean chat text left alone."""
+"""PII scrubbing: recall on a held-out corpus and a planted one, clean chat text left alone, the report."""
 
 from __future__ import annotations
 
+import json
 import random
 import string
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
 
 import pytest
+from stdnum import luhn
 
-from protocol.pii import find_pii, luhn_ok, scrub
+from protocol.pii import describe, find_pii, scrub
+
+CORPUS = Path(__file__).parent / "data" / "pii_corpus.jsonl"
 
 RNG = random.Random(20261124)
 ALNUM = string.ascii_letters + string.digits
@@ -20,7 +29,7 @@ def _rand(alphabet: str, n: int) -> str:
 def _card(prefix: str, length: int) -> str:
     body = prefix + _rand(string.digits, length - len(prefix) - 1)
     for check in string.digits:
-        if luhn_ok(body + check):
+        if luhn.is_valid(body + check):
             return body + check
     raise AssertionError("unreachable")
 
@@ -186,3 +195,103 @@ def test_url_credentials_and_spaced_phone_numbers() -> None:
 def test_private_key_block_removed_whole() -> None:
     text = "here:\n-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----\nok"
     assert scrub(text).text == "here:\n[PRIVATE_KEY]\nok"
+
+
+# --- the held-out corpus: written apart from the detectors, in other formats and other sentences -------
+# tests/data/pii_corpus.jsonl: one JSON object a line, either a planted value {kind, country, text, start,
+# end, value} or a look-alike {kind: "none", lookalike, text}. "split" says when it was written:
+#   a  before the detectors (352 lines); its first run missed 6 of 222, and four rules were fixed
+#   b  after they were frozen (154 lines); first run 89.5% recall, 2.9% false positives, then fixed
+#   c  last (80 lines), measured once and never tuned against: 100% recall, 2.9% false positives
+
+def _corpus() -> tuple[list[dict], list[dict]]:
+    rows = [json.loads(line) for line in CORPUS.read_text(encoding="utf-8").splitlines()]
+    return [r for r in rows if r["kind"] != "none"], [r for r in rows if r["kind"] == "none"]
+
+
+def _removed(row: dict) -> bool:
+    """Every letter and digit of the planted value lies inside some finding."""
+    covered = {i for f in find_pii(row["text"]) for i in range(f.start, f.end)}
+    return all(i in covered for i in range(row["start"], row["end"]) if row["text"][i].isalnum())
+
+
+def test_corpus_is_large_and_varied_enough_to_mean_something() -> None:
+    positives, negatives = _corpus()
+    assert len(positives) >= 200 and len(negatives) >= 100
+    assert len({r["kind"] for r in positives}) >= 10
+    assert len({r["country"] for r in positives}) >= 8
+    assert all(r["text"][r["start"]:r["end"]] == r["value"] for r in positives)
+
+
+def test_recall_is_at_least_95_percent_and_false_positives_at_most_3_percent_on_the_corpus() -> None:
+    positives, negatives = _corpus()
+    missed = [r for r in positives if not _removed(r)]
+    flagged = [(r["text"], find_pii(r["text"])) for r in negatives if find_pii(r["text"])]
+    planted = Counter(r["kind"] for r in positives)
+    lost = Counter(r["kind"] for r in missed)
+    per_kind = {kind: (n - lost[kind]) / n for kind, n in sorted(planted.items())}
+    recall = 1 - len(missed) / len(positives)
+    false_positives = len(flagged) / len(negatives)
+    print(f"recall {recall:.1%} {per_kind}; false positives {false_positives:.1%} {flagged}")
+    assert recall >= 0.95, [(r["kind"], r["value"]) for r in missed]
+    assert false_positives <= 0.03, flagged
+    assert min(per_kind.values()) >= 0.8, per_kind  # no kind hides in the mean
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("IBAN: DE89 3704 0044 0532 0130 00, danke", "IBAN: [IBAN], danke"),
+    ("My SSN is 536-90-4399.", "My SSN is [SSN]."),
+    ("NHS number 943 476 5919", "NHS number [NHS_NUMBER]"),
+    ("Mijn BSN is 111222333.", "Mijn BSN is [BSN]."),
+    ("passport no. 123456789 expires 2031", "passport no. [PASSPORT] expires 2031"),
+    ("Please ask Dr. Anna Schmidt to review it.", "Please ask [NAME] to review it."),
+    ("I live at 742 Evergreen Terrace, Springfield.", "I live at [ADDRESS], Springfield."),
+    ("Rufen Sie mich unter 030 12345678 an.", "Rufen Sie mich unter [PHONE] an."),
+    ("Appelez-moi au 01 42 68 53 00.", "Appelez-moi au [PHONE]."),
+    ("お問い合わせは03-1234-5678まで。", "お問い合わせは[PHONE]まで。"),
+    ("email me at jdoe at example dot com", "email me at [EMAIL]"),
+])
+def test_each_kind_is_replaced_by_its_placeholder(text: str, expected: str) -> None:
+    assert scrub(text).text == expected
+
+
+def test_look_alikes_survive_untouched() -> None:
+    for text in ("Dr. Pepper and Mr. Robot", "ISBN 978-3-16-148410-0", "build 20240315.1 at 14:30:05",
+                 "scores 12 34 56 78 90", "sum of 1..100 is 5050"):
+        assert find_pii(text) == [], text
+
+
+def test_report_names_the_kinds_found_in_words() -> None:
+    assert describe(Counter(email=2, iban=1)) == "2 emails, 1 IBAN"
+    assert describe(Counter(ipv4=1, ipv6=1, phone=1)) == "2 IP addresses, 1 phone number"
+    assert describe(Counter()) == "nothing found"
+
+
+def test_data_review_prints_what_kinds_were_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from commons.cli.data import data_group
+
+    monkeypatch.setenv("COMMONS_HOME", str(tmp_path / "home"))
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text(json.dumps({"messages": [
+        {"role": "user", "content": "Pay DE89 3704 0044 0532 0130 00; mail a@example.org or b@example.org"},
+        {"role": "assistant", "content": "Done."}]}) + "\n", encoding="utf-8")
+    result = CliRunner().invoke(data_group, ["review", str(chats)])
+    assert result.exit_code == 0, result.output
+    assert "PII removed: 2 emails, 1 IBAN" in result.output
+
+
+def test_importing_the_scrubber_loads_no_detector_library_and_no_torch(tmp_path: Path) -> None:
+    heavy = ("torch", "phonenumbers", "stdnum", "detect_secrets", "pyap")
+    code = f"import sys, protocol.pii; print([m for m in {heavy!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("text", ["1-" * 20000, "Aa-" * 20000, "Aaaa-" * 10000 + "str", "1 " * 20000,
+                                  "Aaaa dot " * 5000, "a.a" * 10000 + "@", "AB1" * 20000])
+def test_pathological_text_is_scanned_in_linear_time(text: str) -> None:
+    start = time.perf_counter()
+    find_pii(text)
+    assert time.perf_counter() - start < 5  # each took over 40 s before the quantifiers were bounded

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -209,3 +210,37 @@ def test_sharded_after_reassign_covers_the_dropped_layers(layers) -> None:
     ups = [node_update(after, s.node_id, 2.0) for s in after.shards]
     new, report = aggregate_sharded(global_adapter(), ups, after, "robust")
     assert report.unchanged == [] and all(np.allclose(new[k], 2.0) for k in KEYS)
+
+
+def test_a_node_whose_memory_cannot_hold_the_lowest_layers_gets_a_span_higher_up(layers) -> None:
+    caps = {"big": GPU, "small": SMALL_GPU, "cpu": CPU}
+    plan = make_plan(layers, caps, min_coverage=1, floors={"big": 0, "small": 20, "cpu": 0})
+    check_spans(plan)
+    assert plan.shard("big").start == 0 and plan.shard("small").start >= 20
+    assert make_plan(layers, caps, min_coverage=1).to_json() == make_plan(
+        layers, caps, min_coverage=1, floors=dict.fromkeys(caps, 0)).to_json()  # no limits: the same plan
+
+
+def test_a_node_that_cannot_train_even_the_top_layer_gets_no_span(layers) -> None:
+    plan = make_plan(layers, nodes(4), min_coverage=2, floors={"node-0": 0, "node-1": None, "node-2": 0, "node-3": 0})
+    check_spans(plan)
+    assert "node-1" not in {s.node_id for s in plan.shards} and min(plan.coverage()) == 2
+
+
+def test_a_plan_where_no_node_can_train_the_first_layer_is_refused_in_one_line(layers) -> None:
+    with pytest.raises(CommonsError, match="no volunteer has the memory to train the lowest layers"):
+        make_plan(layers, nodes(3), floors={"node-0": 5, "node-1": None, "node-2": 12})
+
+
+def test_the_coordinator_sizes_spans_with_the_nodes_own_memory_estimate(tmp_path, layers) -> None:
+    from coordinator.campaign import Campaign, TrainSpec
+    from coordinator.plan import memory_floors
+
+    mistral = str(Path(__file__).parent / "data" / "model_configs" / "Mistral-7B-v0.1")
+    campaign = Campaign(name="c", base_model=mistral, eval_file=tmp_path / "eval.jsonl", quantization="nf4",
+                        train=TrainSpec(batch_size=8, max_length=2048))
+    caps = {"h100": {"device": "cuda", "vram_gb": 80.0, "bf16": True},
+            "nine": {"device": "cuda", "vram_gb": 9.0, "bf16": True},
+            "four": {"device": "cuda", "vram_gb": 4.0, "bf16": True}}
+    floors = memory_floors(campaign, caps)
+    assert floors["h100"] == 0 and 0 < floors["nine"] < 32 and floors["four"] is None

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.numpy import load_file
 
@@ -33,23 +34,43 @@ class Crash(Exception):
 class LocalGrid:
     """Delivers each message to a volunteer's ClientApp function. `behave[i]` per node: "honest",
     "dead@R" (never answers train messages from round R on), "wrongkey" (signs with another key),
-    "nan" (sends NaN); `caps[i]` replaces the hardware report; `crash_at` raises at that round."""
+    "nan" (sends NaN), "ctrlc@R" (stopped when round R's work arrives, back under a new Flower id a few
+    looks later), "late" (connects a few looks after the start); `caps[i]` replaces the hardware report;
+    `crash_at` raises at that round. A ClientApp that raises is answered for as Flower does: an error reply."""
 
     def __init__(self, root: Path, data: list[Path], behave: list[str], caps: list[dict] | None = None,
                  crash_at: int | None = None) -> None:
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-        self.ids = [100 + i for i in range(len(data))]
+        self.ids: list[int | None] = [None if b == "late" else 100 + i for i, b in enumerate(behave)]
+        self.away = {i: 3 for i, b in enumerate(behave) if b == "late"}  # node -> looks until it (re)connects
         self.homes = [root / f"node{i}" for i in range(len(data))]
-        self.data, self.behave, self.caps, self.crash_at = data, behave, caps, crash_at
+        self.data, self.behave, self.caps, self.crash_at = data, list(behave), caps, crash_at
         self.sent: list[tuple[int, str, list[str]]] = []  # (node, group, keys asked)
 
     def get_node_ids(self) -> list[int]:
-        return list(self.ids)
+        for i in list(self.away):
+            self.away[i] -= 1
+            if self.away[i] <= 0:
+                del self.away[i]
+                self.ids[i] = 100 + i if self.behave[i] == "late" else 200 + i
+                self.behave[i] = "honest"
+        return [n for n in self.ids if n is not None]
 
     def send_and_receive(self, messages: list[Message], timeout: float) -> list[Message]:
         return [r for r in (self.deliver(m) for m in messages) if r is not None]
 
     def deliver(self, msg: Message) -> Message | None:
+        try:
+            return self._deliver(msg)
+        except Crash:
+            raise
+        except Exception as ex:  # noqa: BLE001 - what Flower's ClientApp runner does with any exception
+            reason = str(type(ex)) + ":<'" + str(ex) + "'>"
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+
+    def _deliver(self, msg: Message) -> Message | None:
+        if msg.metadata.dst_node_id not in self.ids:  # stopped: the SuperLink answers for it
+            return Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="node unavailable"), reply_to=msg)
         i = self.ids.index(msg.metadata.dst_node_id)
         ctx = Context(1, msg.metadata.dst_node_id, {"home": str(self.homes[i]), "data": str(self.data[i])},
                       RecordDict(), {})
@@ -65,6 +86,9 @@ class LocalGrid:
         self.sent.append((i, msg.metadata.group_id, json.loads(str(config["keys"]))))
         if behave.startswith("dead@") and round_ >= int(behave[5:]):
             return None
+        if behave.startswith("ctrlc@") and round_ >= int(behave[6:]):
+            self.ids[i], self.away[i] = None, 2
+            return Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="node unavailable"), reply_to=msg)
         reply = client_app.train(msg, ctx)
         if behave == "nan":
             first = min(reply.content["adapter"])
@@ -228,3 +252,78 @@ def test_a_node_whose_key_changes_or_reply_fails_is_dropped_with_a_reason(tmp_pa
     msg = Message(RecordDict(), dst_node_id=7, message_type="train")
     failed = Message(Error(code=0, reason="out of memory"), reply_to=msg)
     assert "failed: out of memory" in rounds.check_reply(failed, campaign, 1, "ab" * 32, {})
+
+
+@pytest.fixture
+def quick_polls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runner's looks at the grid, seconds apart for real volunteers, at test speed."""
+    monkeypatch.setattr(runner, "WAIT_SECONDS", 0.01)
+    monkeypatch.setattr(rounds, "POLL_SECONDS", 0.01)
+
+
+def test_a_volunteer_with_a_malformed_data_line_is_left_out_with_its_reason(tmp_path: Path, quick_polls: None) -> None:
+    campaign, data, home = setup(tmp_path, 3, rounds=1)
+    lines = data[2].read_text().splitlines()
+    data[2].write_text("\n".join([*lines[:2], "{not json", *lines[2:]]) + "\n")  # line 3 of its file
+    result = runner.run(LocalGrid(tmp_path, data, ["honest"] * 3), campaign, home)
+    log = events(home)
+    ignored = [e for e in log if e["event"] == "node_ignored"]
+    said = f"{data[2]}:3: not JSON (Expecting property name enclosed in double quotes); fix or remove the line"
+    assert [e["reason"] for e in ignored] == [said]
+    assert next(e for e in log if e["event"] == "round_start")["nodes"] == 2
+    assert result["rounds"] == 1 and len(result["ledger"]) == 2
+
+
+def test_a_campaign_waits_for_volunteers_within_its_patience(tmp_path: Path, quick_polls: None) -> None:
+    campaign, data, home = setup(tmp_path, 2, rounds=1, node_wait=60)
+    result = runner.run(LocalGrid(tmp_path, data, ["honest", "late"]), campaign, home)
+    waits = [(e["have"], e["want"]) for e in events(home) if e["event"] == "waiting_for_nodes"]
+    assert waits == [(1, 2)] and len(result["ledger"]) == 2
+    campaign, data, home = setup(tmp_path / "alone", 1, rounds=1, node_wait=0.05)
+    with pytest.raises(CommonsError, match=r"^round 1: only 1 of min_nodes=2 volunteers could train after waiting 0s "
+                                           r"\(1 connected\): start more nodes, raise node_wait or lower min_nodes"):
+        runner.run(LocalGrid(tmp_path / "alone", data, ["honest"]), campaign, home)
+
+
+def test_a_volunteer_stopped_mid_round_is_waited_for_and_rejoins(tmp_path: Path, quick_polls: None) -> None:
+    campaign, data, home = setup(tmp_path, 2, rounds=2, round_timeout=60)
+    grid = LocalGrid(tmp_path, data, ["ctrlc@1", "honest"])
+    result = runner.run(grid, campaign, home)
+    log = events(home)
+    assert [e["event"] for e in log if e["event"] in ("waiting_for_rejoin", "rejoined")] == ["waiting_for_rejoin",
+                                                                                          "rejoined"]
+    assert [e["accepted"] for e in log if e["event"] == "round_end"] == [2, 2]
+    assert all(e["rounds"] == 2 for e in result["ledger"]) and grid.ids[0] == 200  # trained under its new id
+
+
+def test_the_best_evaluated_round_is_published_and_early_stop_ends_the_campaign(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from protocol.manifest import verify_directory
+    from protocol.models import TINY_ID, local_path, weights_sha256
+    from protocol.trust import TrustPolicy
+
+    scores = iter([0.10, 0.45, 0.35, 0.99])  # base, round 1, round 2; round 3 must never run
+
+    def scripted(model: Any, tokenizer: Any, records: list[dict]) -> dict:
+        return {"accuracy": next(scores), "n": len(records), "samples": [], "base_precision": "float32"}
+
+    monkeypatch.setattr(runner, "exact_match", scripted)
+    campaign, data, home = setup(tmp_path, 2, rounds=3, early_stop=1, eval_size=64)
+    result = runner.run(LocalGrid(tmp_path, data, ["honest"] * 2), campaign, home)
+    assert [e["round"] for e in events(home) if e["event"] == "round_end"] == [1, 2]
+    assert next(e for e in events(home) if e["event"] == "early_stop")["best_round"] == 1
+    meta = verify_directory(Path(result["adapter_dir"]), TrustPolicy(), record=False).meta
+    assert meta.eval["published_round"] == 1 and meta.rounds == 1 and meta.eval["accuracy_adapter"] == 0.45
+    assert meta.eval["published_because"] == ("round 1 scored best on the held-out set (45.0%); the last round, 2, "
+                                              "scored 35.0%")
+    assert meta.eval["n"] == 4  # the eval file holds 4 records, not eval_size = 64
+    # the base pinned exactly: the local conversion's weights, which `commons base path tiny` prints the folder of
+    assert meta.base_revision == f"sha256:{weights_sha256(local_path(TINY_ID))}"
+    assert json.loads((Path(result["adapter_dir"]) / "adapter_config.json").read_text())["revision"] is None
+    assert meta.eval["coverage"]["achieved"] == 2 and "min_coverage = 3 but only 2" in meta.eval["coverage"]["note"]
+    best = load_file(str(home / "campaigns" / "t" / "checkpoint" / "best-1.safetensors"))
+    last = final_tensors(home)
+    adapter = load_file(str(Path(result["adapter_dir"]) / "adapter_model.safetensors"))
+    key = next(k for k in best if "lora_B" in k)
+    assert np.array_equal(adapter[key], best[key]) and not np.array_equal(adapter[key], last[key])

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
 import click
 
+from commons.addresses import listen_addresses
 from protocol.errors import CommonsError
 
 
@@ -20,7 +22,11 @@ def coordinator_group() -> None:
 @click.option("--campaign", "campaign_file", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The campaign file (TOML).")
 @click.option("--host", default="0.0.0.0", show_default=True, help="Address the SuperLink listens on.")
-@click.option("--port", default=9092, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--port", default=9092, show_default=True, type=click.IntRange(1, 65535),
+              help="Port volunteers dial; refused if something already listens there.")
+@click.option("--restart", is_flag=True,
+              help="Start the campaign over from round 1, setting its last run aside (default: resume after its "
+                   "last saved round; a finished campaign needs --restart).")
 @click.option("--wait-nodes", type=click.IntRange(0, 10000), default=0, show_default=True,
               help="Submit the campaign only once this many volunteers are connected (0: at once).")
 @click.option("--closed", is_flag=True,
@@ -32,23 +38,35 @@ def coordinator_group() -> None:
               help="Closed campaign: a name or IP volunteers dial (repeat). Always added: --host unless 0.0.0.0, "
                    "127.0.0.1, localhost.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end.")
-def start_command(campaign_file: Path, host: str, port: int, wait_nodes: int, closed: bool, volunteers: Path | None,
-                  tls_host: tuple[str, ...], as_json: bool) -> None:
-    """Start the SuperLink, run the campaign, publish the signed adapter to the local index."""
+def start_command(campaign_file: Path, host: str, port: int, restart: bool, wait_nodes: int, closed: bool,
+                  volunteers: Path | None, tls_host: tuple[str, ...], as_json: bool) -> None:
+    """Start the SuperLink, run the campaign, publish the signed adapter to the local index.
+
+    Started again under the same name, a campaign resumes after its last saved round (--restart: from
+    round 1); Ctrl-C and SIGTERM stop every process it started."""
     from commons.demo import _follow, _register
     from commons.flower import Network
     from coordinator import campaign as campaigns
     from coordinator import closed as closing
+    from coordinator import restart as restarts
     from protocol.home import home, sub
     from protocol.keys import Identity
     from protocol.models import cache_dir
 
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill`, `timeout`, systemd: stop cleanly, as on Ctrl-C
     campaign = campaigns.load(campaign_file)  # fail fast, before any process starts
+    folder = home() / "campaigns" / campaign.name
+    said = restarts.decide(restarts.previous_run(folder, campaign), campaign.name, restart)
     volunteers = volunteers or (Path(campaign.volunteers) if campaign.volunteers else None)  # the flag wins
     closed = closed or campaign.closed or volunteers is not None
     if tls_host and not closed:
         raise CommonsError("--tls-host only applies to closed campaigns: add --closed (and --volunteers FILE)")
     keys = closing.read_volunteers(volunteers) if volunteers else []
+    for line in [said, *_licence_warnings(campaign)]:  # every mistake above is refused before this is said
+        if line:
+            click.echo(line, err=True)
+    if restart:
+        restarts.set_aside(folder)
     root = home()
     identity = Identity.load_or_create()
     work = sub("coordinator")
@@ -59,32 +77,76 @@ def start_command(campaign_file: Path, host: str, port: int, wait_nodes: int, cl
     net = Network(work, ca=tls.ca if tls else None)
     try:
         net.start_superlink(host=host, port=port, env={"COMMONS_HOME": str(root), "COMMONS_CACHE": str(cache_dir())},
-                            extra=closing.superlink_args(tls) if tls else None)
+                            tls=tls)
         _write_running(work, net, tls)
         if tls:
             _register_all(net, keys)
+            dial = closing.tls_hosts(host, tls_host)[0]  # a name its certificate covers
             click.echo(f"closed campaign ({done} TLS, {len(keys)} volunteers registered): volunteers copy {tls.ca} and "
-                       f"run `commons node start --coordinator HOST:{port} --ca ca.pem`; admit more with "
+                       f"run `commons node start --coordinator {dial}:{port} --ca ca.pem`; admit more with "
                        "`commons coordinator admit KEY.pub`", err=True)
         else:
+            addresses = listen_addresses(host)
+            others = f" (this machine also answers on {', '.join(addresses[1:])})" if addresses[1:] else ""
             click.echo(f"coordinator {identity.public_hex[:16]}…: volunteers run `commons node start --coordinator "
-                       f"HOST:{port}`", err=True)
+                       f"{addresses[0]}:{port}`{others}", err=True)
         if wait_nodes:
             _wait_for_volunteers(net, wait_nodes, campaign.node_wait)
+        events = folder / "events.jsonl"
+        offset = events.stat().st_size if events.exists() else 0  # this run's events start here
         run_id = net.submit({"campaign": str(campaign.source), "home": str(root)})
-        click.echo(f"campaign {campaign.name} is Flower run {run_id}; waiting for {campaign.min_nodes} volunteers", err=True)
-        final = _follow(root / "campaigns" / campaign.name / "events.jsonl", [], campaign.rounds, not as_json,
-                        timeout=campaign.node_wait + campaign.rounds * campaign.round_timeout + 600, work=net.workdir)
+        click.echo(f"campaign {campaign.name} is Flower run {run_id}; rounds start once {campaign.min_nodes} "
+                   f"volunteer{'s' * (campaign.min_nodes != 1)} can train (patience {campaign.node_wait:.0f}s)", err=True)
+        final = _follow(events, [], campaign.rounds, not as_json, work=net.workdir, offset=offset, demo=False,
+                        timeout=campaign.node_wait + 2 * campaign.round_timeout + 600)
+    except KeyboardInterrupt:
+        click.echo(f"\nstopping campaign {campaign.name}: its SuperLink, superexec and ServerApp; the same command "
+                   "resumes it after its last saved round", err=True)
+        raise
     finally:
         (work / RUNNING).unlink(missing_ok=True)
-        net.close()
+        net.close()  # with superexec and the ServerApp below it
     if final["event"] == "error":
         raise CommonsError(f"the campaign failed: {final['message']}")
-    result = json.loads((root / "campaigns" / campaign.name / "result.json").read_text())
+    result = json.loads((folder / "result.json").read_text())
     summary = _register(result, len(result["contributors"]), campaign.rounds)
     summary.pop("samples", None)
-    click.echo(json.dumps(summary) if as_json else f"{campaign.name}: base {summary['accuracy_base']:.1%} → adapter "
-               f"{summary['accuracy_adapter']:.1%}; {summary.get('adapter_cid') or summary.get('reason')}")
+    summary.update(published_round=result.get("published_round"), license=result.get("license"))
+    click.echo(json.dumps(summary) if as_json else "\n".join(finale(summary, result)))
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _licence_warnings(campaign) -> list[str]:
+    """Said before anything runs: the licence nobody chose, and datasets whose licence it may break."""
+    from index.licenses import conflicts
+
+    unnamed = (f"warning: the campaign file names no license: the adapter will be published under "
+               f"{campaign.published_license()}; add license = \"SPDX-ID\" to {campaign.source} to choose")
+    lines = [] if campaign.license else [unnamed]
+    return lines + [f"warning: {why}" for why in conflicts(campaign.published_license(), campaign.datasets)]
+
+
+def finale(summary: dict, result: dict) -> list[str]:
+    """The campaign's last words: the scores, what was published, and how others serve and pull it."""
+    from urllib.parse import urlparse
+
+    from commons import config
+
+    name = summary["name"]
+    head = f"{name}: base {summary['accuracy_base']:.1%} → adapter {summary['accuracy_adapter']:.1%}"
+    if not summary["published"]:
+        return [f"{head}; {summary.get('reason')}"]
+    port = urlparse(config.load()["index_url"]).port or 8765
+    index = f"http://{listen_addresses('0.0.0.0')[0]}:{port}"  # what other machines dial once it is served
+    return [
+        f"{head} ({result.get('published_because') or 'the last round'}; licence {result.get('license')})",
+        f"published {name} v{summary['version']} {summary['adapter_cid']}",
+        f"serve it: commons index serve --host 0.0.0.0 --port {port}   (its page: {index}/adapters/{name})",
+        f"pull it:  commons pull {name} --index {index}   (on this machine: commons pull {name})",
+    ]
 
 
 RUNNING = "running.json"  # written while a coordinator runs: `admit` finds its SuperLink through it

@@ -10,6 +10,7 @@ import click
 from commons.datasets import progress_bar, publish_dataset
 from protocol.dataset import Report, prepare
 from protocol.errors import CommonsError
+from protocol.pii import describe
 
 
 def show_record(record: dict, index: int, total: int) -> None:
@@ -19,10 +20,9 @@ def show_record(record: dict, index: int, total: int) -> None:
 
 
 def print_report(report: Report) -> None:
-    removed = ", ".join(f"{k} {v}" for k, v in sorted(report.pii.items())) or "nothing found"
     click.echo(f"read {report.lines} conversations ({report.sharegpt} converted from ShareGPT); "
                f"{report.duplicates} duplicates dropped; {report.records} kept", err=True)
-    click.echo(f"PII removed: {removed}", err=True)
+    click.echo(f"PII removed: {describe(report.pii)}", err=True)
 
 
 def review(records: list[dict]) -> list[dict]:

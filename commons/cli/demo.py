@@ -26,6 +26,9 @@ def demo_command(nodes: int, rounds: int, steps: int, base_model: str, as_json: 
     for sample in summary.get("samples", [])[:3]:
         click.echo(f"  {sample['prompt']!r:58} → {sample['answer']!r} (expected {sample['expected']})")
     click.echo(f"\nexact match on held-out dates: base {summary['accuracy_base']:.1%} → adapter {summary['accuracy_adapter']:.1%}")
+    if summary.get("utilization") is not None:
+        click.echo(f"rounds took {', '.join(f'{s:.0f}' for s in summary['round_seconds'])} s; from round 2 the "
+                   f"volunteers spent {summary['utilization']:.0%} of each round in training steps (the model stays loaded)")
     if not summary["published"]:
         click.echo(f"not published: {summary.get('reason')}")
         return

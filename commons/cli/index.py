@@ -14,7 +14,8 @@ def index_group() -> None:
 
 @index_group.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all).")
-@click.option("--port", default=8765, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--port", default=8765, show_default=True, type=click.IntRange(1, 65535),
+              help="Port to listen on; refused if something already listens there.")
 @click.option("--db", "db_url", default=None,
               help="SQLAlchemy URL (default sqlite:///$COMMONS_HOME/index.db; postgresql+psycopg://... works).")
 @click.option("--trusted-keys", type=click.Path(dir_okay=False, exists=True), default=None,
@@ -24,18 +25,23 @@ def index_group() -> None:
                    "fetch and seed their blocks. Off by default.")
 @click.option("--bootstrap", multiple=True, help="libp2p peer to dial on start, /ip4/.../tcp/.../p2p/12D3KooW... "
                                                   "(repeat; needs --p2p-listen).")
+@click.option("--trust-proxy", "proxies", multiple=True,
+              help="Address of a reverse proxy whose X-Forwarded-For is believed (repeat). Without it the header "
+                   "is ignored, so no client can pick the address its writes are rate-limited under.")
 def serve_command(host: str, port: int, db_url: str | None, trusted_keys: str | None,
-                  p2p_listen: tuple[str, ...], bootstrap: tuple[str, ...]) -> None:
+                  p2p_listen: tuple[str, ...], bootstrap: tuple[str, ...], proxies: tuple[str, ...]) -> None:
     """Serve the index at http://HOST:PORT/ (API docs at /docs; with --p2p-listen, counts at /api/p2p)."""
     from pathlib import Path
 
     import uvicorn
 
+    from commons.flower import ensure_free
     from index.app import create_app
     from index.db import IndexDB
     from protocol.blockstore import BlockStore
     from protocol.trust import TRUSTED_KEYS, read_key_list, trust_dir
 
+    ensure_free(host, port)  # before the database and the p2p host: one line naming --port, not a traceback
     keys = read_key_list(Path(trusted_keys) if trusted_keys else trust_dir() / TRUSTED_KEYS)
     try:
         db = IndexDB(db_url, trusted_keys=keys)
@@ -60,7 +66,8 @@ def serve_command(host: str, port: int, db_url: str | None, trusted_keys: str | 
         click.echo(f"libp2p peer {node.peer_id}; announce to / bootstrap from: {' '.join(node.dialable_addrs)}",
                    err=True)
     click.echo(f"index at http://{host}:{port}/  (API docs /docs, database {db.url.split('@')[-1]})", err=True)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    uvicorn.run(app, host=host, port=port, log_level="info", proxy_headers=bool(proxies),
+                forwarded_allow_ips=",".join(proxies) or None)
 
 
 commands = [index_group]

@@ -44,13 +44,13 @@ def start_command(coordinator: str, data: Path | None, max_cpu_threads: int | No
     from commons.flower import Network
     from protocol.home import home, sub
     from protocol.keys import Identity
+    from protocol.records import read_records
 
-    if ":" not in coordinator:
-        raise CommonsError(f"--coordinator {coordinator!r} needs HOST:PORT, e.g. 192.0.2.10:9092")
+    coordinator = _coordinator_address(coordinator)
     auth_key = _closed_campaign_key(insecure, ca)
     root = home()
-    if data is not None and not data.is_file():
-        raise CommonsError(f"no training data at {data}: pass --data FILE.jsonl (chat `messages` records)")
+    if data is not None:
+        read_records(data)  # a bad line is the volunteer's to fix now, not a traceback mid-round
     data = data or root / "data" / "train.jsonl"
     if not data.is_file():
         click.echo(f"note: no local data at {data}; this node can only join campaigns that ship their own "
@@ -64,21 +64,28 @@ def start_command(coordinator: str, data: Path | None, max_cpu_threads: int | No
         node_config["max_vram"] = max_vram
     if idle_only:
         node_config["idle_only"] = True
+    lock = _one_daemon_per_home(sub("node"), root)
     seeder = _start_seeding(p2p_listen, bootstrap) if seed else None
     net = Network(sub("node"), ca=ca.resolve() if ca else None)
     log = net.workdir / "logs" / "supernode.log"
     deadline = time.monotonic() + hours * 3600 if hours else None
+    env = {"COMMONS_HOME": str(root)}
+    # one runner for the daemon's life: it runs only the installed node code and keeps the model loaded
+    # across coordinator restarts (each restart needs a fresh SuperNode, not a fresh model)
+    (root / "status.json").unlink(missing_ok=True)  # the status line shows this run, not the last one
+    runtime = net.runtime("supernode")
+    runner = net.start_runner("runner", runtime, root, env)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill`/systemd stop: clean up like Ctrl-C
+    click.echo(f"volunteer {identity.public_hex[:16]}…: waiting for the coordinator at {coordinator}; logs in "
+               f"{root / 'logs'} and {net.workdir / 'logs'}", err=True)
     try:
         for attempt in itertools.count():
             log_start = log.stat().st_size if log.exists() else 0  # the log is appended to across runs
-            proc = net.start_supernode("supernode", coordinator, node_config, env={"COMMONS_HOME": str(root)},
-                                       insecure=insecure, auth_key=auth_key)
-            if attempt == 0:
-                click.echo(f"volunteer {identity.public_hex[:16]}… connected to {coordinator}; logs in "
-                           f"{root / 'logs'}", err=True)
+            proc = net.start_supernode("supernode", coordinator, node_config, env=env, insecure=insecure,
+                                       auth_key=auth_key, runtime=runtime)
             started = time.monotonic()
             while proc.poll() is None and (deadline is None or time.monotonic() < deadline):
+                runner = _keep_running(net, runner, runtime, root, env)
                 _status_line(root / "status.json", log, coordinator, ca is not None)
                 time.sleep(1)
             if proc.poll() is None:  # --hours is up
@@ -97,7 +104,43 @@ def start_command(coordinator: str, data: Path | None, max_cpu_threads: int | No
         net.close()
         if seeder is not None:
             seeder.stop()
-        sys.stderr.write("\n")
+        lock.close()
+        click.echo(f"\nvolunteer stopped; `commons node start --coordinator {coordinator}` joins again", err=True)
+
+
+def _one_daemon_per_home(folder: Path, root: Path):
+    """Two daemons on one home would be one volunteer key twice, each with its own runner and model."""
+    import fcntl
+
+    handle = (folder / "daemon.lock").open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise CommonsError(f"a volunteer already runs from {root}: stop it first, or give this one its own "
+                           "COMMONS_HOME") from None
+    return handle
+
+
+def _coordinator_address(text: str) -> str:
+    """HOST:PORT as Flower dials it; a URL or a bare host gets a one-line fix instead of endless retries."""
+    if "://" in text:
+        bare = text.split("://", 1)[1].rstrip("/")
+        raise CommonsError(f"--coordinator takes HOST:PORT without a scheme: use --coordinator {bare}")
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise CommonsError(f"--coordinator {text!r} needs HOST:PORT, e.g. 192.0.2.10:9092")
+    return text
+
+
+def _keep_running(net, runner, runtime, root: Path, env: dict[str, str]):
+    """The runner holds the model: if it died (out of memory, a crash), start it again; the round in
+    flight resumes from its checkpoint when the coordinator re-sends it."""
+    if runner.poll() is None:
+        return runner
+    net.procs.remove(runner)
+    click.echo(f"\nthe node's runner exited with code {runner.returncode} (log {net.workdir / 'logs' / 'runner.log'}); "
+               "restarting it", err=True)
+    return net.start_runner("runner", runtime, root, env)
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -156,6 +199,56 @@ def key_command(as_json: bool) -> None:
                "`commons coordinator admit FILE`", err=True)
 
 
+@node_group.command("plan")
+@click.option("--model", "model_id", required=True,
+              help="A Hugging Face id, an alias (smollm2, tiny) or a folder holding the model's config.json.")
+@click.option("--vram", type=click.FloatRange(min=0), help="GB of free GPU memory to plan for (a bf16 card).")
+@click.option("--ram", type=click.FloatRange(min=0), help="GB of free RAM to plan CPU training for.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1),
+              help="The campaign's train.batch_size.")
+@click.option("--max-length", default=128, show_default=True, type=click.IntRange(1),
+              help="The campaign's train.max_length (tokens).")
+@click.option("--lora-r", default=8, show_default=True, type=click.IntRange(1), help="The campaign's lora.r.")
+@click.option("--quantization", default="auto", show_default=True,
+              type=click.Choice(["auto", "none", "nf4", "int8"]), help="The campaign's quantization.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def plan_command(model_id: str, vram: float | None, ram: float | None, batch_size: int, max_length: int,
+                 lora_r: int, quantization: str, as_json: bool) -> None:
+    """What a campaign on MODEL needs: quantization, checkpointing, micro-batch and the predicted peak.
+
+    From the model's config.json alone (no weights). Without --vram or --ram it plans for this machine.
+    Refuses in one line when nothing fits ("needs 6.1 GB, 4.0 GB free: ...")."""
+    from protocol.memory import Device, ModelShape, Workload, plan
+    from protocol.models import model_config
+
+    shape = ModelShape.from_config(model_config(model_id), name=model_id)
+    if vram is not None:
+        device = Device("cuda", vram, bf16=True)
+    elif ram is not None:
+        device = Device("cpu", ram)
+    else:
+        from node import hardware
+
+        device = Device.from_capability(hardware.detect())
+    work = Workload(batch_size=batch_size, max_length=max_length, lora_r=lora_r)
+    chosen = plan(shape, work, device, quantization)
+    if as_json:
+        click.echo(json.dumps({"model": model_id, "params": shape.params(), "device": device.kind,
+                               "free_gb": device.free_gb, **chosen.to_json()}, sort_keys=True))
+        return
+    where = "a GPU" if device.kind == "cuda" else f"{device.kind.upper()} RAM"
+    click.echo(f"{model_id} ({shape.params() / 1e9:.2f}B parameters) on {where} with {device.free_gb:g} GB "
+               f"free ({chosen.usable_gb:g} after the safety margin), batch {batch_size} × {max_length} "
+               f"tokens, LoRA r {lora_r}:")
+    parts = ", ".join(f"{k} {v:.2f}" for k, v in chosen.parts_gb.items())
+    checkpointing = str(chosen.gradient_checkpointing).lower()
+    rows = [("quantization", chosen.quantization), ("gradient_checkpointing", checkpointing),
+            ("micro_batch", chosen.micro_batch), ("accumulation", chosen.accumulation),
+            ("predicted_peak_gb", f"{chosen.predicted_peak_gb:.2f}  ({parts})")]
+    for name, value in rows:
+        click.echo(f"  {name:24}{value}")
+
+
 def _start_seeding(listen: tuple[str, ...], bootstrap: tuple[str, ...]):
     """A background libp2p host (its own thread): seeds the block store, announces presence as "train"."""
     from commons import config
@@ -182,12 +275,17 @@ def status_text(st: dict | None, log_tail: str, coordinator: str, closed: bool) 
             hint = "" if closed else "; if it runs a closed campaign, pass --ca ca.pem"
             return f"cannot reach the coordinator {coordinator}, retrying{hint}"
         return "waiting for work"
+    if st.get("state") == "refused":
+        return str(st.get("reason"))
+    if st.get("state") == "failed":
+        return f"round {st.get('round')} failed: {st.get('reason')}"
     if st.get("state") == "paused":
         return f"round {st.get('round')} paused: {st.get('reason')} (--idle-only)"
     if st.get("state") == "training":
         return (f"round {st['round']} step {st['step']}/{st['steps']} loss {st['loss']:.3f} "
                 f"{st['tokens_per_s']:.0f} tokens/s")
-    return f"round {st.get('round')} sent, loss {st.get('loss')}; waiting for the next round"
+    loss = f", loss {st['loss']:.3f}" if isinstance(st.get("loss"), (int, float)) else ""
+    return f"round {st.get('round')} sent{loss}; waiting for the next round"
 
 
 def _status_line(path: Path, log: Path, coordinator: str, closed: bool) -> None:

@@ -30,7 +30,7 @@ def publish_command(folder: Path, name: str, license_: str, kubo: str | None, an
                     as_json: bool) -> None:
     """Sign FOLDER (a PEFT adapter), store it and register it; prints the adapter's root CID."""
     from commons import config
-    from commons.publish import meta_from_folder, next_version, publish
+    from commons.publish import meta_from_folder, next_version, publish, publishing
     from index.db import IndexDB
     from protocol.errors import CommonsError
 
@@ -42,10 +42,11 @@ def publish_command(folder: Path, name: str, license_: str, kubo: str | None, an
     if announce and not peers:
         raise CommonsError("--announce needs a peer: pass --bootstrap /ip4/.../p2p/12D3KooW... (an index or "
                            "seeder) or set peers in config.toml")
-    db = IndexDB()
-    version, previous = next_version(db, name)
-    meta = meta_from_folder(folder, name, license_, version=version, previous=previous)
-    entry = publish(folder, meta, db)
+    with publishing():  # another publish of this home waits: each gets the next version
+        db = IndexDB()
+        version, previous = next_version(db, name)
+        meta = meta_from_folder(folder, name, license_, version=version, previous=previous)
+        entry = publish(folder, meta, db)
     pushed = None
     if kubo:
         from protocol.blockstore import BlockStore

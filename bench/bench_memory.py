@@ -1,0 +1,130 @@
+"""The memory plan's predicted peak (protocol/memory.py) against the measured peak of real training steps.
+
+    python -m bench memory                              # SmolLM2-135M, fp32 and nf4, ± checkpointing
+    python bench/bench_memory.py smollm2 nf4 1 8 4 256  # one run: model, quantization, checkpointing,
+                                                        # batch, micro-batch, max_length
+
+Each configuration runs in a fresh process (peak RSS is a high-water mark) with glibc's mmap threshold
+pinned at 64 KiB, so a freed tensor goes back to the OS and RSS follows the live tensors instead of the
+allocator's high tide. Measured = the kernel's peak RSS (VmHWM, reset through /proc/self/clear_refs)
+during load + wrap + training, minus the RSS before the model was loaded (Python, torch and the
+tokenizer: the runtime the plan's safety margin covers). Batches are padded to max_length and contain
+padding (records of 0.5-1.6 × max_length tokens, not grouped by length): the case the plan predicts.
+On CPU the plan's dtype is float32 (node/hardware.py), as here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CASES = [  # (quantization, checkpointing, batch, micro, max_length)
+    ("none", False, 8, 8, 128), ("none", True, 8, 8, 128),
+    ("nf4", False, 8, 8, 128), ("nf4", True, 8, 8, 128),
+    ("none", False, 4, 2, 256), ("nf4", True, 4, 2, 256),  # other shapes: not used to calibrate
+]
+WORDS = ["date", "year", "month", "day", "morning", "evening", "river", "mountain", "letter", "number", "answer",
+         "question", "city"]
+
+
+def _rss_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def records(n: int, max_length: int, seed: int = 0) -> list[dict]:
+    """Chat records of about 0.5-1.6 × max_length tokens: a word is about one token, the user turn repeats
+    a third of the answer, and the chat template adds about 30."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        words = max(1, int((max_length * rng.uniform(0.5, 1.6) - 30) * 3 / 4))
+        text = " ".join(rng.choice(WORDS) for _ in range(words))
+        out.append({"messages": [{"role": "user", "content": "Repeat: " + text[: len(text) // 3]},
+                                 {"role": "assistant", "content": text}]})
+    return out
+
+
+def child(model_id: str, quantization: str, checkpointing: bool, batch: int, micro: int, max_length: int,
+          steps: int = 2) -> dict:
+    """One measured run in this process (call it in a fresh one)."""
+    import torch
+
+    from node.train import TrainConfig, train
+    from protocol.lora import wrap
+    from protocol.memory import ModelShape, Workload, estimate, peak_gb
+    from protocol.models import load_base, load_tokenizer, model_config
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    tokenizer = load_tokenizer(model_id)
+    data = records(batch * steps, max_length)
+    baseline = _rss_kb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    base, _ = load_base(model_id, quantization=quantization)
+    model = wrap(base, {"r": 8, "alpha": 16})
+    loaded = _rss_kb("VmHWM")
+    times: list[float] = []
+    last = [time.perf_counter()]
+
+    def on_step(step: int, loss: float, tps: float) -> None:
+        now = time.perf_counter()
+        times.append(now - last[0])
+        last[0] = now
+
+    config = TrainConfig(steps=steps, batch_size=batch, max_length=max_length, micro_batch=micro,
+                         gradient_checkpointing=checkpointing, group_by_length=False)
+    result = train(model, tokenizer, data, config, on_step=on_step)
+    peak = _rss_kb("VmHWM")
+    shape = ModelShape.from_config(model_config(model_id))
+    parts = estimate(shape, Workload(batch, max_length, 8), quantization, "float32", checkpointing, micro)
+    measured = (peak - baseline) / 2**20
+    predicted = peak_gb(parts)
+    return {
+        "model": model_id, "quantization": quantization, "gradient_checkpointing": checkpointing,
+        "batch": batch, "micro_batch": micro, "max_length": max_length,
+        "predicted_gb": round(predicted, 3), "measured_gb": round(measured, 3),
+        "error": round(measured / predicted - 1, 3), "load_gb": round((loaded - baseline) / 2**20, 3),
+        "parts_gb": {k: round(v / 2**30, 3) for k, v in parts.items()},
+        "step_seconds": round(min(times[1:] or times), 2), "padding": round(result.padding, 3),
+    }
+
+
+def measure(model_id: str, case: tuple) -> dict:
+    quantization, checkpointing, batch, micro, max_length = case
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONWARNINGS": "ignore"}
+    args = [sys.executable, __file__, model_id, quantization, str(int(checkpointing)), str(batch), str(micro),
+            str(max_length)]
+    out = subprocess.run(args, check=False, env=env, capture_output=True, text=True, timeout=1800,
+                         cwd=Path(__file__).resolve().parent.parent)
+    if out.returncode != 0:
+        last = out.stderr.strip().splitlines()[-1:] or [f"exit {out.returncode}"]
+        raise RuntimeError(last[0])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run(model_id: str = "smollm2") -> dict:
+    rows = [measure(model_id, case) for case in CASES]
+    worst = max(abs(r["error"]) for r in rows)
+    fp32 = next(r for r in rows if r["quantization"] == "none" and not r["gradient_checkpointing"])
+    nf4 = next(r for r in rows if r["quantization"] == "nf4" and not r["gradient_checkpointing"])
+    return {
+        "name": "bench_memory", "ratio": round(worst, 3), "goal": "≤ 0.20", "rows": rows,
+        "nf4_step_time_ratio": round(nf4["step_seconds"] / fp32["step_seconds"], 2),
+        "summary": f"predicted vs measured peak within {worst:.0%} on {len(rows)} CPU runs of {model_id}; "
+                   f"nf4 step {nf4['step_seconds']}s vs fp32 {fp32['step_seconds']}s",
+    }
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 7:
+        name, quant, ckpt, batch, micro, length = sys.argv[1:]
+        print(json.dumps(child(name, quant, ckpt == "1", int(batch), int(micro), int(length))))
+    else:
+        print(json.dumps(run(*sys.argv[1:2]), indent=1))
