@@ -26,6 +26,7 @@ test: install
 	$(PYTEST) -q
 
 bench: install
+	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m bench
 
 lint: install
@@ -33,3 +34,14 @@ lint: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+
+# The images, built for real where no registry is reachable (docker/build-local.sh; root; cached in
+# DOCKER_CACHE), then run as a network: tests/test_docker_run.py.
+DOCKER_CACHE ?= /var/cache/commons-docker
+.PHONY: docker docker-test
+
+docker:
+	COMMONS_DOCKER_CACHE=$(DOCKER_CACHE) docker/build-local.sh
+
+docker-test: install docker
+	COMMONS_DOCKER_IMAGES=$(DOCKER_CACHE)/images/lora-commons.tar $(PYTEST) -q -m docker tests/test_docker_run.py

@@ -16,6 +16,9 @@ from pathlib import Path
 
 import bench
 
+# The headline figure of a result, by the first of these keys it has, and its unit in the table.
+FIGURES = {"ratio": "", "utilization": "busy", "search_p99_ms": "p99 ms", "mb_per_s": "MB/s"}
+
 
 def main(argv: list[str]) -> int:
     only = set(argv)
@@ -37,8 +40,9 @@ def main(argv: list[str]) -> int:
     print(json.dumps(results, default=str))
     print(f"\n{'benchmark':34} {'figure':>12}  detail")
     for r in results:
-        figure = next((r[k] for k in ("ratio", "search_p99_ms", "mb_per_s") if k in r), "")
-        unit = {"search_p99_ms": "p99 ms", "mb_per_s": "MB/s"}.get(next((k for k in ("ratio", "search_p99_ms", "mb_per_s") if k in r), ""), "")
+        key = next((k for k in FIGURES if k in r), "")
+        figure = r.get(key, "")
+        unit = FIGURES.get(key, "")
         shown = f"{figure:.3f}" if isinstance(figure, float) else str(figure)
         detail = r.get("error") or r.get("skipped") or r.get("summary") or r.get("note") or unit
         print(f"{r['name']:34} {shown:>12}  {detail}")

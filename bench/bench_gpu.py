@@ -15,7 +15,19 @@ scores (QKᵀ, AV; 12·L·seq·d per token with frozen projections) are left out
 and reported separately as `tflops_with_attention`. MFU = achieved FLOP/s ÷ the GPU's dense bf16 peak
 (H100 SXM and H200: 989 TFLOP/s).
 
-Run: `.venv/bin/python -m bench.bench_gpu` (a few minutes on an H100; needs ~30 GB of GPU memory).
+A second figure is a QLoRA campaign step of a 7B-shaped model: Mistral-7B-v0.1 (FlowerTune's baseline)
+from its shipped config.json (tests/data/model_configs/), random weights (no download) saved once to a
+temporary folder and loaded the way a node loads a base: `from_pretrained` with protocol/quantization.py's
+nf4 arguments, then protocol/lora.wrap. protocol/memory.plan sizes the step for a 24 GB consumer card
+(checkpointing, micro-batch × accumulation of batch 8 × 512 tokens) and node/train.py runs it. The same
+step on the unquantized bf16 base gives the nf4 ÷ bf16 peak-memory ratio. Peak memory is
+`torch.cuda.max_memory_allocated` (and `_reserved`, what the card holds) over the warm-up and timed calls,
+beside the plan's predicted peak. MFU counts useful FLOPs only: 4·N_base + 6·N_lora per token, with
+N_base = the attention and MLP matrices plus the LM head; checkpointing's recomputed forward is not
+credited, nor is nf4's dequantization.
+
+Run: `.venv/bin/python -m bench.bench_gpu` (a few minutes on an H100; needs ~30 GB of GPU memory and
+~15 GB of free disk for the random 7B checkpoint).
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ import tempfile
 import time
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 # Qwen2-0.5B's shape (config.json of Qwen/Qwen2-0.5B): built locally from these numbers.
@@ -37,12 +50,25 @@ PEAK_TFLOPS = [("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H10
                ("A100", 312.0), ("L40S", 362.0), ("A10G", 70.0), ("L4", 121.0)]
 
 
+# The QLoRA figure's model: FlowerTune's baseline base model, from its public config.json.
+MISTRAL_7B = Path(__file__).resolve().parent.parent / "tests" / "data" / "model_configs" / "Mistral-7B-v0.1"
+
+
 @dataclass
 class Shape:
     batch: int = 8
     seq: int = 1024
     steps: int = 20
     warmup: int = 3
+
+
+@dataclass
+class QLoraShape:
+    batch: int = 8  # the campaign's effective batch; the plan splits it into micro-batches
+    seq: int = 512
+    steps: int = 4
+    warmup: int = 1
+    card_gb: float = 24.0  # the volunteer card the step is planned for (RTX 3090/4090)
 
 
 def peak_tflops(device_name: str) -> float | None:
@@ -215,7 +241,111 @@ def measure(config: dict, shape: Shape, device: str, dtype: Any, peak: float | N
     }
 
 
-def run(shape: Shape | None = None) -> dict:
+def random_checkpoint(folder: Path, out: Path, device: str, dtype: Any) -> Any:
+    """A random-init model from `folder`'s config.json, saved to `out` as a model folder; returns the model."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=dtype)
+    model.config.use_cache = False
+    model.save_pretrained(out)
+    return model
+
+
+def load_nf4(out: Path, device: str, dtype: Any) -> Any:
+    """The base in nf4, as protocol/models.load_base loads one (that also wants a tokenizer: we have none)."""
+    from transformers import AutoModelForCausalLM
+
+    from protocol.quantization import from_pretrained_kwargs
+
+    extra = from_pretrained_kwargs("nf4", dtype, device)
+    base = AutoModelForCausalLM.from_pretrained(out, dtype=dtype, **extra)
+    base.config.use_cache = False
+    base.eval()
+    for param in base.parameters():
+        param.requires_grad_(False)
+    return base
+
+
+def campaign_step(model: Any, shape: QLoraShape, memory: Any, vocab: int, device: str, per_token: int,
+                  peak: float | None) -> dict:
+    """node/train.py as a volunteer runs it with `memory`'s plan: a warm-up call, then the timed call.
+    Peak memory (GPU only) covers both calls, the weights included."""
+    import torch
+
+    from node.train import TrainConfig, train
+    from protocol.quantization import TrainedAs
+
+    tokenizer = SyntheticTokenizer(vocab, shape.seq)
+    records = synthetic_records(shape.batch * (shape.warmup + shape.steps))
+
+    def config(steps: int) -> TrainConfig:
+        return TrainConfig(steps=steps, batch_size=shape.batch, max_length=shape.seq, micro_batch=memory.micro_batch,
+                           gradient_checkpointing=memory.gradient_checkpointing)
+
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    resident = torch.cuda.memory_allocated() / 2**30 if cuda else None  # the wrapped model, before any step
+    train(model, tokenizer, records[: shape.batch * shape.warmup], config(shape.warmup))
+    _sync(device)
+    start = time.perf_counter()
+    result = train(model, tokenizer, records[shape.batch * shape.warmup :], config(shape.steps))
+    _sync(device)
+    seconds = time.perf_counter() - start
+    tflops = per_token * result.tokens / seconds / 1e12
+    return {
+        "precision": TrainedAs.of(model).label(), "tokens": result.tokens, "seconds": round(seconds, 6),
+        "tokens_per_s": round(result.tokens / seconds, 1), "tflops": round(tflops, 2),
+        "mfu": round(tflops / peak, 4) if peak else None,
+        "model_gb": round(resident, 2) if cuda else None,
+        "peak_allocated_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
+    }
+
+
+def qlora_step(folder: Path, shape: QLoraShape, device: str, dtype: Any, peak: float | None,
+               scratch: Path | None = None) -> dict:
+    """The planned step on the nf4 base and on the unquantized base: throughput, MFU and peak memory.
+    The random checkpoint is written to a temporary folder under `scratch` (the system's by default)."""
+    import gc
+
+    import torch
+
+    from protocol.lora import wrap
+    from protocol.memory import Device, ModelShape, Workload, plan
+
+    # plan the step for the volunteer's card, from config.json alone (as a node does before loading)
+    model_shape = ModelShape.from_config(json.loads((folder / "config.json").read_text()), name=folder.name)
+    work = Workload(shape.batch, shape.seq, LORA["r"])
+    memory = plan(model_shape, work, Device("cuda", shape.card_gb, bf16=True), "nf4")
+    n_base = model_shape.linear_params() + model_shape.vocab * model_shape.hidden  # matrices and the LM head
+    per_token = flops_per_token(n_base, model_shape.lora_params(LORA["r"]))
+    arms = {}
+    with tempfile.TemporaryDirectory(prefix="bench-gpu-", dir=scratch) as out:
+        # the unquantized base first: it is the model just built and saved
+        model = wrap(random_checkpoint(folder, Path(out), device, dtype), LORA)
+        arms["unquantized"] = campaign_step(model, shape, memory, model_shape.vocab, device, per_token, peak)
+        del model
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        # then the same weights through bitsandbytes, as the volunteer's node loads them
+        model = wrap(load_nf4(Path(out), device, dtype), LORA)
+        arms["nf4"] = campaign_step(model, shape, memory, model_shape.vocab, device, per_token, peak)
+    nf4, full = arms["nf4"], arms["unquantized"]
+    ratio = nf4["peak_allocated_gb"] / full["peak_allocated_gb"] if full["peak_allocated_gb"] else None
+    return {
+        "model": folder.name, "n_base": n_base, "flops_per_token": per_token, "batch": shape.batch,
+        "seq": shape.seq, "steps": shape.steps, "dtype": str(dtype).removeprefix("torch."),
+        "plan": {"card_gb": shape.card_gb, **memory.to_json()},
+        "nf4": nf4, "unquantized": full, "nf4_peak_ratio": round(ratio, 3) if ratio else None,
+    }
+
+
+def run(shape: Shape | None = None, qlora: QLoraShape | None = None) -> dict:
     import torch
 
     if not torch.cuda.is_available():
@@ -223,12 +353,17 @@ def run(shape: Shape | None = None) -> dict:
     device_name = torch.cuda.get_device_name(0)
     peak = peak_tflops(device_name)
     result = measure(QWEN2_05B, shape or Shape(), "cuda", torch.bfloat16, peak)
+    torch.cuda.empty_cache()
+    step = qlora_step(MISTRAL_7B, qlora or QLoraShape(), "cuda", torch.bfloat16, peak)
     ours, ref = result["ours"], result["trainer"]
     mfu = (lambda arm: f"MFU {arm['mfu']:.1%}" if arm["mfu"] is not None else f"{arm['tflops']} TFLOP/s")
+    nf4 = step["nf4"]
     return {
-        "name": "gpu_lora_mfu", "device": device_name, **result,
+        "name": "gpu_lora_mfu", "device": device_name, **result, "qlora_7b": step,
         "summary": f"{device_name}: ours {ours['tokens_per_s']:.0f} tok/s {mfu(ours)}, Trainer+PEFT "
-                   f"{ref['tokens_per_s']:.0f} tok/s {mfu(ref)}",
+                   f"{ref['tokens_per_s']:.0f} tok/s {mfu(ref)}; QLoRA {step['model']} step {mfu(nf4)}, peak "
+                   f"{nf4['peak_allocated_gb']} GB (plan {step['plan']['predicted_peak_gb']} GB, "
+                   f"nf4/bf16 {step['nf4_peak_ratio']})",
     }
 
 

@@ -4,13 +4,17 @@
     python bench/bench_memory.py smollm2 nf4 1 8 4 256  # one run: model, quantization, checkpointing,
                                                         # batch, micro-batch, max_length
 
-Each configuration runs in a fresh process (peak RSS is a high-water mark) with glibc's mmap threshold
-pinned at 64 KiB, so a freed tensor goes back to the OS and RSS follows the live tensors instead of the
-allocator's high tide. Measured = the kernel's peak RSS (VmHWM, reset through /proc/self/clear_refs)
-during load + wrap + training, minus the RSS before the model was loaded (Python, torch and the
-tokenizer: the runtime the plan's safety margin covers). Batches are padded to max_length and contain
-padding (records of 0.5-1.6 × max_length tokens, not grouped by length): the case the plan predicts.
-On CPU the plan's dtype is float32 (node/hardware.py), as here.
+Each configuration runs in a fresh process with glibc's mmap threshold pinned at 64 KiB, so a freed
+tensor goes back to the OS and RSS follows the live tensors instead of the allocator's high tide.
+Batches are padded to max_length and contain padding (records of 0.5-1.6 × max_length tokens, not
+grouped by length): the case the plan predicts. On CPU the plan's dtype is float32 (node/hardware.py).
+
+Measured two ways:
+- `measured_gb`: the weights (parameter and buffer storages) plus the peak of live CPU tensor bytes during
+  training steps 1-2 (torch profiler memory records): the CPU counterpart of `max_memory_allocated`.
+- `rss_gb`: the anonymous RSS peak over the process before loading, sampled every millisecond, plus the
+  weights that stay file-backed (safetensors pages mapped in): what the OS had to hold, allocator slack
+  included. `load_rss_gb`: the same while loading (nf4 reads each float32 tensor before quantizing it).
 """
 
 from __future__ import annotations
@@ -20,8 +24,12 @@ import os
 import random
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
+
+GB = 2**30
 
 CASES = [  # (quantization, checkpointing, batch, micro, max_length)
     ("none", False, 8, 8, 128), ("none", True, 8, 8, 128),
@@ -32,11 +40,35 @@ WORDS = ["date", "year", "month", "day", "morning", "evening", "river", "mountai
          "question", "city"]
 
 
-def _rss_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
+class Sampler(threading.Thread):
+    """Peak anonymous RSS (resident minus file-backed pages) of this process, sampled every millisecond:
+    model weights read lazily from a safetensors file are file-backed and stay in `weights` below."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.peak = 0
+        self.running = True
+
+    def anon(self) -> int:
+        resident, shared = (int(x) for x in Path("/proc/self/statm").read_text().split()[1:3])
+        return (resident - shared) * self.page
+
+    def run(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, self.anon())
+            time.sleep(0.001)
+
+
+def tensor_peak(prof: Any) -> int:
+    """Peak of live CPU tensor bytes during a profile, over where it started (its memory records)."""
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
 
 
 def records(n: int, max_length: int, seed: int = 0) -> list[dict]:
@@ -53,9 +85,10 @@ def records(n: int, max_length: int, seed: int = 0) -> list[dict]:
 
 
 def child(model_id: str, quantization: str, checkpointing: bool, batch: int, micro: int, max_length: int,
-          steps: int = 2) -> dict:
-    """One measured run in this process (call it in a fresh one)."""
+          steps: int = 3) -> dict:
+    """One measured run in this process (call it in a fresh one): steps 1-2 profiled, step 3 timed."""
     import torch
+    from torch.profiler import ProfilerActivity, profile
 
     from node.train import TrainConfig, train
     from protocol.lora import wrap
@@ -65,34 +98,45 @@ def child(model_id: str, quantization: str, checkpointing: bool, batch: int, mic
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     tokenizer = load_tokenizer(model_id)
     data = records(batch * steps, max_length)
-    baseline = _rss_kb("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    sampler = Sampler()
+    baseline = sampler.anon()
+    sampler.start()
     base, _ = load_base(model_id, quantization=quantization)
     model = wrap(base, {"r": 8, "alpha": 16})
-    loaded = _rss_kb("VmHWM")
+    load_peak, sampler.peak = sampler.peak, 0
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()
+                for p in [*model.parameters(), *model.buffers()]}
+    weights = sum(storages.values())
+    mapped = max(0, weights - (sampler.anon() - baseline))  # weights still in the file's pages (mmap)
     times: list[float] = []
     last = [time.perf_counter()]
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
 
     def on_step(step: int, loss: float, tps: float) -> None:
         now = time.perf_counter()
         times.append(now - last[0])
-        last[0] = now
+        if step == 2:  # Adam's moments exist from step 1 on: step 2 holds the whole peak
+            prof.stop()
+        last[0] = time.perf_counter()
 
     config = TrainConfig(steps=steps, batch_size=batch, max_length=max_length, micro_batch=micro,
                          gradient_checkpointing=checkpointing, group_by_length=False)
+    prof.start()
     result = train(model, tokenizer, data, config, on_step=on_step)
-    peak = _rss_kb("VmHWM")
+    sampler.running = False
     shape = ModelShape.from_config(model_config(model_id))
     parts = estimate(shape, Workload(batch, max_length, 8), quantization, "float32", checkpointing, micro)
-    measured = (peak - baseline) / 2**20
     predicted = peak_gb(parts)
+    measured = (weights + tensor_peak(prof)) / GB
     return {
         "model": model_id, "quantization": quantization, "gradient_checkpointing": checkpointing,
         "batch": batch, "micro_batch": micro, "max_length": max_length,
         "predicted_gb": round(predicted, 3), "measured_gb": round(measured, 3),
-        "error": round(measured / predicted - 1, 3), "load_gb": round((loaded - baseline) / 2**20, 3),
-        "parts_gb": {k: round(v / 2**30, 3) for k, v in parts.items()},
-        "step_seconds": round(min(times[1:] or times), 2), "padding": round(result.padding, 3),
+        "error": round(measured / predicted - 1, 3),
+        "rss_gb": round((sampler.peak - baseline + mapped) / GB, 3),
+        "load_rss_gb": round((load_peak - baseline) / GB, 3), "weights_gb": round(weights / GB, 3),
+        "parts_gb": {k: round(v / GB, 3) for k, v in parts.items()},
+        "step_seconds": round(times[-1], 2), "padding": round(result.padding, 3),
     }
 
 

@@ -61,10 +61,13 @@ def prompt_completion(record: dict) -> dict:
     return {"prompt": record["messages"][:-1], "completion": record["messages"][-1:]}
 
 
-def trl_trainer(base: Any, tokenizer: Any, records: list[dict], config: TrainConfig, out: str) -> tuple[Any, dict]:
-    """An SFTTrainer over `base` with PEFT's LoRA, and the tally its runs fill in (tokens, positions, clock)."""
+def trl_trainer(base: Any, tokenizer: Any, records: list[dict], config: TrainConfig,
+                out: str) -> tuple[Any, dict]:
+    """An SFTTrainer over `base` with PEFT's LoRA, and the tally its runs fill in (tokens, positions,
+    clock)."""
     from datasets import Dataset
     from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
     tally: dict[str, float] = {}
@@ -87,13 +90,14 @@ def trl_trainer(base: Any, tokenizer: Any, records: list[dict], config: TrainCon
         output_dir=out, max_steps=config.steps, per_device_train_batch_size=config.batch_size,
         max_length=config.max_length, learning_rate=config.lr, lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", seed=config.seed,
-        gradient_checkpointing=False, bf16=False, use_cpu=True,
+        activation_checkpointing=False, bf16=False, use_cpu=True,
         eval_strategy="no", save_strategy="no", logging_strategy="no", report_to="none", disable_tqdm=True,
         dataloader_num_workers=0,
     )
     dataset = Dataset.from_list([prompt_completion(r) for r in records])
     trainer = Tallied(model=base, args=args, train_dataset=dataset, processing_class=tokenizer,
                       peft_config=lora_config(LORA), callbacks=[Clock()])
+    trainer.remove_callback(PrinterCallback)  # it prints each run's metrics to stdout, where our JSON goes
     return trainer, tally
 
 
@@ -149,8 +153,8 @@ def figures(model_id: str, config: TrainConfig, ours: list[Run], trl: list[Run])
         "ours_tokens": ours[0].tokens, "trl_tokens": trl[0].tokens,
         "ours_padding": round(ours[0].padding, 4), "trl_padding": round(trl[0].padding, 4),
         "threads": torch.get_num_threads(),
-        "summary": f"node train {best_ours:.0f} tok/s vs TRL SFTTrainer+PEFT {best_trl:.0f} tok/s ({model_id}); "
-                   f"padding {ours[0].padding:.1%} vs {trl[0].padding:.1%}",
+        "summary": f"node train {best_ours:.0f} tok/s vs TRL SFTTrainer+PEFT {best_trl:.0f} tok/s "
+                   f"({model_id}); padding {ours[0].padding:.1%} vs {trl[0].padding:.1%}",
     }
 
 

@@ -30,6 +30,7 @@ peers = []
 # max_batch = 512
 # max_length = 16384
 # max_datasets = 64
+# allow_local_base = false   # true: a campaign may name a model folder on this machine
 """
 
 

@@ -247,6 +247,14 @@ class Network:
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, 9)
+                _kill_group(proc)
         self.procs.clear()
         stop(below)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL a process's group, or the process alone when it joined another's (a volunteer's runner)."""
+    try:
+        os.killpg(proc.pid, 9)
+    except ProcessLookupError:
+        proc.kill()

@@ -31,6 +31,7 @@ from coordinator.plan import (
 )
 from protocol.errors import CommonsError, VerifyError
 from protocol.keys import verify_signature
+from protocol.packed import pack, unpack
 from protocol.update import decode, update_digest
 
 Events = Callable[..., None]
@@ -224,7 +225,7 @@ def check_reply(
     if reply.has_error():
         return f"node {node} failed: {error_text(reply.error.reason)}"
     try:
-        wire = {k: v.numpy() for k, v in reply.content["adapter"].items()}
+        wire = unpack({k: v.numpy() for k, v in reply.content["adapter"].items()})
         metrics = dict(reply.content["metrics"])
         proof = dict(reply.content["proof"])
         public = bytes.fromhex(str(proof["public_key"]))
@@ -270,7 +271,7 @@ def train_nodes(
     The whole adapter goes down (a node's forward pass needs the current frozen layers too); only the
     node's shard comes back up. With a `roster`, a node seen reconnecting under a new id (same key) is
     sent its shard again at once and not waited for on its old id; `nodes` is updated to the new id."""
-    payload = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in tensors.items()})
+    payload = ArrayRecord({k: Array(v) for k, v in pack(tensors).items()})  # two arrays, not hundreds
     owner: dict[int, str] = {}
     groups: dict[str, str] = {}
     order = sorted(nodes)

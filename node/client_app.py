@@ -9,6 +9,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from node import worker
+from protocol.packed import pack, unpack
 
 app = ClientApp()
 
@@ -37,11 +38,11 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     settings = _settings(context)
     config = dict(msg.content["config"])
-    tensors = {k: v.numpy() for k, v in msg.content["adapter"].items()}
+    tensors = unpack({k: v.numpy() for k, v in msg.content["adapter"].items()})
     wire, metrics, proof = worker.train_round(settings, config, tensors)
     content = RecordDict(
         {
-            "adapter": ArrayRecord({k: Array(v) for k, v in wire.items()}),
+            "adapter": ArrayRecord({k: Array(v) for k, v in pack(wire).items()}),
             "metrics": MetricRecord(metrics),
             "proof": ConfigRecord(proof),
         }

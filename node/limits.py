@@ -34,6 +34,7 @@ class NodeLimits:
     max_batch: int = 512
     max_length: int = 16_384
     max_datasets: int = 64
+    allow_local_base: bool = False  # a base_model that is a folder on this machine (your own experiments)
 
 
 def read(home: Path) -> NodeLimits:
@@ -56,9 +57,13 @@ def load(settings: dict | None) -> NodeLimits:
     if unknown:
         raise CommonsError(f"unknown node limit {unknown[0]!r} in config.toml [node_limits]; allowed: "
                            f"{', '.join(sorted(known))}")
-    bad = [k for k, v in settings.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1]
+    flags = {f.name for f in fields(NodeLimits) if f.type == "bool"}
+    bad = [k for k, v in settings.items() if k not in flags and (not isinstance(v, int) or isinstance(v, bool) or v < 1)]
     if bad:
         raise CommonsError(f"node_limits.{bad[0]} must be a positive whole number in config.toml")
+    wrong = [k for k in flags & set(settings) if not isinstance(settings[k], bool)]
+    if wrong:
+        raise CommonsError(f"node_limits.{wrong[0]} must be true or false in config.toml")
     return NodeLimits(**settings)
 
 
@@ -70,8 +75,9 @@ def check(config: dict, limits: NodeLimits) -> None:
 
 def _violations(config: dict, limits: NodeLimits):
     model = str(config.get("base_model", ""))
-    if not _MODEL.match(model):
-        yield f"base_model {model[:80]!r} is not a Hugging Face id (owner/name)"
+    if not _MODEL.match(model) and not (limits.allow_local_base and Path(model).is_dir()):
+        yield (f"base_model {model[:80]!r} is not a Hugging Face id (owner/name); a folder on this machine needs "
+               "node_limits.allow_local_base = true in config.toml")
     try:
         lora = json.loads(str(config.get("lora") or "{}"))
         rank = int(lora.get("r", 0))

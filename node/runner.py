@@ -137,6 +137,7 @@ class Runner:
         sub_status, details = SubStatus.FAILED, "the node failed before reading the task"
         try:
             message, context, _run, fab = pull_task_input(client)
+            log.info("%s message of run %s in", message.metadata.message_type, message.metadata.run_id)
             why = refusal(fab.content)
             if why:
                 log.warning("%s", why)

@@ -21,6 +21,7 @@ fails or lies (a block that does not hash to its CID, or one larger than any blo
 
 from __future__ import annotations
 
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -177,7 +178,8 @@ def fetch_signed(root: str, store: BlockStore, sources: Sequence[BlockSource], p
     verified = verify_envelope(held, policy)
     # 3. the folders: exactly what the signed paths need, before any file is fetched
     directories = _check_tree(root, root_block, entries, verified, store, sources)
-    # 4. the files, each held to its signed size
+    # 4. the files, each held to its signed size, and all of them to the disk the store is on
+    room_for(verified, store.root)
     files = [(SIGNATURE_FILE, sig_cid, sig_bounds)]
     files += [(f["name"], f["cid"], file_bounds(f["size"])) for f in verified.files]
     tsizes = {}
@@ -190,6 +192,17 @@ def fetch_signed(root: str, store: BlockStore, sources: Sequence[BlockSource], p
     # 5. one CID per content: the folders must be byte for byte what `ipfs add -r` makes of these files
     _check_canonical(root, directories, tsizes)
     return SignedDag(root, held, verified, files)
+
+
+def room_for(verified: Verified, folder: Path) -> None:
+    """CommonsError before fetching when the signed files could not fit: a signed manifest may promise
+    terabytes, each file within its own bound. Blocks and the laid-out copy both land on this disk."""
+    promised = sum(int(f["size"]) for f in verified.files)
+    free = shutil.disk_usage(folder).free
+    if 2 * promised > free:
+        raise CommonsError(f"{verified.meta.name} promises {promised / 1e9:.1f} GB of files and needs twice that "
+                           f"(blocks and the folder); {folder} has {free / 1e9:.1f} GB free: free space or set "
+                           "COMMONS_HOME to a larger disk")
 
 
 def _directory(root: str, block: bytes, path: str = "") -> dict[str, dagpb.Link]:

@@ -17,6 +17,7 @@ from flwr.clientapp import ClientApp
 
 from node import client_app
 from protocol.keys import Identity
+from protocol.packed import pack, unpack
 from protocol.update import SCALE, decode, encode, update_digest
 
 ATTACKS = ("scale50", "sign_flip", "noise", "nan")
@@ -65,14 +66,14 @@ def train(msg: Message, context: Context) -> Message:
     if not attack or reply.has_error():
         return reply
     config = msg.content["config"]
-    wire = {k: v.numpy() for k, v in reply.content["adapter"].items()}
+    wire = unpack({k: v.numpy() for k, v in reply.content["adapter"].items()})
     if attack == "wrongkey":
         signer = Identity.generate()
     else:
-        sent = {k: v.numpy() for k, v in msg.content["adapter"].items()}
+        sent = unpack({k: v.numpy() for k, v in msg.content["adapter"].items()})
         rng = np.random.default_rng(int(config["round"]))
         wire = poison_wire(attack, wire, sent, str(config.get("upload_dtype", "fp32")), rng)
-        reply.content["adapter"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in wire.items()})
+        reply.content["adapter"] = ArrayRecord({k: Array(v) for k, v in pack(wire).items()})
         signer = client_app._settings(context).identity  # the key it registered: the signature verifies
     digest = update_digest(str(config["campaign"]), int(config["round"]), wire)
     reply.content["proof"] = ConfigRecord({"public_key": signer.public_hex, "signature": signer.sign(digest).hex()})

@@ -61,3 +61,41 @@ def test_the_default_model_is_about_half_a_billion_parameters() -> None:
     per_layer = d * d * 2 + 2 * d * kv * head + 2 * kv * head + d + 3 * d * f + 2 * d  # q,o; k,v (+ biases); mlp; norms
     total = c["vocab_size"] * d + layers * per_layer + d
     assert 480e6 < total < 510e6
+
+
+TINY_MISTRAL = {"model_type": "mistral", "architectures": ["MistralForCausalLM"], "vocab_size": 128,
+                "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "max_position_embeddings": 128, "tie_word_embeddings": False}
+
+
+def test_the_qlora_step_trains_a_config_only_model_in_nf4_and_unquantized_with_the_plan(tmp_path) -> None:
+    import json
+
+    from protocol.memory import Device, ModelShape, Workload, plan
+
+    folder = tmp_path / "tiny-mistral"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(TINY_MISTRAL))
+    shape = bench_gpu.QLoraShape(batch=4, seq=16, steps=2, warmup=1, card_gb=24.0)
+    result = bench_gpu.qlora_step(folder, shape, "cpu", torch.float32, peak=1.0, scratch=tmp_path)
+    model_shape = ModelShape.from_config(TINY_MISTRAL)
+    expected = plan(model_shape, Workload(4, 16, bench_gpu.LORA["r"]), Device("cuda", 24.0, bf16=True), "nf4")
+    assert result["plan"] == {"card_gb": 24.0, **expected.to_json()}
+    assert result["n_base"] == model_shape.linear_params() + 128 * 32  # the untied LM head is a matmul
+    n_lora = model_shape.lora_params(bench_gpu.LORA["r"])
+    assert result["flops_per_token"] == 4 * result["n_base"] + 6 * n_lora
+    for arm in ("nf4", "unquantized"):
+        figures = result[arm]
+        assert figures["tokens"] == shape.steps * shape.batch * shape.seq
+        assert figures["tokens_per_s"] == pytest.approx(figures["tokens"] / figures["seconds"], rel=0.01)
+        assert figures["peak_allocated_gb"] is None  # measured on a GPU only
+    assert result["nf4"]["precision"] == "nf4/float32" and result["unquantized"]["precision"] == "float32"
+    assert result["nf4_peak_ratio"] is None
+    assert list(tmp_path.iterdir()) == [folder]  # the random checkpoint is gone
+
+
+def test_the_qlora_model_is_a_shipped_7b_config() -> None:
+    from protocol.memory import ModelShape
+
+    shape = ModelShape.from_file(bench_gpu.MISTRAL_7B / "config.json")
+    assert 7.0e9 < shape.params() < 7.5e9

@@ -126,3 +126,25 @@ def test_a_volunteer_refuses_a_dataset_bomb_before_caching_anything(index: LiveI
     assert "\n" not in str(err.value) and time.monotonic() - start < 15
     assert not (tmp_path / "datasets").exists() or not any((tmp_path / "datasets").iterdir())
     assert held_bytes(tmp_path / "blocks") < 2 * CHUNK
+
+
+
+def test_pull_refuses_a_manifest_promising_more_than_the_disk_holds_before_fetching(
+        index: LiveIndex, tmp_path: Path, isolated_home: Path) -> None:
+    """Each file within the 2 GiB bound, but 3000 of them: 6 TB, far past the free disk."""
+    size = 2 * 1024**3 - 1
+    leaf = file_node(index.store, [raw_leaf(index.store, b"\0" * CHUNK)], filesize=size)
+    files = [{"name": f"shard-{i:04d}.safetensors", "size": size, "sha256": "0" * 64, "cid": str(leaf)}
+             for i in range(3000)]
+    statement = build_statement(AdapterMeta(name="terabytes", kind="adapter"), files)
+    envelope = envelope_bytes(sign_envelope(canonical_json(statement), Identity.generate()))
+    entries = {f["name"]: leaf for f in files}
+    entries[SIGNATURE_FILE] = CID.decode(unixfs.import_file(envelope, 0, index.store.put))
+    root = str(directory_node(index.store, entries))
+    code, _, err = commons("pull", root, "--index", index.url, "--out", str(tmp_path / "out"), cwd=tmp_path,
+                           timeout=120)
+    assert code == 1 and len(err.strip().splitlines()) == 1, err[-2000:]
+    assert "terabytes promises 6442.5 GB of files and needs twice that" in err, err
+    assert "free space or set COMMONS_HOME to a larger disk" in err
+    assert not (tmp_path / "out").exists()
+    assert held_bytes(isolated_home / "blocks") < 2 * 1024 * 1024  # the folder and its 1 MB model.sig, no data

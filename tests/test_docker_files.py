@@ -427,11 +427,12 @@ def test_node_healthcheck_follows_the_supernode_child(tmp_path: Path) -> None:
     assert healthy("node", "--parent", parent).returncode == 1
 
 
-def test_entrypoint_passes_shellcheck() -> None:
+@pytest.mark.parametrize("script", ["entrypoint.sh", "build-local.sh"])
+def test_shell_scripts_pass_shellcheck(script: str) -> None:
     shellcheck = tool("shellcheck")
     if shellcheck is None:
         pytest.skip("shellcheck not installed: apt-get install -y shellcheck")
-    result = run([shellcheck, str(DOCKER / "entrypoint.sh")])
+    result = run([shellcheck, str(DOCKER / script)])
     assert result.returncode == 0, result.stdout
 
 

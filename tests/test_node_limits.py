@@ -49,6 +49,12 @@ def test_a_coordinator_cannot_point_the_node_at_local_paths_or_other_schemes() -
 def test_a_volunteer_raises_a_bound_in_config_toml(tmp_path: Path) -> None:
     (tmp_path / "config.toml").write_text("[node_limits]\nmax_rank = 1024\n")
     limits.check({**GOOD, "lora": json.dumps({"r": 512})}, limits.read(tmp_path))
+    assert "allow_local_base = true" in refused(base_model=str(tmp_path))
+    (tmp_path / "config.toml").write_text("[node_limits]\nallow_local_base = true\n")
+    limits.check({**GOOD, "base_model": str(tmp_path)}, limits.read(tmp_path))
+    (tmp_path / "config.toml").write_text("[node_limits]\nallow_local_base = 1\n")
+    with pytest.raises(CommonsError, match="must be true or false"):
+        limits.read(tmp_path)
     (tmp_path / "config.toml").write_text("[node_limits]\nmax_rnak = 1024\n")
     with pytest.raises(CommonsError, match="unknown node limit 'max_rnak'"):
         limits.read(tmp_path)

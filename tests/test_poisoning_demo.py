@@ -100,6 +100,7 @@ def world(tmp_path_factory: pytest.TempPathFactory):
                     for i, path in enumerate(data["train"])]
         for s in settings:
             s.home.mkdir(parents=True)
+            (s.home / "config.toml").write_text("[node_limits]\nallow_local_base = true\n")  # the scaled tiny model
         base, tokenizer = load_base(str(model_dir))
         eval_model = wrap(base, {**campaign.lora.__dict__})
         examples = [encode(tokenizer, r["messages"], TRAIN.max_length) for r in read_records(data["test"])]

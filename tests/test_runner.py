@@ -91,12 +91,13 @@ class LocalGrid:
             return Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="node unavailable"), reply_to=msg)
         reply = client_app.train(msg, ctx)
         if behave == "nan":
-            first = min(reply.content["adapter"])
-            from flwr.app import Array
+            from flwr.app import Array, ArrayRecord
 
-            bad = reply.content["adapter"][first].numpy().copy()
-            bad[...] = np.nan
-            reply.content["adapter"][first] = Array(bad)
+            from protocol.packed import pack, unpack
+
+            wire = unpack({k: v.numpy() for k, v in reply.content["adapter"].items()})
+            wire[min(wire)][...] = np.nan
+            reply.content["adapter"] = ArrayRecord({k: Array(v) for k, v in pack(wire).items()})
             self._resign(reply, self.homes[i] / "identity" / "ed25519.key", round_, config)
         if behave == "wrongkey":
             self._resign(reply, None, round_, config)
@@ -107,7 +108,9 @@ class LocalGrid:
         from protocol.update import update_digest
 
         identity = Identity.load_or_create(key) if key else Identity.generate()
-        wire = {k: v.numpy() for k, v in reply.content["adapter"].items()}
+        from protocol.packed import unpack
+
+        wire = unpack({k: v.numpy() for k, v in reply.content["adapter"].items()})
         proof = reply.content["proof"]
         proof["public_key"] = identity.public_hex
         proof["signature"] = identity.sign(update_digest(str(config["campaign"]), round_, wire)).hex()
