@@ -282,7 +282,8 @@ def campaign_step(model: Any, shape: QLoraShape, memory: Any, vocab: int, device
     records = synthetic_records(shape.batch * (shape.warmup + shape.steps))
 
     def config(steps: int) -> TrainConfig:
-        return TrainConfig(steps=steps, batch_size=shape.batch, max_length=shape.seq, micro_batch=memory.micro_batch,
+        return TrainConfig(steps=steps, batch_size=shape.batch, max_length=shape.seq,
+                           micro_batch=memory.micro_batch,
                            gradient_checkpointing=memory.gradient_checkpointing)
 
     cuda = device.startswith("cuda")
@@ -354,17 +355,20 @@ def run(shape: Shape | None = None, qlora: QLoraShape | None = None) -> dict:
     peak = peak_tflops(device_name)
     result = measure(QWEN2_05B, shape or Shape(), "cuda", torch.bfloat16, peak)
     torch.cuda.empty_cache()
-    step = qlora_step(MISTRAL_7B, qlora or QLoraShape(), "cuda", torch.bfloat16, peak)
     ours, ref = result["ours"], result["trainer"]
     mfu = (lambda arm: f"MFU {arm['mfu']:.1%}" if arm["mfu"] is not None else f"{arm['tflops']} TFLOP/s")
-    nf4 = step["nf4"]
-    return {
-        "name": "gpu_lora_mfu", "device": device_name, **result, "qlora_7b": step,
-        "summary": f"{device_name}: ours {ours['tokens_per_s']:.0f} tok/s {mfu(ours)}, Trainer+PEFT "
-                   f"{ref['tokens_per_s']:.0f} tok/s {mfu(ref)}; QLoRA {step['model']} step {mfu(nf4)}, peak "
-                   f"{nf4['peak_allocated_gb']} GB (plan {step['plan']['predicted_peak_gb']} GB, "
-                   f"nf4/bf16 {step['nf4_peak_ratio']})",
-    }
+    summary = (f"{device_name}: ours {ours['tokens_per_s']:.0f} tok/s {mfu(ours)}, Trainer+PEFT "
+               f"{ref['tokens_per_s']:.0f} tok/s {mfu(ref)}")
+    try:
+        step = qlora_step(MISTRAL_7B, qlora or QLoraShape(), "cuda", torch.bfloat16, peak)
+    except Exception as exc:  # noqa: BLE001 - GPU time is scarce: keep the figures above if the 7B step fails
+        step = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
+        summary += f"; QLoRA 7B step failed ({step['error']})"
+    else:
+        nf4 = step["nf4"]
+        summary += (f"; QLoRA {step['model']} step {mfu(nf4)}, peak {nf4['peak_allocated_gb']} GB (plan "
+                    f"{step['plan']['predicted_peak_gb']} GB), nf4/bf16 peak {step['nf4_peak_ratio']}")
+    return {"name": "gpu_lora_mfu", "device": device_name, **result, "qlora_7b": step, "summary": summary}
 
 
 if __name__ == "__main__":

@@ -1,24 +1,27 @@
 """Node step throughput vs what users pick today: TRL's `SFTTrainer` + PEFT, measured in the same run.
 
-    python -m bench trl                     # `make bench`: SmolLM2-135M-Instruct, the demo's campaign shape
-    python bench/bench_trl.py tiny 8        # the tiny model, 8 steps
+    python -m bench trl                     # `make bench`: SmolLM2-135M-Instruct, one demo round's shape
+    python bench/bench_trl.py tiny 4        # the tiny model, 4 steps
 
 Both arms get the same: the model (protocol/models.load_base, float32 on the CPU: a CPU node's placement,
 node/hardware.py), the LoRA (the demo's r=8, alpha=16 on every projection), the records (the demo's date
-data, every style), the steps, batch (8), max_length (96), AdamW at a constant lr with gradient clipping
-at 1.0. The records are exactly one epoch of steps × batch, so both arms train on the same real tokens,
-in a different order. Each arm has its own copy of the model: TRL patches the forward of the model it
-is given. TRL gets the data as conversational prompt-completion pairs, so it masks the prompt as ours
-does, and runs minimal and offline: no eval, no saving, no logging, report_to none, the dataloader in
-this process. Two SFTConfig defaults are turned off to match a node: gradient checkpointing (ours
-checkpoints only when its memory plan needs it) and bf16 autocast (a CPU node trains in float32).
+data, every style), the steps, batch and max_length (a demo round: 8 steps of 8 examples, 96 tokens),
+AdamW at a constant lr with gradient clipping at 1.0. The records are exactly one epoch of steps × batch,
+so both arms train on the same real tokens, in a different order. Each arm has its own copy of the
+model: TRL patches the forward of the model it is given. TRL gets the data as conversational
+prompt-completion pairs, so it masks the prompt as ours does, and runs minimal and offline: no eval, no
+saving, no logging, report_to none, the dataloader in this process. Two SFTConfig defaults are turned off
+to match a node: gradient checkpointing (ours checkpoints only when its memory plan needs it) and bf16
+autocast (a CPU node trains in float32).
 
 What differs is each loop. Ours groups batches by length (node/train.py `epoch_order`); TRL draws them
-at random and pads each to its longest. TRL, in turn, projects only the positions it learns from through
-the LM head (its fused LM head), where ours computes the logits of every position.
+at random and pads each to its longest. TRL, in turn, sends only the positions it learns from through the
+LM head (its fused LM head, which also computes the entropy and top-1 metrics it logs), where ours
+computes the logits of every position, the masked prompt's included.
 
-    ratio    = our real tokens/s ÷ TRL's (goal ≥ 1.0)
-    padding  = padded positions ÷ positions computed, for each arm
+    ratio             = our real tokens/s ÷ TRL's (goal ≥ 1.0)
+    padding           = padded positions ÷ positions computed, for each arm
+    learned_fraction  = tokens the loss learns ÷ real tokens: the share of positions TRL's LM head sees
 
 The arms alternate in ABBA order after a warm-up of each; the ratio is the median of the back-to-back
 pairs' ratios (as bench_train.py), so load from other processes on a shared machine hits both alike.
@@ -38,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from commons.demo_task import STYLES, make_records
-from node.train import TrainConfig, train
+from node.train import TrainConfig, encode, label_tokens, train
 from protocol.lora import lora_config, wrap
 from protocol.models import load_base
 
@@ -101,9 +104,15 @@ def trl_trainer(base: Any, tokenizer: Any, records: list[dict], config: TrainCon
     return trainer, tally
 
 
-def trl_once(trainer: Any, tally: dict) -> Run:
+def trl_once(trainer: Any, tally: dict, steps: int | None = None) -> Run:
+    """One `trainer.train()`: its configured steps, or the first `steps` of them (a warm-up)."""
+    configured = trainer.args.max_steps
+    trainer.args.max_steps = steps or configured
     tally.clear()
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        trainer.args.max_steps = configured
     tokens = int(tally["tokens"])
     return Run(tokens, tally["end"] - tally["start"], 1 - tokens / max(tally["positions"], 1))
 
@@ -113,7 +122,7 @@ def ours_once(model: Any, tokenizer: Any, records: list[dict], config: TrainConf
     return Run(result.tokens, result.seconds, result.padding)
 
 
-def measure(model_id: str = "smollm2", steps: int = 16, batch_size: int = 8, max_length: int = 96,
+def measure(model_id: str = "smollm2", steps: int = 8, batch_size: int = 8, max_length: int = 96,
             reps: int = 4) -> dict:
     # load: one copy of the base for each arm, the same records for both
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=2e-3, max_length=max_length, seed=0)
@@ -126,7 +135,7 @@ def measure(model_id: str = "smollm2", steps: int = 16, batch_size: int = 8, max
         # warm-up, then ABBA pairs: whichever runs second in a pair is measurably faster on a shared box
         warm = TrainConfig(steps=2, batch_size=batch_size, lr=config.lr, max_length=max_length)
         ours_once(model, tokenizer, records, warm)
-        trl_once(trainer, tally)
+        trl_once(trainer, tally, steps=2)
         ours, trl = [], []
         for rep in range(reps):
             for arm in ("ours", "trl") if rep % 2 == 0 else ("trl", "ours"):
@@ -134,7 +143,9 @@ def measure(model_id: str = "smollm2", steps: int = 16, batch_size: int = 8, max
                     ours.append(ours_once(model, tokenizer, records, config))
                 else:
                     trl.append(trl_once(trainer, tally))
-    return figures(model_id, config, ours, trl)
+    examples = [encode(tokenizer, r["messages"], max_length) for r in records]
+    learned = label_tokens(examples) / sum(len(ids) for ids, _ in examples)
+    return {**figures(model_id, config, ours, trl), "learned_fraction": round(learned, 3)}
 
 
 def figures(model_id: str, config: TrainConfig, ours: list[Run], trl: list[Run]) -> dict:

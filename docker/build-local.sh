@@ -56,6 +56,8 @@ if [ ! -f "$wheels/.complete" ]; then
     nice -n 10 "$PY" -m pip wheel -q --no-deps --wheel-dir "$wheels" "$torch" -r docker/requirements.txt \
         2> >(grep -v "^WARNING: Location '" >&2)  # a pip.conf naming local indexes warns once per package
     touch "$wheels/.complete"
+    # the wheels of earlier pins are never used again
+    find "$CACHE/wheels" -mindepth 1 -maxdepth 1 ! -name "$lock_key" -exec rm -rf {} +
 fi
 find docker/wheels -name '*.whl' -delete
 cp -l "$wheels"/*.whl docker/wheels/ 2>/dev/null || cp "$wheels"/*.whl docker/wheels/
@@ -78,6 +80,7 @@ if [ ! -f "$rootfs" ]; then
         --dpkgopt='path-include=/usr/share/doc/*/copyright' \
         "$suite" "${rootfs%.tar}.part.tar" "$sources"  # mmdebstrap picks the format from the name's end
     mv "${rootfs%.tar}.part.tar" "$rootfs"
+    find "$CACHE/base" -name '*.tar' ! -name "${rootfs##*/}" -delete
 fi
 say "base rootfs: $rootfs ($(elapsed "$started"))"
 
@@ -119,6 +122,7 @@ if [ -z "${DOCKER_HOST:-}" ]; then
     start_dockerd overlay2 || start_dockerd vfs || { say "dockerd did not start: see $run/dockerd-*.log"; exit 1; }
 fi
 if ! "$DOCKER" image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
+    "$DOCKER" image ls --format '{{.Repository}}:{{.Tag}}' lora-commons/python-base | xargs -r "$DOCKER" rmi >/dev/null
     "$DOCKER" import --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
         --change 'ENV LANG=C.UTF-8' --change 'CMD ["python3"]' "$rootfs" "$BASE_IMAGE" >/dev/null
 fi

@@ -1,9 +1,9 @@
 """How much memory a LoRA round needs, from a model's config.json alone, and the plan that fits a machine.
 
-    >>> shape = ModelShape.from_config(json.loads(Path("config.json").read_text()))
+    >>> shape = ModelShape.from_file(Path("Mistral-7B-v0.1/config.json"))
     >>> work = Workload(batch_size=8, max_length=512, lora_r=8)
     >>> plan(shape, work, Device("cuda", free_gb=8.0, bf16=True))       # node: before loading anything
-    MemoryPlan(quantization='nf4', gradient_checkpointing=False, micro_batch=4, accumulation=2, ...)
+    MemoryPlan(quantization='nf4', gradient_checkpointing=True, micro_batch=2, accumulation=4, ...)
     >>> lowest_first_layer(shape, work, Device.from_capability(caps))    # coordinator: a span's lowest start
 
 Arithmetic, no torch and no weights, so the coordinator sizes shards and a volunteer reads `commons node
@@ -20,13 +20,15 @@ plan` before a byte is downloaded. The peak of one optimizer step is the sum of
                  rank-r LoRA intermediates; with gradient checkpointing only each layer's input, plus one
                  layer recomputed during the backward pass
     logits       the log-softmax output, its gradient and the logits' gradient: 3 × vocab float32 a token
-    workspace    temporaries of the backward pass: measured, about one layer's activations and one more
-                 copy of the logits (bench/bench_memory.py)
+                 (measured: the tiny model, whose peak is nearly all logits, peaks at exactly these three)
+    workspace    temporaries of the backward pass, about one layer's activations; a quantized matrix is
+                 dequantized while it is used
 
 The element counts per layer were read off the tensors autograd saves (`saved_tensors_hooks`) on
-SmolLM2 and checked against the measured peak RSS of real CPU training steps (docs/federation.md has the
-table). A machine gives `free − SAFETY_GB − SAFETY_FRACTION × free`: the CUDA context and allocator slack
-on a GPU, the Python and torch runtime on a CPU.
+SmolLM2, and the sum checked against the measured peak of real CPU training steps (bench/bench_memory.py;
+the table is in docs/federation.md). It predicts tensor memory, what `torch.cuda.max_memory_allocated`
+reports on a GPU; a machine gives `free − SAFETY_GB − SAFETY_FRACTION × free` for it, the rest being the
+CUDA context and allocator slack on a GPU, the Python and torch runtime and allocator slack on a CPU.
 
 The plan takes the first configuration that fits from a ladder ordered by what it costs in speed and
 fidelity: full precision before nf4, no checkpointing before checkpointing, and within each the largest
@@ -52,8 +54,7 @@ QUANTIZATIONS = ("none", "nf4", "int8")
 AUTO_LADDER = ("none", "nf4")  # int8 only when a campaign asks for it: it is slower than nf4 and no smaller
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes, uint8 absmax per 64, float32 per 256 absmax
 INT8_BYTES = 1.0
-WORKSPACE_LAYERS = 1.0  # backward temporaries, in layers' worth of activations (calibrated)
-WORKSPACE_LOGITS = 1.0  # and in copies of the float32 logits
+WORKSPACE_LAYERS = 1.0  # backward temporaries, in layers' worth of activations
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
@@ -218,7 +219,7 @@ def estimate(shape: ModelShape, work: Workload, quantization: str, dtype: str, c
     else:
         activations = backward_layers * layer
     logits = 3 * tokens * shape.vocab * 4
-    workspace = WORKSPACE_LAYERS * layer + WORKSPACE_LOGITS * tokens * shape.vocab * 4
+    workspace = WORKSPACE_LAYERS * layer
     if quantization != "none":  # each quantized matrix is dequantized to the compute dtype when used
         workspace += 2 * max(a * b for a, b in shape.matrices().values()) * weight_bytes
     return {"weights": weights, "adapter": adapter, "activations": activations, "logits": logits,

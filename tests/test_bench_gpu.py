@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -68,16 +71,23 @@ TINY_MISTRAL = {"model_type": "mistral", "architectures": ["MistralForCausalLM"]
                 "num_key_value_heads": 2, "max_position_embeddings": 128, "tie_word_embeddings": False}
 
 
-def test_the_qlora_step_trains_a_config_only_model_in_nf4_and_unquantized_with_the_plan(tmp_path) -> None:
-    import json
+QLORA_SHAPE = bench_gpu.QLoraShape(batch=4, seq=16, steps=2, warmup=1, card_gb=24.0)
 
-    from protocol.memory import Device, ModelShape, Workload, plan
 
-    folder = tmp_path / "tiny-mistral"
+@pytest.fixture(scope="module")
+def tiny_qlora(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """qlora_step on a tiny Mistral-shaped config, on the CPU (bitsandbytes runs nf4 there too)."""
+    scratch = tmp_path_factory.mktemp("qlora")
+    folder = scratch / "tiny-mistral"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(TINY_MISTRAL))
-    shape = bench_gpu.QLoraShape(batch=4, seq=16, steps=2, warmup=1, card_gb=24.0)
-    result = bench_gpu.qlora_step(folder, shape, "cpu", torch.float32, peak=1.0, scratch=tmp_path)
+    return scratch, bench_gpu.qlora_step(folder, QLORA_SHAPE, "cpu", torch.float32, peak=1.0, scratch=scratch)
+
+
+def test_the_qlora_step_trains_a_config_only_model_in_nf4_and_unquantized_with_the_plan(tiny_qlora) -> None:
+    from protocol.memory import Device, ModelShape, Workload, plan
+
+    scratch, result = tiny_qlora
     model_shape = ModelShape.from_config(TINY_MISTRAL)
     expected = plan(model_shape, Workload(4, 16, bench_gpu.LORA["r"]), Device("cuda", 24.0, bf16=True), "nf4")
     assert result["plan"] == {"card_gb": 24.0, **expected.to_json()}
@@ -86,12 +96,42 @@ def test_the_qlora_step_trains_a_config_only_model_in_nf4_and_unquantized_with_t
     assert result["flops_per_token"] == 4 * result["n_base"] + 6 * n_lora
     for arm in ("nf4", "unquantized"):
         figures = result[arm]
-        assert figures["tokens"] == shape.steps * shape.batch * shape.seq
+        assert figures["tokens"] == QLORA_SHAPE.steps * QLORA_SHAPE.batch * QLORA_SHAPE.seq
         assert figures["tokens_per_s"] == pytest.approx(figures["tokens"] / figures["seconds"], rel=0.01)
         assert figures["peak_allocated_gb"] is None  # measured on a GPU only
     assert result["nf4"]["precision"] == "nf4/float32" and result["unquantized"]["precision"] == "float32"
     assert result["nf4_peak_ratio"] is None
-    assert list(tmp_path.iterdir()) == [folder]  # the random checkpoint is gone
+    assert [p.name for p in scratch.iterdir()] == ["tiny-mistral"]  # the random checkpoint is gone
+
+
+def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """run() as on an H100, with the 0.5B comparison's figures made up."""
+    arm = {"tokens_per_s": 10.0, "tflops": 1.0, "mfu": 0.5}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(bench_gpu, "measure", lambda *args: {"ratio": 1.0, "ours": arm, "trainer": arm})
+
+
+def test_on_a_gpu_the_summary_names_the_qlora_steps_figures(monkeypatch, tiny_qlora) -> None:
+    fake_gpu(monkeypatch)
+    step = {**tiny_qlora[1], "nf4": {**tiny_qlora[1]["nf4"], "peak_allocated_gb": 17.5}}
+    monkeypatch.setattr(bench_gpu, "qlora_step", lambda *args: step)
+    result = bench_gpu.run()
+    assert result["qlora_7b"] is step and result["ratio"] == 1.0
+    assert f"peak 17.5 GB (plan {step['plan']['predicted_peak_gb']} GB)" in result["summary"]
+
+
+def test_a_failing_7b_step_keeps_the_first_figures(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_gpu(monkeypatch)
+
+    def fails(*args):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(bench_gpu, "qlora_step", fails)
+    result = bench_gpu.run()
+    assert result["ratio"] == 1.0
+    assert result["qlora_7b"] == {"error": "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"}
 
 
 def test_the_qlora_model_is_a_shipped_7b_config() -> None:

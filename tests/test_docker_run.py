@@ -18,8 +18,8 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,7 +31,8 @@ from commons.flower import free_port
 # the first test also waits for the images to load and the campaign to finish
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(1800)]
 
-VERSION = "0.1.0"
+ROOT = Path(__file__).resolve().parents[1]
+VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 CAMPAIGN = "dates-iso-docker"
 VOLUNTEERS = 3
 COMMONS = str(Path(sys.executable).parent / "commons")
@@ -56,12 +57,11 @@ class Docker:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        # a unix socket path must stay under 108 bytes, and containerd nests its own under the exec root
-        self.exec_root = Path(tempfile.mkdtemp(prefix="cdt-", dir="/run"))
+        self.exec_root = root / "exec"  # containerd's socket goes here: a short path, under unix's 108 bytes
         self.env = {**os.environ, "DOCKER_HOST": f"unix://{root}/docker.sock"}
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> str:
+    def start(self) -> None:
         """overlay2 where the kernel and file system allow it (fast), else vfs (copies every layer)."""
         for driver in ("overlay2", "vfs"):
             log = self.root / f"dockerd-{driver}.log"
@@ -74,7 +74,7 @@ class Docker:
             deadline = time.monotonic() + 60
             while self.proc.poll() is None and time.monotonic() < deadline:
                 if self.run("version", check=False).returncode == 0:
-                    return driver
+                    return
                 time.sleep(0.5)
             self.stop()
             shutil.rmtree(self.root / "data", ignore_errors=True)
@@ -176,7 +176,7 @@ def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     root = tmp_path_factory.mktemp("docker")
     daemon = Docker(root)
     try:
-        driver = daemon.start()
+        daemon.start()
         daemon.run("load", "--input", os.environ["COMMONS_DOCKER_IMAGES"], timeout=900)
         write_campaign(root / "campaign")
         gate, index = free_port(), free_port()
@@ -197,8 +197,8 @@ def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         code = daemon.wait_exit("coordinator", timeout=1200, others=volunteers)
         said = daemon.run("logs", "coordinator").stdout.strip().splitlines()
         assert code == 0 and said, daemon.logs("coordinator")
-        yield {"daemon": daemon, "driver": driver, "index": f"http://127.0.0.1:{index}", "healthy": healthy,
-               "summary": json.loads(said[-1]), "root": root}
+        yield {"daemon": daemon, "index": f"http://127.0.0.1:{index}", "healthy": healthy,
+               "summary": json.loads(said[-1])}
     finally:
         daemon.run("rm", "--force", *daemon.run("ps", "-aq", check=False).stdout.split(), check=False)
         daemon.close()
