@@ -36,7 +36,10 @@ class TrainConfig:
     seed: int = 0
     micro_batch: int = 0  # examples per forward/backward; 0: the whole batch. Must divide batch_size
     gradient_checkpointing: bool = False  # recompute layers in the backward pass: less memory, more compute
-    group_by_length: bool = True
+    # off by default: steps of alike lengths are steps of alike examples (one date style each in the demo
+    # task), which slowed what honest rounds learn (tests/test_poisoning_demo.py: held-out loss 9.45 vs
+    # 8.84); a step's micro-batches are sorted by length either way, which is where padding is saved
+    group_by_length: bool = False
 
     @property
     def accumulation(self) -> int:

@@ -134,6 +134,7 @@ def finale(summary: dict, result: dict) -> list[str]:
     from urllib.parse import urlparse
 
     from commons import config
+    from protocol.home import home
 
     name = summary["name"]
     head = f"{name}: base {summary['accuracy_base']:.1%} → adapter {summary['accuracy_adapter']:.1%}"
@@ -144,7 +145,8 @@ def finale(summary: dict, result: dict) -> list[str]:
     return [
         f"{head} ({result.get('published_because') or 'the last round'}; licence {result.get('license')})",
         f"published {name} v{summary['version']} {summary['adapter_cid']}",
-        f"serve it: commons index serve --host 0.0.0.0 --port {port}   (its page: {index}/adapters/{name})",
+        (f"serve it: COMMONS_HOME={home()} commons index serve --host 0.0.0.0 --port {port}   (its page: "
+         f"{index}/adapters/{name})"),
         f"pull it:  commons pull {name} --index {index}   (on this machine: commons pull {name})",
     ]
 

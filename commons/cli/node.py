@@ -237,8 +237,9 @@ def plan_command(model_id: str, vram: float | None, ram: float | None, batch_siz
                                "free_gb": device.free_gb, **chosen.to_json()}, sort_keys=True))
         return
     where = "a GPU" if device.kind == "cuda" else f"{device.kind.upper()} RAM"
-    click.echo(f"{model_id} ({shape.params() / 1e9:.2f}B parameters) on {where} with {device.free_gb:g} GB "
-               f"free ({chosen.usable_gb:g} after the safety margin), batch {batch_size} × {max_length} "
+    size = f"{shape.params() / 1e9:.2f}B" if shape.params() >= 1e9 else f"{shape.params() / 1e6:.0f}M"
+    click.echo(f"{model_id} ({size} parameters) on {where} with {device.free_gb:.1f} GB free "
+               f"({chosen.usable_gb:.1f} after the safety margin), batch {batch_size} × {max_length} "
                f"tokens, LoRA r {lora_r}:")
     parts = ", ".join(f"{k} {v:.2f}" for k, v in chosen.parts_gb.items())
     checkpointing = str(chosen.gradient_checkpointing).lower()
@@ -288,16 +289,25 @@ def status_text(st: dict | None, log_tail: str, coordinator: str, closed: bool) 
     return f"round {st.get('round')} sent{loss}; waiting for the next round"
 
 
+_LAST = {"line": "", "at": 0.0}  # what a log file (not a terminal) was last told, and when
+
+
 def _status_line(path: Path, log: Path, coordinator: str, closed: bool) -> None:
-    if not sys.stderr.isatty():
-        return
+    """A terminal's live line; into a log file, a timestamped line when the state changes (at most every 30 s
+    while training, so a long round never looks hung)."""
     try:
         st = json.loads(path.read_text())
     except (OSError, ValueError):
         st = None
     line = status_text(st, _tail(log), coordinator, closed)
-    sys.stderr.write("\r" + line[: os.get_terminal_size(2).columns - 1].ljust(60))
-    sys.stderr.flush()
+    if sys.stderr.isatty():
+        sys.stderr.write("\r" + line[: os.get_terminal_size(2).columns - 1].ljust(60))
+        sys.stderr.flush()
+        return
+    state = line.split(" step ")[0]  # "round 2 step 3/8 …": a new step alone is no new state
+    if state != _LAST["line"].split(" step ")[0] or (line != _LAST["line"] and time.time() - _LAST["at"] >= 30):
+        click.echo(f"{time.strftime('%H:%M:%S')} {line}", err=True)
+        _LAST.update(line=line, at=time.time())
 
 
 def _tail(path: Path, size: int = 400) -> str:
