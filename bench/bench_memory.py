@@ -36,8 +36,8 @@ CASES = [  # (quantization, checkpointing, batch, micro, max_length)
     ("nf4", False, 8, 8, 128), ("nf4", True, 8, 8, 128),
     ("none", False, 4, 2, 256), ("nf4", True, 4, 2, 256),  # other shapes: not used to calibrate
 ]
-WORDS = ["date", "year", "month", "day", "morning", "evening", "river", "mountain", "letter", "number", "answer",
-         "question", "city"]
+WORDS = ["date", "year", "month", "day", "morning", "evening", "river", "mountain", "letter", "number",
+         "answer", "question", "city"]
 
 
 class Sampler(threading.Thread):

@@ -222,7 +222,8 @@ def test_a_node_whose_memory_cannot_hold_the_lowest_layers_gets_a_span_higher_up
 
 
 def test_a_node_that_cannot_train_even_the_top_layer_gets_no_span(layers) -> None:
-    plan = make_plan(layers, nodes(4), min_coverage=2, floors={"node-0": 0, "node-1": None, "node-2": 0, "node-3": 0})
+    floors = {"node-0": 0, "node-1": None, "node-2": 0, "node-3": 0}
+    plan = make_plan(layers, nodes(4), min_coverage=2, floors=floors)
     check_spans(plan)
     assert "node-1" not in {s.node_id for s in plan.shards} and min(plan.coverage()) == 2
 
