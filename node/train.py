@@ -139,6 +139,25 @@ def set_checkpointing(model: Any, on: bool) -> None:
         (disable or base.gradient_checkpointing_disable)()
 
 
+def backward(model: Any, batch: list[Example], micro: int, pad_id: int,
+             device: Any) -> tuple[float, int, int]:
+    """Accumulate the gradient of the whole batch's mean token loss, `micro` examples per forward pass:
+    each micro-batch's loss is its summed token losses over the label tokens of the whole batch, so the
+    sum is the full batch's gradient up to float rounding. (loss, real tokens, positions computed)."""
+    counted = max(label_tokens(batch), 1)
+    loss_sum, tokens, positions = 0.0, 0, 0
+    for part in micro_batches(batch, micro):
+        inputs = {k: v.to(device) for k, v in collate(part, pad_id).items()}
+        loss = model(**inputs, num_items_in_batch=counted).loss
+        if not math.isfinite(loss.item()):
+            return loss.item(), tokens, positions  # the caller stops: no backward through a NaN
+        loss.backward()
+        loss_sum += loss.item()
+        tokens += int(inputs["attention_mask"].sum())
+        positions += inputs["attention_mask"].numel()
+    return loss_sum, tokens, positions
+
+
 def train(
     model: Any,
     tokenizer: Any,
@@ -179,18 +198,11 @@ def train(
             order += epoch_order(rng, lengths, config.batch_size, config.group_by_length)
         batch = [examples[i] for i in order[: config.batch_size]]
         del order[: config.batch_size]
-        # forward backward, one micro-batch at a time, each loss scaled to the whole batch's label tokens
-        counted = max(label_tokens(batch), 1)
-        loss_sum, batch_tokens = 0.0, 0
-        for part in micro_batches(batch, micro):
-            inputs = {k: v.to(device) for k, v in collate(part, tokenizer.pad_token_id).items()}
-            loss = model(**inputs, num_items_in_batch=counted).loss
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"training diverged at step {step} (loss {loss.item()}); lower lr")
-            loss.backward()
-            loss_sum += loss.item()
-            batch_tokens += int(inputs["attention_mask"].sum())
-            computed += inputs["attention_mask"].numel()
+        # forward backward, one micro-batch at a time
+        loss_sum, batch_tokens, positions = backward(model, batch, micro, tokenizer.pad_token_id, device)
+        if not math.isfinite(loss_sum):
+            raise FloatingPointError(f"training diverged at step {step} (loss {loss_sum}); lower the lr")
+        computed += positions
         # update
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()

@@ -7,11 +7,33 @@ import random
 
 import numpy as np
 import pytest
+import torch
 
 from commons.demo_task import STYLES, make_records
-from node.train import TrainConfig, TrainResult, epoch_order, label_tokens, micro_batches, train
+from node.train import (
+    TrainConfig,
+    TrainResult,
+    backward,
+    encode,
+    epoch_order,
+    label_tokens,
+    micro_batches,
+    train,
+    trainable,
+)
 from protocol.lora import get_state, set_state, wrap
 from protocol.models import load_base
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's matrices are too small to split: on a shared machine a second thread only waits."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +59,31 @@ def run(tiny, records: list[dict], **config) -> tuple[dict, TrainResult]:
     return result.state, result
 
 
+def test_accumulated_micro_batches_give_the_whole_batchs_gradient_up_to_float_rounding(tiny) -> None:
+    model, tokenizer, start = tiny
+    set_state(model, start)
+    set_state(model, {k: v + 0.01 for k, v in start.items()})  # B = 0 at init would zero A's gradient
+    params = trainable(model, None)
+    batch = [encode(tokenizer, r["messages"], 128) for r in mixed_records(8)]
+    grads, losses = {}, {}
+    for micro in (8, 4, 2, 1):
+        model.zero_grad(set_to_none=True)
+        losses[micro] = backward(model, batch, micro, tokenizer.pad_token_id, "cpu")[0]
+        grads[micro] = torch.cat([p.grad.flatten() for p in params])
+    scale = float(grads[8].abs().max())
+    for micro in (4, 2, 1):
+        assert float((grads[micro] - grads[8]).abs().max()) < 1e-5 * scale
+        assert abs(losses[micro] - losses[8]) < 1e-5 * losses[8]
+
+
 def test_accumulating_micro_batches_trains_the_same_weights_as_the_whole_batch(tiny) -> None:
     records = mixed_records(24)
     whole, first = run(tiny, records)
-    for micro in (4, 2, 1):
-        split, result = run(tiny, records, micro_batch=micro)
-        assert max(float(np.max(np.abs(whole[k] - split[k]))) for k in whole) < 1e-4  # float error only
-        np.testing.assert_allclose(result.losses, first.losses, rtol=1e-5)
-        assert (result.tokens, result.num_examples) == (first.tokens, first.num_examples)
+    split, result = run(tiny, records, micro_batch=2)
+    # Adam divides by each gradient's own scale, so rounding shows in the weights at ~1e-3 × lr
+    assert max(float(np.max(np.abs(whole[k] - split[k]))) for k in whole) < 5e-4
+    np.testing.assert_allclose(result.losses, first.losses, rtol=1e-5)
+    assert (result.tokens, result.num_examples) == (first.tokens, first.num_examples)
 
 
 def test_gradient_checkpointing_trains_the_same_weights(tiny) -> None:

@@ -23,6 +23,17 @@ from protocol.quantization import TrainedAs, from_pretrained_kwargs
 SPEC = {"r": 4, "alpha": 8}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's matrices are too small to split: on a shared machine a second thread only waits."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("quantization", ["nf4", "int8"])
 def test_a_quantized_base_trains_lora_whose_adapter_loads_on_the_unquantized_base(quantization: str) -> None:
     base, tokenizer = load_base("tiny", quantization=quantization)
