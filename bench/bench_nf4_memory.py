@@ -40,7 +40,8 @@ def measure(model_id: str = "smollm2") -> dict:
         "name": "bench_nf4_memory", "ratio": ratio("measured_gb"), "model": model_id, "reference": "float32",
         "batch": BATCH, "max_length": MAX_LENGTH,
         "nf4_peak_gb": nf4["measured_gb"], "float32_peak_gb": full["measured_gb"],
-        "weights_ratio": ratio("weights_gb"), "rss_ratio": ratio("rss_gb"), "predicted_ratio": ratio("predicted_gb"),
+        "weights_ratio": ratio("weights_gb"), "rss_ratio": ratio("rss_gb"),
+        "predicted_ratio": ratio("predicted_gb"),
         "nf4": nf4, "float32": full,
         "summary": f"{model_id} training step peaks at {nf4['measured_gb']:.2f} GB in nf4 vs "
                    f"{full['measured_gb']:.2f} GB in float32 (weights alone: {nf4.get('weights_gb')} vs "

@@ -14,13 +14,15 @@ saving, no logging, report_to none, the dataloader in this process. Two SFTConfi
 to match a node: gradient checkpointing (ours checkpoints only when its memory plan needs it) and bf16
 autocast (a CPU node trains in float32).
 
-What differs is each loop. Ours groups batches by length (node/train.py `epoch_order`); TRL draws them
-at random and pads each to its longest. TRL, in turn, sends only the positions it learns from through the
-LM head (its fused LM head, which also computes the entropy and top-1 metrics it logs), where ours
-computes the logits of every position, the masked prompt's included.
+What differs is each loop. Both draw shuffled batches and pad each to its longest: ours as a node runs
+it, with TrainConfig's defaults (grouping batches by length is off by default, node/train.py says why);
+`grouped_padding` is the padding ours would have with `group_by_length` on, counted from the order
+`epoch_order` draws (not timed). TRL sends only the positions it learns from through the LM head (its
+fused LM head, which also computes the entropy and top-1 metrics it logs), where ours computes the
+logits of every position, the masked prompt's included.
 
     ratio             = our real tokens/s ÷ TRL's (goal ≥ 1.0)
-    padding           = padded positions ÷ positions computed, for each arm
+    padding           = padded positions ÷ positions computed, for each arm (and `grouped_padding`)
     learned_fraction  = tokens the loss learns ÷ real tokens: the share of positions TRL's LM head sees
 
 The arms alternate in ABBA order after a warm-up of each; the ratio is the median of the back-to-back
@@ -32,6 +34,7 @@ Timed: ours by train()'s own clock (after encoding, to the returned adapter); TR
 from __future__ import annotations
 
 import json
+import random
 import sys
 import tempfile
 import time
@@ -41,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from commons.demo_task import STYLES, make_records
-from node.train import TrainConfig, encode, label_tokens, train
+from node.train import TrainConfig, encode, epoch_order, label_tokens, train
 from protocol.lora import lora_config, wrap
 from protocol.models import load_base
 
@@ -66,8 +69,8 @@ def prompt_completion(record: dict) -> dict:
 
 def trl_trainer(base: Any, tokenizer: Any, records: list[dict], config: TrainConfig,
                 out: str) -> tuple[Any, dict]:
-    """An SFTTrainer over `base` with PEFT's LoRA, and the tally its runs fill in (tokens, positions,
-    clock)."""
+    """An SFTTrainer over `base` with PEFT's LoRA, and the tally each run fills in: real tokens,
+    positions computed, and the clock at the start and after the last step."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
@@ -145,7 +148,17 @@ def measure(model_id: str = "smollm2", steps: int = 8, batch_size: int = 8, max_
                     trl.append(trl_once(trainer, tally))
     examples = [encode(tokenizer, r["messages"], max_length) for r in records]
     learned = label_tokens(examples) / sum(len(ids) for ids, _ in examples)
-    return {**figures(model_id, config, ours, trl), "learned_fraction": round(learned, 3)}
+    return {**figures(model_id, config, ours, trl), "learned_fraction": round(learned, 3),
+            "grouped_padding": round(grouped_padding([len(ids) for ids, _ in examples], config), 4)}
+
+
+def grouped_padding(lengths: list[int], config: TrainConfig) -> float:
+    """The padding of one epoch drawn as train() draws it with `group_by_length` on, each step one
+    micro-batch."""
+    order = epoch_order(random.Random(config.seed), lengths, config.batch_size, group=True)
+    batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+    computed = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+    return 1 - sum(lengths) / computed
 
 
 def figures(model_id: str, config: TrainConfig, ours: list[Run], trl: list[Run]) -> dict:

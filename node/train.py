@@ -3,9 +3,10 @@
 One optimizer step takes the campaign's `batch_size` examples (the effective batch). A node short of
 memory splits them into micro-batches and accumulates their gradients: each micro-batch's loss is its
 summed token losses divided by the label tokens of the whole batch, so the gradient is the full batch's
-up to float rounding. Examples are grouped by length (a shuffled window of MEGABATCH batches is sorted,
-cut into batches, and the batches are shuffled), so little compute goes to padding; the padding that
-remains is reported as a fraction of the positions computed.
+up to float rounding. A step's examples are sorted by length before they are cut into micro-batches,
+and with `group_by_length` whole batches are drawn by length too (a shuffled window of MEGABATCH batches
+is sorted, cut into batches, and the batches are shuffled), so little compute goes to padding; the
+padding that remains is reported as a fraction of the positions computed.
 """
 
 from __future__ import annotations
@@ -184,6 +185,7 @@ def train(
     order: list[int] = []
     device = params[0].device  # a GPU volunteer's model lives on the GPU: its batches must too
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    optimizer.zero_grad(set_to_none=True)  # a warm model may hold gradients of a round that failed mid-step
     set_checkpointing(model, config.gradient_checkpointing)
     model.train()
     first, tokens, seen, losses, before = 0, 0, 0, [], 0.0

@@ -22,6 +22,11 @@ def test_a_record_becomes_a_prompt_completion_pair_whose_completion_is_the_final
     assert pair == {"prompt": record["messages"][:2], "completion": [record["messages"][2]]}
 
 
+def test_grouped_by_length_alike_examples_share_a_batch_and_pad_nothing() -> None:
+    config = TrainConfig(steps=2, batch_size=2)
+    assert bench_trl.grouped_padding([1, 10, 1, 10], config) == 0.0  # one window: [10, 10], [1, 1]
+
+
 @needs_trl
 def test_the_ratio_is_the_median_of_paired_ratios_and_padding_is_reported_per_arm() -> None:
     ours = [bench_trl.Run(100, 1.0, 0.01), bench_trl.Run(100, 2.0, 0.01), bench_trl.Run(100, 1.0, 0.01)]
@@ -40,3 +45,4 @@ def test_both_arms_train_the_same_real_tokens_of_the_tiny_model() -> None:
     assert len(result["ours_tokens_per_s"]) == len(result["trl_tokens_per_s"]) == 2
     assert 0 <= result["ours_padding"] < 1 and 0 <= result["trl_padding"] < 1
     assert result["ratio"] > 0 and 0 < result["learned_fraction"] < 1  # the prompt is not learned
+    assert 0 <= result["grouped_padding"] < 1

@@ -16,8 +16,8 @@ def write_events(home: Path, events: list[dict]) -> None:
     (folder / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
 
 
-def test_the_last_smollm2_demo_is_read_from_its_events_from_round_two(tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_last_smollm2_demo_is_read_from_its_events_from_round_two(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COMMONS_HOME", str(tmp_path))
     write_events(tmp_path, [
         {"event": "round_start", "round": 1, "time": 0.0}, {"event": "update", "round": 1, "seconds": 2.0},
@@ -31,7 +31,7 @@ def test_the_last_smollm2_demo_is_read_from_its_events_from_round_two(tmp_path: 
     assert earlier["ran"]
 
 
-def test_without_a_smollm2_demo_in_this_home_nothing_earlier_is_reported(tmp_path: Path,
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_a_smollm2_demo_in_this_home_nothing_earlier_is_reported(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COMMONS_HOME", str(tmp_path))
     assert bench_utilization.last_smollm2_demo() is None
