@@ -19,3 +19,14 @@ def isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.
     MODEL_CACHE.mkdir(parents=True, exist_ok=True)
     monkeypatch.setenv("COMMONS_CACHE", str(MODEL_CACHE))
     return home
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The tiny model's matrices are too small to split: on a shared machine a second thread only waits."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -24,16 +24,7 @@ from node.train import (
 from protocol.lora import get_state, set_state, wrap
 from protocol.models import load_base
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's matrices are too small to split: on a shared machine a second thread only waits."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

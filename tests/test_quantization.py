@@ -23,15 +23,7 @@ from protocol.quantization import TrainedAs, from_pretrained_kwargs
 SPEC = {"r": 4, "alpha": 8}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's matrices are too small to split: on a shared machine a second thread only waits."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("quantization", ["nf4", "int8"])
