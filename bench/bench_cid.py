@@ -10,7 +10,7 @@ import json
 import os
 import time
 
-from protocol import unixfs
+from protocol.content import unixfs
 
 SIZE = 256 << 20
 

@@ -17,8 +17,8 @@ and reported separately as `tflops_with_attention`. MFU = achieved FLOP/s ÷ the
 
 A second figure is a QLoRA campaign step of a 7B-shaped model: Mistral-7B-v0.1 (FlowerTune's baseline)
 from its shipped config.json (tests/data/model_configs/), random weights (no download) saved once to a
-temporary folder and loaded the way a node loads a base: `from_pretrained` with protocol/quantization.py's
-nf4 arguments, then protocol/lora.wrap. protocol/memory.plan sizes the step for a 24 GB consumer card
+temporary folder and loaded the way a node loads a base: `from_pretrained` with modeling/quantization.py's
+nf4 arguments, then modeling/lora.wrap. modeling/memory.plan sizes the step for a 24 GB consumer card
 (checkpointing, micro-batch × accumulation of batch 8 × 512 tokens) and node/train.py runs it. The same
 step on the unquantized bf16 base gives the nf4 ÷ bf16 peak-memory ratio. Peak memory is
 `torch.cuda.max_memory_allocated` (and `_reserved`, what the card holds) over the warm-up and timed calls,
@@ -135,7 +135,7 @@ def build_model(config: dict, device: str, dtype: Any) -> Any:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from protocol.lora import wrap
+    from modeling.lora import wrap
 
     torch.manual_seed(0)
     with torch.device(device):
@@ -255,10 +255,10 @@ def random_checkpoint(folder: Path, out: Path, device: str, dtype: Any) -> Any:
 
 
 def load_nf4(out: Path, device: str, dtype: Any) -> Any:
-    """The base in nf4, as protocol/models.load_base loads one (that also wants a tokenizer: we have none)."""
+    """The base in nf4, as modeling/load.load_base loads one (that also wants a tokenizer: we have none)."""
     from transformers import AutoModelForCausalLM
 
-    from protocol.quantization import from_pretrained_kwargs
+    from modeling.quantization import from_pretrained_kwargs
 
     extra = from_pretrained_kwargs("nf4", dtype, device)
     base = AutoModelForCausalLM.from_pretrained(out, dtype=dtype, **extra)
@@ -275,8 +275,8 @@ def campaign_step(model: Any, shape: QLoraShape, memory: Any, vocab: int, device
     Peak memory (GPU only) covers both calls, the weights included."""
     import torch
 
+    from modeling.quantization import TrainedAs
     from node.train import TrainConfig, train
-    from protocol.quantization import TrainedAs
 
     tokenizer = SyntheticTokenizer(vocab, shape.seq)
     records = synthetic_records(shape.batch * (shape.warmup + shape.steps))
@@ -315,8 +315,8 @@ def qlora_step(folder: Path, shape: QLoraShape, device: str, dtype: Any, peak: f
 
     import torch
 
-    from protocol.lora import wrap
-    from protocol.memory import Device, ModelShape, Workload, plan
+    from modeling.lora import wrap
+    from modeling.memory import Device, ModelShape, Workload, plan
 
     # plan the step for the volunteer's card, from config.json alone (as a node does before loading)
     model_shape = ModelShape.from_config(json.loads((folder / "config.json").read_text()), name=folder.name)

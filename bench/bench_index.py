@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 from index.db import IndexDB
-from protocol.dsse import canonical_json, envelope_bytes, sign_envelope
-from protocol.keys import Identity
-from protocol.manifest import AdapterMeta, build_statement
-from protocol.multiformats import cid_for
+from protocol.content.multiformats import cid_for
+from protocol.signing.dsse import canonical_json, envelope_bytes, sign_envelope
+from protocol.signing.keys import Identity
+from protocol.signing.manifest import AdapterMeta, build_statement
 
 TASKS = ["gsm8k", "code", "chat", "summarize", "translate-de", "sql", "medical-qa", "legal", "poetry", "json"]
 BASES = ["HuggingFaceTB/SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-360M-Instruct", "Qwen/Qwen2.5-0.5B",

@@ -1,4 +1,4 @@
-"""The memory plan's predicted peak (protocol/memory.py) against the measured peak of real training steps.
+"""The memory plan's predicted peak (modeling/memory.py) against the measured peak of real training steps.
 
     python -m bench memory                              # SmolLM2-135M, fp32 and nf4, ± checkpointing
     python bench/bench_memory.py smollm2 nf4 1 8 4 256  # one run: model, quantization, checkpointing,
@@ -92,10 +92,10 @@ def child(model_id: str, quantization: str, checkpointing: bool, batch: int, mic
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from modeling.load import load_base, load_tokenizer, model_config
+    from modeling.lora import wrap
+    from modeling.memory import ModelShape, Workload, estimate, peak_gb
     from node.train import TrainConfig, train
-    from protocol.lora import wrap
-    from protocol.memory import ModelShape, Workload, estimate, peak_gb
-    from protocol.models import load_base, load_tokenizer, model_config
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     tokenizer = load_tokenizer(model_id)
@@ -162,9 +162,9 @@ def step_time_ratio(model_id: str = "smollm2", batch: int = 4, max_length: int =
     warm-up of each (a shared machine's load then hits both alike); the median of the pairs' ratios."""
     import statistics
 
+    from modeling.load import load_base, load_tokenizer
+    from modeling.lora import wrap
     from node.train import TrainConfig, train
-    from protocol.lora import wrap
-    from protocol.models import load_base, load_tokenizer
 
     tokenizer = load_tokenizer(model_id)
     models = {q: wrap(load_base(model_id, quantization=q)[0], {"r": 8, "alpha": 16}) for q in ("none", "nf4")}

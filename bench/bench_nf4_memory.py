@@ -15,7 +15,7 @@ its `rss_gb` what the OS held, allocator slack included.
 The weights shrink far more than the step's peak: the activations are the same in both (nf4's are even
 float32, as `prepare_model_for_kbit_training` leaves the stream), and on a small model they weigh more.
 `weights_ratio` compares the weights alone, `rss_ratio` the RSS peaks, and the plan's predicted ratio
-(protocol/memory.py) is shown beside the measured one. Keys bench_memory.py may not report are None.
+(modeling/memory.py) is shown beside the measured one. Keys bench_memory.py may not report are None.
 """
 
 from __future__ import annotations

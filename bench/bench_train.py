@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from commons.demo_task import STYLES, make_records
+from modeling.load import load_base
+from modeling.lora import wrap
 from node.train import TrainConfig, collate, encode, train
-from protocol.lora import wrap
-from protocol.models import load_base
 
 
 def plain_peft_loop(model, batches: list[list[tuple[list[int], list[int]]]], pad_id: int, lr: float) -> float:

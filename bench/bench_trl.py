@@ -3,7 +3,7 @@
     python -m bench trl                     # `make bench`: SmolLM2-135M-Instruct, one demo round's shape
     python bench/bench_trl.py tiny 4        # the tiny model, 4 steps
 
-Both arms get the same: the model (protocol/models.load_base, float32 on the CPU: a CPU node's placement,
+Both arms get the same: the model (modeling/load.load_base, float32 on the CPU: a CPU node's placement,
 node/hardware.py), the LoRA (the demo's r=8, alpha=16 on every projection), the records (the demo's date
 data, every style), the steps, batch and max_length (a demo round: 8 steps of 8 examples, 96 tokens),
 AdamW at a constant lr with gradient clipping at 1.0. The records are exactly one epoch of steps × batch,
@@ -44,9 +44,9 @@ from typing import Any
 import numpy as np
 
 from commons.demo_task import STYLES, make_records
+from modeling.load import load_base
+from modeling.lora import lora_config, wrap
 from node.train import TrainConfig, encode, epoch_order, label_tokens, train
-from protocol.lora import lora_config, wrap
-from protocol.models import load_base
 
 LORA = {"r": 8, "alpha": 16}  # the demo's campaign (commons/demo.py)
 

@@ -28,9 +28,9 @@ from commons.demo_task import STYLES, make_records
 from coordinator.aggregate import Update, aggregate
 from coordinator.plan import layers_from_keys, make_plan, shard_keys
 from coordinator.residual import apply, project, snapshot
+from modeling.load import load_base
+from modeling.lora import get_state, set_state, wrap
 from node.train import TrainConfig, collate, encode, train
-from protocol.lora import get_state, set_state, wrap
-from protocol.models import load_base
 from protocol.update import decode, wire_bytes
 from protocol.update import encode as encode_update
 

@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 from commons import timing
+from modeling.load import cache_dir
 from protocol.home import home
-from protocol.models import cache_dir
 
 COMMONS = str(Path(sys.executable).parent / "commons")
 NODES, ROUNDS, STEPS = 2, 3, 8

@@ -7,7 +7,7 @@ def load_adapter(base_model: str, adapter: str, index_url: str | None = None):
 
     from peft import PeftModel
 
-    from protocol.models import load_base
+    from modeling.load import load_base
 
     folder = Path(adapter)
     if not (folder / "adapter_config.json").is_file():

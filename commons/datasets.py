@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from protocol.dataset import Report, dataset_card, encode_records, prepare
+from protocol.data.dataset import Report, dataset_card, encode_records, prepare
 from protocol.errors import CommonsError
 from protocol.home import home
 
@@ -41,9 +41,9 @@ def publish_dataset(file: Path, license_: str, source: str, name: str | None = N
     `on_report` sees what was scrubbed and dropped; `choose` (the volunteer's review) keeps a subset.
     """
     from index.db import IndexDB
-    from protocol.blockstore import BlockStore
-    from protocol.keys import Identity
-    from protocol.manifest import SIGNATURE_FILE, AdapterMeta, sign_directory
+    from protocol.content.blockstore import BlockStore
+    from protocol.signing.keys import Identity
+    from protocol.signing.manifest import SIGNATURE_FILE, AdapterMeta, sign_directory
 
     identity = Identity.load_or_create()
     records, report = prepare(file, license_, source, identity.public_hex, progress=progress_bar("checking"))

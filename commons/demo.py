@@ -18,10 +18,10 @@ from commons import config, narrate, timing
 from commons.demo_task import write_demo_data
 from commons.flower import Network
 from coordinator.campaign import Campaign, LoraSpec, TrainSpec, dump
+from modeling.load import SMOLLM2_ID, cache_dir, canonical_id, local_path
 from protocol.errors import CommonsError
 from protocol.home import home
-from protocol.keys import Identity
-from protocol.models import SMOLLM2_ID, cache_dir, canonical_id, local_path
+from protocol.signing.keys import Identity
 
 
 def campaign_for(name: str, model: str, eval_file: Path, nodes: int, rounds: int, steps: int, eval_size: int,
@@ -173,8 +173,8 @@ def _follow(events: Path, node_homes: list[Path], rounds: int, progress: bool, t
 
 def _register(result: dict, nodes: int, rounds: int) -> dict:
     from index.db import IndexDB
-    from protocol.manifest import SIGNATURE_FILE, verify_directory
-    from protocol.trust import TrustPolicy
+    from protocol.signing.manifest import SIGNATURE_FILE, verify_directory
+    from protocol.signing.trust import TrustPolicy
 
     summary = {
         "adapter_cid": result.get("adapter_cid"), "name": result["name"], "engine": "deployment", "nodes": nodes,

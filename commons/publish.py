@@ -16,11 +16,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from protocol.blockstore import BlockStore
+from protocol.content.blockstore import BlockStore
 from protocol.errors import CommonsError
 from protocol.home import home
-from protocol.keys import Identity
-from protocol.manifest import SIGNATURE_FILE, AdapterMeta, sign_directory
+from protocol.signing.keys import Identity
+from protocol.signing.manifest import SIGNATURE_FILE, AdapterMeta, sign_directory
 
 
 @contextmanager

@@ -4,7 +4,7 @@
 
 The output folder is only ever replaced when it is empty or holds an earlier pull of the same name and
 nothing else; anything else there is refused before a byte is fetched, so pull never deletes what it did
-not create. What lands there is exactly what the signature covers (see `protocol.fetch.fetch_signed`),
+not create. What lands there is exactly what the signature covers (see `protocol.content.fetch.fetch_signed`),
 written beside the folder first and swapped in once every file verified.
 """
 
@@ -21,15 +21,15 @@ from pathlib import Path
 import httpx
 
 from commons import config
-from protocol.blockstore import BlockStore
+from protocol.content.blockstore import BlockStore
+from protocol.content.fetch import NODE_OVERHEAD, BlockSource, Prefetch, fetch_signed, write_signed
+from protocol.content.gateway import GatewaySource
+from protocol.content.multiformats import CID
+from protocol.content.unixfs import Bounds
 from protocol.errors import CommonsError, VerifyError
-from protocol.fetch import NODE_OVERHEAD, BlockSource, Prefetch, fetch_signed, write_signed
-from protocol.gateway import GatewaySource
 from protocol.home import sub
-from protocol.manifest import SIGNATURE_FILE, Verified, verify_directory
-from protocol.multiformats import CID
-from protocol.trust import TrustPolicy
-from protocol.unixfs import Bounds
+from protocol.signing.manifest import SIGNATURE_FILE, Verified, verify_directory
+from protocol.signing.trust import TrustPolicy
 
 _REF = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]{0,99})(@(?P<version>\d{1,15}))?$")
 

@@ -30,14 +30,14 @@ from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modeling.load import DEFAULT_TARGETS, canonical_id, default_revision
+from protocol.content.multiformats import CID
 from protocol.errors import CommonsError
-from protocol.models import DEFAULT_TARGETS, canonical_id, default_revision
-from protocol.multiformats import CID
 
 RULES = ("fedavg", "exact", "robust")
 SHARDS = ("auto", "none")
 UPLOAD_DTYPES = ("fp32", "bf16", "int8")
-QUANTIZATIONS = ("auto", "none", "nf4", "int8")  # nf4/int8: QLoRA, bitsandbytes (protocol/quantization.py)
+QUANTIZATIONS = ("auto", "none", "nf4", "int8")  # nf4/int8: QLoRA, bitsandbytes (modeling/quantization.py)
 DATA_MODES = ("local", "campaign")
 DEFAULT_LICENSE = "Apache-2.0"  # what an adapter is published under when the campaign file names no licence
 DATASET_KEYS = ("cid", "name", "license")

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from protocol.quantization import TrainedAs
+from modeling.quantization import TrainedAs
 
 
 def normalize(text: str) -> str:

@@ -29,9 +29,9 @@ from coordinator import privacy
 from coordinator.aggregate import AggregateConfig, AggregateReport, Tensors, Update, aggregate, check_update
 from coordinator.campaign import Campaign
 from coordinator.robust import split_key
+from modeling.load import model_config
+from modeling.memory import Device, ModelShape, Workload, lowest_first_layer
 from protocol.errors import CommonsError
-from protocol.memory import Device, ModelShape, Workload, lowest_first_layer
-from protocol.models import model_config
 
 PLAN_VERSION = 1
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -231,7 +231,7 @@ def _lane_spans(lane: int, group: list[tuple[float, str]], floor: Mapping[str, i
 
 def memory_floors(campaign: Campaign, nodes: Mapping[str, Mapping]) -> dict[str, int | None]:
     """The lowest layer each node's memory lets its span start at, from the same estimate the node checks
-    before it trains (protocol/memory.py, the model's config.json and the node's capability report)."""
+    before it trains (modeling/memory.py, the model's config.json and the node's capability report)."""
     config = model_config(campaign.base_model, campaign.base_revision)
     shape = ModelShape.from_config(config, name=campaign.base_model)
     work = Workload(batch_size=campaign.train.batch_size, max_length=campaign.train.max_length,

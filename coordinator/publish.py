@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.campaign import Campaign
-from protocol.blockstore import BlockStore
-from protocol.keys import Identity
-from protocol.manifest import AdapterMeta, sign_directory
-from protocol.quantization import TrainedAs
+from modeling.quantization import TrainedAs
+from protocol.content.blockstore import BlockStore
+from protocol.signing.keys import Identity
+from protocol.signing.manifest import AdapterMeta, sign_directory
 
 CARD = """---
 base_model: {base_model}
@@ -62,7 +62,7 @@ def write_adapter(
 ) -> Path:
     """adapter_config.json + adapter_model.safetensors (PEFT's own writer) + a model card.
 
-    `base_revision` pins the base exactly (protocol.models.exact_revision): a Hub commit goes into
+    `base_revision` pins the base exactly (modeling.load.exact_revision): a Hub commit goes into
     adapter_config.json's `revision`; a local conversion ("sha256:...") has no Hub revision, so none is
     written there (PEFT would ask the Hub for it) and the manifest carries the hash."""
     if folder.exists():
@@ -94,7 +94,7 @@ def write_adapter(
 
 def record_training(entry: dict, metrics: dict) -> None:
     """Add to a node's contribution-ledger entry how it held the base this round ("nf4/bfloat16",
-    "float32"; from its reply, protocol/quantization.py): the manifest's ledger says how each node trained."""
+    "float32"; from its reply, modeling/quantization.py): the manifest's ledger says how each node trained."""
     trained = TrainedAs.from_metrics(metrics)
     held = entry.setdefault("trained_as", [])
     if trained is not None and trained.label() not in held:

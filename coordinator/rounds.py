@@ -30,8 +30,8 @@ from coordinator.plan import (
     shard_keys,
 )
 from protocol.errors import CommonsError, VerifyError
-from protocol.keys import verify_signature
 from protocol.packed import pack, unpack
+from protocol.signing.keys import verify_signature
 from protocol.update import decode, update_digest
 
 Events = Callable[..., None]

@@ -28,12 +28,12 @@ from coordinator.publish import record_training, sign_and_store, write_adapter
 from coordinator.residual import accumulate, apply, join_checkpoint, project, snapshot, split_checkpoint
 from coordinator.restart import fingerprint
 from coordinator.rounds import Nodes, Roster, capabilities, coverage_shortfall, run_round
+from modeling.load import exact_revision, load_base
+from modeling.lora import get_state, set_state, wrap
+from protocol.data.records import read_records
 from protocol.errors import CommonsError
-from protocol.keys import Identity
-from protocol.lora import get_state, set_state, wrap
-from protocol.manifest import AdapterMeta
-from protocol.models import exact_revision, load_base
-from protocol.records import read_records
+from protocol.signing.keys import Identity
+from protocol.signing.manifest import AdapterMeta
 
 log = logging.getLogger("commons.coordinator")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from commons.demo import campaign_for
 from commons.demo_task import write_demo_data
 from coordinator.campaign import dump
-from protocol.models import SMOLLM2_ID
+from modeling.load import SMOLLM2_ID
 
 OUT = Path(__file__).with_name("campaign")
 SHARDS = 3  # volunteer-1, volunteer-2, volunteer-gpu

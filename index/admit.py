@@ -7,7 +7,7 @@ DAG carries exactly the announced envelope and the files it signs.
                 dropped once it is held and does not (or its version went to the right CID meanwhile)
 
 Anyone may copy a publisher's model.sig and announce it with an unrelated CID; that announcement can only
-wait. The checks pin one root CID per signed content (`protocol.fetch`, step 5), so the publisher's own
+wait. The checks pin one root CID per signed content (`protocol.content.fetch`, step 5), so the publisher's own
 CID is the only one that can ever be listed, whoever announced first.
 
     >>> entry, verified = admit(db, store, envelope, cid)     # entry None: pending
@@ -16,10 +16,10 @@ CID is the only one that can ever be listed, whoever announced first.
 from __future__ import annotations
 
 from index.db import IndexDB, root_cid
-from protocol.blockstore import BlockStore
+from protocol.content.blockstore import BlockStore
+from protocol.content.fetch import Missing, fetch_signed
 from protocol.errors import CommonsError
-from protocol.fetch import Missing, fetch_signed
-from protocol.manifest import Verified, verify_envelope
+from protocol.signing.manifest import Verified, verify_envelope
 
 
 def check_held(store: BlockStore, policy: object):

@@ -32,7 +32,7 @@ from index.present import PRICE_PER_1K_TOKENS, cost_usd, pull_command
 from protocol.errors import CommonsError, VerifyError
 
 PRESENCE_SKEW = 300  # seconds a presence timestamp may differ from our clock (replay window)
-MAX_VERSION = 2**53 - 1  # what a manifest may carry (protocol.manifest)
+MAX_VERSION = 2**53 - 1  # what a manifest may carry (protocol.signing.manifest)
 MAX_OFFSET = 1_000_000
 MAX_SIZE = 2**62
 
@@ -64,7 +64,7 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
 
 def decode_envelope(value: str | dict[str, Any]) -> bytes:
     """Envelope bytes from the announce body: a JSON object, JSON text, or base64 of the bytes."""
-    from protocol.dsse import envelope_bytes
+    from protocol.signing.dsse import envelope_bytes
 
     if isinstance(value, dict):
         return envelope_bytes(value)
@@ -82,7 +82,7 @@ def decode_envelope(value: str | dict[str, Any]) -> bytes:
 
 
 def check_presence(body: Presence, now: float) -> None:
-    from protocol.keys import parse_public_hex, verify_signature
+    from protocol.signing.keys import parse_public_hex, verify_signature
 
     key = parse_public_hex(body.node)
     if abs(now - body.timestamp) > PRESENCE_SKEW:

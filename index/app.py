@@ -20,9 +20,9 @@ from fastapi.staticfiles import StaticFiles
 from index import api, pages
 from index.db import IndexDB
 from index.ratelimit import BodyLimit, TokenBucket, WriteRateLimit
-from protocol.blockstore import BlockStore
+from protocol.content.blockstore import BlockStore
+from protocol.content.multiformats import CID
 from protocol.errors import CommonsError
-from protocol.multiformats import CID
 
 RAW = "application/vnd.ipld.raw"
 CAR = "application/vnd.ipld.car"
@@ -95,10 +95,10 @@ def create_app(db: IndexDB, store: BlockStore, *, write_rate: float = 1.0, write
 
 
 def _car_stream(store: BlockStore, root: str) -> Iterator[bytes]:
-    """The whole DAG as a CAR (protocol.car's framing), block by block: a request for a 2 GiB adapter holds
+    """The whole DAG as a CAR (protocol.content.car's framing), block by block: a request for a 2 GiB adapter holds
     one block in memory, not 2 GiB. Completeness is checked before the response starts (a clean 404)."""
-    from protocol.car import encode_header
-    from protocol.multiformats import varint_encode
+    from protocol.content.car import encode_header
+    from protocol.content.multiformats import varint_encode
 
     header = encode_header([root])
     yield varint_encode(len(header)) + header

@@ -42,11 +42,11 @@ from index.schema import (
     same_envelope,
     to_entry,
 )
+from protocol.content.multiformats import CID
 from protocol.errors import CommonsError, VerifyError
 from protocol.home import home
-from protocol.manifest import verify_envelope
-from protocol.multiformats import CID
-from protocol.trust import TrustPolicy
+from protocol.signing.manifest import verify_envelope
+from protocol.signing.trust import TrustPolicy
 
 __all__ = ["ConflictError", "IndexDB", "default_url", "fts_terms", "metadata"]
 LIVE_SECONDS = 300  # a node that announced presence this recently counts as live

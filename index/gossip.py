@@ -12,7 +12,7 @@ For every adapter or dataset announcement that passed the gossip checks (signatu
 2. the DAG is fetched from the announced providers into the index's BlockStore (every block re-hashed),
    stopped past what the envelope promises (a dataset's, unknown until fetched: past the policy's limit);
 3. the fetched directory must carry that same `model.sig` and exactly the files it signs, each within its
-   signed size (`protocol.fetch.fetch_signed` over the blocks now held);
+   signed size (`protocol.content.fetch.fetch_signed` over the blocks now held);
 4. `IndexDB.register` records it, and the index re-announces the CID with its own addresses: the
    publisher takes that as "replicated" and may stop seeding.
 
@@ -30,11 +30,10 @@ from sqlalchemy import select
 
 from index.db import IndexDB
 from index.schema import documents
-from protocol import dagpb
-from protocol.dsse import MAX_ENVELOPE_BYTES
+from protocol.content import dagpb
+from protocol.content.fetch import NODE_OVERHEAD, fetch_signed
+from protocol.content.unixfs import file_bounds, iter_file, upto
 from protocol.errors import CommonsError
-from protocol.fetch import NODE_OVERHEAD, fetch_signed
-from protocol.manifest import SIGNATURE_FILE, Verified, verify_envelope
 from protocol.p2p.announce import (
     AdapterAnnouncement,
     DatasetAnnouncement,
@@ -47,7 +46,8 @@ from protocol.p2p.node import Node, open_node
 from protocol.p2p.resolve import serve_resolve
 from protocol.p2p.service import announce_presence
 from protocol.p2p.topics import TOPICS
-from protocol.unixfs import file_bounds, iter_file, upto
+from protocol.signing.dsse import MAX_ENVELOPE_BYTES
+from protocol.signing.manifest import SIGNATURE_FILE, Verified, verify_envelope
 
 DONE = ("ingested", "presence", "known", "blocks")  # the counters that are not drops
 

@@ -1,13 +1,13 @@
 """Licence compatibility between an adapter and the datasets it was trained on (warnings, not law).
 
-Licences may be SPDX expressions (`protocol.spdx`): a dataset under `A AND B` carries both A's and B's
+Licences may be SPDX expressions (`protocol.data.spdx`): a dataset under `A AND B` carries both A's and B's
 terms, one under `A OR B` only those of the choice that is kindest to the adapter; an adapter under
 `A OR B` gives its users the choice, so each of its choices must respect the data.
 """
 
 from __future__ import annotations
 
-from protocol.spdx import alternatives
+from protocol.data.spdx import alternatives
 
 
 def _is_nc(spdx: str) -> bool:

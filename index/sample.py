@@ -4,7 +4,7 @@
     >>> db.register(envelope, cid)
 
 Each sample is a tiny directory (PEFT's adapter_config.json plus a valid, small safetensors file),
-signed with `protocol.manifest.sign_directory` and imported like `ipfs add -r`, so the index sees
+signed with `protocol.signing.manifest.sign_directory` and imported like `ipfs add -r`, so the index sees
 exactly what `commons publish` would send.
 """
 
@@ -14,11 +14,11 @@ import json
 import struct
 from pathlib import Path
 
-from protocol import unixfs
-from protocol.blockstore import BlockStore
-from protocol.dsse import envelope_bytes
-from protocol.keys import Identity
-from protocol.manifest import AdapterMeta, sign_directory
+from protocol.content import unixfs
+from protocol.content.blockstore import BlockStore
+from protocol.signing.dsse import envelope_bytes
+from protocol.signing.keys import Identity
+from protocol.signing.manifest import AdapterMeta, sign_directory
 
 
 def tiny_safetensors(values: int = 16) -> bytes:

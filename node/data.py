@@ -6,7 +6,7 @@
 (`datasets`: JSON list of dataset CIDs), where to fetch them (`data_source`: a trustless gateway such as
 the index, `GET /ipfs/{cid}?format=raw`) and this node's slot (`data_slot` of `data_slots`). Each dataset
 is taken from the node's block store (`<home>/blocks`) or fetched into it, every block hash-checked
-against its CID and every walk held to what the signed manifest promises (`protocol.fetch.fetch_signed`);
+against its CID and every walk held to what the signed manifest promises (`protocol.content.fetch.fetch_signed`);
 it must be a signed commons dataset (`model.sig` of kind "dataset" whose signature verifies, nothing in
 the folder it does not sign, and a `data.jsonl` whose sha256 is the signed one).
 
@@ -26,14 +26,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from protocol import unixfs
-from protocol.blockstore import BlockStore
+from protocol.content import unixfs
+from protocol.content.blockstore import BlockStore
+from protocol.content.fetch import Missing, NotSigned, SignedDag, fetch_signed
+from protocol.content.gateway import GatewaySource
+from protocol.content.multiformats import CID
+from protocol.data.records import read_records
 from protocol.errors import CommonsError, VerifyError
-from protocol.fetch import Missing, NotSigned, SignedDag, fetch_signed
-from protocol.gateway import GatewaySource
-from protocol.multiformats import CID
-from protocol.records import read_records
-from protocol.trust import TrustPolicy
+from protocol.signing.trust import TrustPolicy
 
 if TYPE_CHECKING:
     from node.worker import NodeSettings
@@ -102,7 +102,7 @@ def dataset_records(cid: str, store: BlockStore, source: str, cache: Path) -> li
 
 def verified_data(cid: str, store: BlockStore, source: str) -> bytes:
     """The bytes of `data.jsonl` in the signed commons dataset at `cid`, every fetch bounded by its manifest
-    (`protocol.fetch.fetch_signed`: a DAG bomb is refused before a byte is cached); one-line errors."""
+    (`protocol.content.fetch.fetch_signed`: a DAG bomb is refused before a byte is cached); one-line errors."""
     signed = _fetch(cid, store, source)
     fix = "list only CIDs printed by `commons data publish` in [[datasets]]"
     meta = signed.verified.meta

@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from modeling.lora import get_state
 from node import resume
 from node.resume import Checkpoint
-from protocol.lora import get_state
 
 MEGABATCH = 8  # batches sorted together: larger groups pad less but make batches less random
 

@@ -11,14 +11,14 @@ from typing import Any
 
 import numpy as np
 
+from modeling.load import DEFAULT_TARGETS, load_base, model_config
+from modeling.lora import set_state, wrap
+from modeling.memory import Device, MemoryPlan, ModelShape, Workload, lowest_layer, plan
+from modeling.quantization import TrainedAs
 from node import hardware, idle, limits, resume
 from node.data import local_examples, training_records
 from node.train import TrainConfig, train
-from protocol.keys import Identity
-from protocol.lora import set_state, wrap
-from protocol.memory import Device, MemoryPlan, ModelShape, Workload, lowest_layer, plan
-from protocol.models import DEFAULT_TARGETS, load_base, model_config
-from protocol.quantization import TrainedAs
+from protocol.signing.keys import Identity
 from protocol.update import encode, update_digest, wire_bytes
 
 log = logging.getLogger("commons.node")
@@ -57,7 +57,7 @@ def query(settings: NodeSettings) -> dict:
 
 
 def _memory_plan(settings: NodeSettings, config: dict) -> MemoryPlan:
-    """This round's plan on this machine (protocol/memory.py), before any weight is loaded. A warm model's
+    """This round's plan on this machine (modeling/memory.py), before any weight is loaded. A warm model's
     own weights count as free: it is dropped if the plan wants another precision.
 
     Raises CommonsError ("needs 6.1 GB, 4.0 GB free: …") for a round this machine cannot finish."""
@@ -148,7 +148,7 @@ def train_round(settings: NodeSettings, config: dict, tensors: dict[str, np.ndar
         "seconds": result.seconds, "tokens_per_s": result.tokens / max(result.seconds, 1e-9),
         "upload_bytes": wire_bytes(wire), "resumed_from": result.resumed_from,
         "load_seconds": load_seconds, "task_seconds": time.monotonic() - started,
-        # how it trained: the manifest's ledger records it (protocol/quantization.py), the rest is for the log
+        # how it trained: the manifest's ledger records it (modeling/quantization.py), the rest is for the log
         **TrainedAs.of(model).to_metrics(), "padding": result.padding, "micro_batch": memory.micro_batch,
         "accumulation": memory.accumulation, "gradient_checkpointing": int(memory.gradient_checkpointing),
         "predicted_peak_gb": memory.predicted_peak_gb,

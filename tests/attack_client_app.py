@@ -16,8 +16,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from node import client_app
-from protocol.keys import Identity
 from protocol.packed import pack, unpack
+from protocol.signing.keys import Identity
 from protocol.update import SCALE, decode, encode, update_digest
 
 ATTACKS = ("scale50", "sign_flip", "noise", "nan")

@@ -1,7 +1,7 @@
 """A fake Kubo RPC daemon on loopback, faithful to the documented API where our client touches it.
 
 POST only (GET → 405, as Kubo); multipart uploads; `add` answers JSON lines {Name, Hash, Size} with CIDs
-from protocol.unixfs; `dag/import` answers {"Root": {"Cid": {"/": ...}, "PinErrorMsg": ""}}; refusals are
+from protocol.content.unixfs; `dag/import` answers {"Root": {"Cid": {"/": ...}, "PinErrorMsg": ""}}; refusals are
 HTTP 500 with {"Message", "Code": 0, "Type": "error"}. Also `serve_app`, to run any ASGI app in a thread.
 """
 
@@ -22,9 +22,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from protocol import unixfs
-from protocol.blockstore import BlockStore
-from protocol.car import read_car, write_car
+from protocol.content import unixfs
+from protocol.content.blockstore import BlockStore
+from protocol.content.car import read_car, write_car
 from protocol.errors import CommonsError
 
 

@@ -26,12 +26,12 @@ import uvicorn
 from index.app import create_app
 from index.db import IndexDB
 from index.sample import make_entry
-from protocol import dagpb
-from protocol.blockstore import BlockStore
-from protocol.keys import Identity
-from protocol.manifest import AdapterMeta
-from protocol.multiformats import CID, DAG_PB, RAW
-from protocol.unixfs import T_DIRECTORY, T_FILE
+from protocol.content import dagpb
+from protocol.content.blockstore import BlockStore
+from protocol.content.multiformats import CID, DAG_PB, RAW
+from protocol.content.unixfs import T_DIRECTORY, T_FILE
+from protocol.signing.keys import Identity
+from protocol.signing.manifest import AdapterMeta
 
 COMMONS = str(Path(sys.executable).parent / "commons")
 
@@ -120,6 +120,6 @@ def directory_entries(store: BlockStore, cid: str) -> dict[str, CID]:
 
 
 def _varint(value: int) -> bytes:
-    from protocol.multiformats import varint_encode
+    from protocol.content.multiformats import varint_encode
 
     return varint_encode(value)

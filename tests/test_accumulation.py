@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from commons.demo_task import STYLES, make_records
+from modeling.load import load_base
+from modeling.lora import get_state, set_state, wrap
 from node.train import (
     TrainConfig,
     TrainResult,
@@ -21,8 +23,6 @@ from node.train import (
     train,
     trainable,
 )
-from protocol.lora import get_state, set_state, wrap
-from protocol.models import load_base
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -85,7 +85,7 @@ def tiny_qlora(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 
 
 def test_the_qlora_step_trains_a_config_only_model_in_nf4_and_unquantized_with_the_plan(tiny_qlora) -> None:
-    from protocol.memory import Device, ModelShape, Workload, plan
+    from modeling.memory import Device, ModelShape, Workload, plan
 
     scratch, result = tiny_qlora
     model_shape = ModelShape.from_config(TINY_MISTRAL)
@@ -135,7 +135,7 @@ def test_a_failing_7b_step_keeps_the_first_figures(monkeypatch: pytest.MonkeyPat
 
 
 def test_the_qlora_model_is_a_shipped_7b_config() -> None:
-    from protocol.memory import ModelShape
+    from modeling.memory import ModelShape
 
     shape = ModelShape.from_file(bench_gpu.MISTRAL_7B / "config.json")
     assert 7.0e9 < shape.params() < 7.5e9

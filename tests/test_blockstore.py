@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from protocol import blockstore as blockstore_module
-from protocol import unixfs
-from protocol.blockstore import BlockStore
+from protocol.content import blockstore as blockstore_module
+from protocol.content import unixfs
+from protocol.content.blockstore import BlockStore
+from protocol.content.multiformats import CID
 from protocol.errors import CommonsError, VerifyError
-from protocol.multiformats import CID
 
 K = unixfs.CHUNK_SIZE
 

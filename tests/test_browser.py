@@ -14,8 +14,8 @@ import pytest
 from index.app import create_app
 from index.db import IndexDB
 from index.sample import make_entry, sample_meta
-from protocol.blockstore import BlockStore
-from protocol.keys import Identity
+from protocol.content.blockstore import BlockStore
+from protocol.signing.keys import Identity
 
 pytestmark = pytest.mark.browser
 CHROMIUM = Path("/usr/bin/chromium")

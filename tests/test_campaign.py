@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from coordinator.campaign import Campaign, dump, load
+from modeling.load import SMOLLM2_ID
+from protocol.content.multiformats import RAW, cid_for
 from protocol.errors import CommonsError
-from protocol.models import SMOLLM2_ID
-from protocol.multiformats import RAW, cid_for
 
 
 def write(tmp_path: Path, text: str) -> Path:

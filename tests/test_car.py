@@ -12,10 +12,10 @@ from click.testing import CliRunner
 
 from commons.cli.car import car_group
 from commons.cli.cid import cid_command
-from protocol import car, unixfs
-from protocol.blockstore import BlockStore
+from protocol.content import car, unixfs
+from protocol.content.blockstore import BlockStore
+from protocol.content.multiformats import CID, varint_encode
 from protocol.errors import CommonsError, VerifyError
-from protocol.multiformats import CID, varint_encode
 
 K = unixfs.CHUNK_SIZE
 PLANETS_V0 = "QmWSgS32xQEcXMeqd3YPJLrNBLSdsfYCep2U7CFkyrjXwY"

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from commons.cli import cli
-from protocol.blockstore import BlockStore
+from protocol.content.blockstore import BlockStore
 
 COMMONS = str(Path(sys.executable).parent / "commons")
 

@@ -17,9 +17,9 @@ from test_federation_e2e import read_events, write_campaign
 
 from commons.flower import _bin, _env, free_port
 from coordinator import closed
+from modeling.load import TINY_ID, local_path
 from protocol.errors import CommonsError
-from protocol.keys import Identity
-from protocol.models import TINY_ID, local_path
+from protocol.signing.keys import Identity
 
 COMMONS = str(Path(sys.executable).parent / "commons")
 

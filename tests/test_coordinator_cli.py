@@ -16,7 +16,7 @@ from test_closed_cli import spawn, wait_text
 
 from commons.demo_task import write_demo_data
 from commons.flower import ensure_free, free_port
-from protocol.models import TINY_ID, local_path, weights_sha256
+from modeling.load import TINY_ID, local_path, weights_sha256
 
 COMMONS = str(Path(sys.executable).parent / "commons")
 

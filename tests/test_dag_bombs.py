@@ -16,13 +16,13 @@ import httpx
 import pytest
 from live_index import LiveIndex, commons, directory_node, file_node, raw_leaf, serve_index
 
-from protocol import unixfs
-from protocol.blockstore import BlockStore
-from protocol.dsse import canonical_json, envelope_bytes, sign_envelope
+from protocol.content import unixfs
+from protocol.content.blockstore import BlockStore
+from protocol.content.multiformats import CID
 from protocol.errors import VerifyError
-from protocol.keys import Identity
-from protocol.manifest import SIGNATURE_FILE, AdapterMeta, build_statement
-from protocol.multiformats import CID
+from protocol.signing.dsse import canonical_json, envelope_bytes, sign_envelope
+from protocol.signing.keys import Identity
+from protocol.signing.manifest import SIGNATURE_FILE, AdapterMeta, build_statement
 
 CHUNK = unixfs.CHUNK_SIZE
 

@@ -23,10 +23,10 @@ from index.app import create_app
 from index.db import IndexDB
 from node.data import local_examples, node_slice, training_records
 from node.worker import NodeSettings
-from protocol import unixfs
-from protocol.blockstore import BlockStore
+from protocol.content import unixfs
+from protocol.content.blockstore import BlockStore
+from protocol.data.records import read_records
 from protocol.errors import CommonsError, VerifyError
-from protocol.records import read_records
 
 
 def free_port() -> int:

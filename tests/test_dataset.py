@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from protocol.dataset import check_license, fingerprint, prepare
+from protocol.data.dataset import check_license, fingerprint, prepare
 from protocol.errors import CommonsError
 
 ME = "ab" * 32
@@ -93,9 +93,9 @@ def _run(args: list[str], input: str | None = None) -> object:
 
 def test_data_add_signs_stores_and_registers_the_dataset(tmp_path: Path, cli_home: Path) -> None:
     from index.db import IndexDB
-    from protocol.blockstore import BlockStore
-    from protocol.keys import Identity
-    from protocol.manifest import verify_directory
+    from protocol.content.blockstore import BlockStore
+    from protocol.signing.keys import Identity
+    from protocol.signing.manifest import verify_directory
 
     src = write_jsonl(tmp_path / "my-chats.jsonl", [chat("call me on +44 20 7946 0958", "Sure."),
                                                      chat("hi", "hello"), chat("hi", "hello")])

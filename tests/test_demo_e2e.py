@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from protocol.blockstore import BlockStore
+from protocol.content.blockstore import BlockStore
 
 COMMONS = str(Path(sys.executable).parent / "commons")
 
@@ -97,7 +97,7 @@ def test_pull_into_a_fresh_home_gives_a_folder_peft_loads(demo: tuple[Path, dict
     assert pulled["cid"] == summary["adapter_cid"]
     from peft import PeftModel
 
-    from protocol.models import load_base
+    from modeling.load import load_base
 
     base, _ = load_base("tiny")
     model = PeftModel.from_pretrained(base, pulled["path"])

@@ -352,7 +352,7 @@ def test_no_secret_looking_values_in_compose() -> None:
 def test_shipped_campaign_loads_and_its_data_parses() -> None:
     """A missing bind-mount source makes Docker create an empty folder: the coordinator would fail."""
     from coordinator.campaign import load
-    from protocol.records import read_records
+    from protocol.data.records import read_records
 
     volume = next(v for v in compose()["services"]["coordinator"]["volumes"] if v.endswith(":/campaign:ro"))
     default = re.search(r"\$\{COMMONS_CAMPAIGN_DIR:-([^}]+)\}", volume).group(1)

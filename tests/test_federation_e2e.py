@@ -16,7 +16,7 @@ import pytest
 
 from commons.demo_task import write_demo_data
 from commons.flower import Network
-from protocol.keys import Identity
+from protocol.signing.keys import Identity
 
 TESTS = Path(__file__).resolve().parent
 

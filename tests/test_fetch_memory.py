@@ -12,10 +12,10 @@ import httpx
 from live_index import serve_index
 
 from index.ratelimit import TokenBucket, WriteRateLimit, client_key
-from protocol import unixfs
-from protocol.blockstore import BlockStore
-from protocol.fetch import fetch_dag
-from protocol.gateway import GatewaySource
+from protocol.content import unixfs
+from protocol.content.blockstore import BlockStore
+from protocol.content.fetch import fetch_dag
+from protocol.content.gateway import GatewaySource
 
 SIZE = 48 << 20
 

@@ -10,12 +10,12 @@ import pytest
 from live_index import commons, serve_index
 from test_dag_bombs import signed_dag
 
-from protocol import unixfs
-from protocol.blockstore import BlockStore
+from protocol.content import unixfs
+from protocol.content.blockstore import BlockStore
+from protocol.content.multiformats import CID
 from protocol.errors import CommonsError, VerifyError
-from protocol.keys import Identity
-from protocol.manifest import AdapterMeta, sign_directory, verify_envelope
-from protocol.multiformats import CID
+from protocol.signing.keys import Identity
+from protocol.signing.manifest import AdapterMeta, sign_directory, verify_envelope
 
 SNEAKY = pickle.dumps(print, protocol=0)  # text-only opcodes: no \x80 magic byte to catch
 
@@ -51,7 +51,7 @@ def test_a_signed_manifest_listing_a_suffixless_pickle_is_refused_by_pull_before
     ("LicenseRef-internal OR MIT", "LicenseRef-internal OR MIT"),
 ])
 def test_spdx_expressions_are_accepted_in_canonical_form(given: str, canonical: str) -> None:
-    from protocol.dataset import check_license
+    from protocol.data.dataset import check_license
 
     assert check_license(given) == canonical
 
@@ -61,7 +61,7 @@ def test_spdx_expressions_are_accepted_in_canonical_form(given: str, canonical: 
     ("MIT OR CC-BY", "unknown licence 'CC-BY'"), ("MIT MIT", "'MIT' is left over"),
 ])
 def test_malformed_expressions_are_one_line_errors(given: str, fragment: str) -> None:
-    from protocol.dataset import check_license
+    from protocol.data.dataset import check_license
 
     with pytest.raises(CommonsError, match=fragment) as err:
         check_license(given)
@@ -69,7 +69,7 @@ def test_malformed_expressions_are_one_line_errors(given: str, fragment: str) ->
 
 
 def test_a_dataset_record_carries_the_expression(tmp_path: Path) -> None:
-    from protocol.dataset import prepare
+    from protocol.data.dataset import prepare
 
     src = tmp_path / "chats.jsonl"
     src.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}))

@@ -114,9 +114,9 @@ def test_training_pauses_for_a_busy_machine_and_finishes_after(tmp_path: Path, m
     from commons.demo_task import write_demo_data
     from coordinator import campaign as campaigns
     from coordinator.rounds import train_config
+    from modeling.load import load_base
+    from modeling.lora import get_state, wrap
     from node.worker import NodeSettings, train_round
-    from protocol.lora import get_state, wrap
-    from protocol.models import load_base
 
     data = write_demo_data(tmp_path / "data", 1, 16, 4)
     (tmp_path / "c.toml").write_text(f'name = "idle"\nbase_model = "tiny"\neval_file = "{data["test"]}"\n'

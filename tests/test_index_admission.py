@@ -13,8 +13,8 @@ import pytest
 from live_index import COMMONS, LiveIndex, directory_entries, directory_node, free_port, serve_index
 
 from index.sample import make_entry, sample_meta
-from protocol.blockstore import BlockStore
-from protocol.keys import Identity
+from protocol.content.blockstore import BlockStore
+from protocol.signing.keys import Identity
 
 
 @pytest.fixture

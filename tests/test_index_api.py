@@ -15,10 +15,10 @@ from fastapi.testclient import TestClient
 from index.app import create_app
 from index.db import IndexDB
 from index.sample import make_entry, sample_meta
-from protocol.blockstore import BlockStore
-from protocol.car import read_car
-from protocol.keys import Identity
-from protocol.manifest import SIGNATURE_FILE
+from protocol.content.blockstore import BlockStore
+from protocol.content.car import read_car
+from protocol.signing.keys import Identity
+from protocol.signing.manifest import SIGNATURE_FILE
 
 XSS = '<script>alert("x")</script><img src=x onerror=alert(1)>'
 

@@ -19,7 +19,7 @@ import pytest
 from index.db import ConflictError, IndexDB, metadata
 from index.sample import make_entry, sample_meta
 from protocol.errors import CommonsError, VerifyError
-from protocol.keys import Identity
+from protocol.signing.keys import Identity
 
 PG_BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
 

@@ -10,11 +10,17 @@ import pytest
 from click.testing import CliRunner
 
 from commons.cli.keys import keys_group
+from protocol.content.multiformats import b58decode
 from protocol.errors import CommonsError, VerifyError
-from protocol.keys import Identity, default_key_path, peer_id_from_public_key, rotate, verify_signature
-from protocol.manifest import AdapterMeta, sign_directory, verify_directory
-from protocol.multiformats import b58decode
-from protocol.trust import TrustPolicy, trust_dir
+from protocol.signing.keys import (
+    Identity,
+    default_key_path,
+    peer_id_from_public_key,
+    rotate,
+    verify_signature,
+)
+from protocol.signing.manifest import AdapterMeta, sign_directory, verify_directory
+from protocol.signing.trust import TrustPolicy, trust_dir
 
 
 @pytest.fixture

@@ -14,11 +14,11 @@ import httpx
 import pytest
 from fake_kubo import FakeKubo, serve_app
 
-from protocol import unixfs
-from protocol.blockstore import BlockStore
-from protocol.car import read_car
+from protocol.content import unixfs
+from protocol.content.blockstore import BlockStore
+from protocol.content.car import read_car
+from protocol.content.kubo import KuboClient, push_to_kubo
 from protocol.errors import CommonsError, VerifyError
-from protocol.kubo import KuboClient, push_to_kubo
 
 
 @pytest.fixture

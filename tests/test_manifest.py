@@ -18,12 +18,18 @@ import pytest
 from click.testing import CliRunner
 from safetensors.numpy import save_file
 
-from protocol import unixfs
-from protocol.dsse import canonical_json, sign_envelope
+from protocol.content import unixfs
 from protocol.errors import CommonsError, VerifyError
-from protocol.keys import Identity
-from protocol.manifest import SIGNATURE_FILE, AdapterMeta, sign_directory, verify_directory, verify_envelope
-from protocol.trust import TrustPolicy, revoke_key, trust_dir, trust_key
+from protocol.signing.dsse import canonical_json, sign_envelope
+from protocol.signing.keys import Identity
+from protocol.signing.manifest import (
+    SIGNATURE_FILE,
+    AdapterMeta,
+    sign_directory,
+    verify_directory,
+    verify_envelope,
+)
+from protocol.signing.trust import TrustPolicy, revoke_key, trust_dir, trust_key
 
 COMMONS = Path(sys.executable).with_name("commons")
 
@@ -493,7 +499,7 @@ def test_cli_verify_exit_codes_and_one_line_errors(signed: Path) -> None:
 
 def test_cli_verify_a_cid_from_the_block_store(signed: Path) -> None:
     from commons.cli.sign import verify_command
-    from protocol.blockstore import BlockStore
+    from protocol.content.blockstore import BlockStore
 
     cid = BlockStore().add_path(signed)
     result = CliRunner().invoke(verify_command, [cid, "--json"])

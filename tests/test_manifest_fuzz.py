@@ -28,10 +28,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
-from protocol.dsse import canonical_json, sign_envelope
 from protocol.errors import VerifyError
-from protocol.keys import Identity
-from protocol.manifest import (
+from protocol.signing.dsse import canonical_json, sign_envelope
+from protocol.signing.keys import Identity
+from protocol.signing.manifest import (
     SIGNATURE_FILE,
     AdapterMeta,
     Verified,
@@ -39,7 +39,7 @@ from protocol.manifest import (
     verify_directory,
     verify_envelope,
 )
-from protocol.trust import TrustPolicy
+from protocol.signing.trust import TrustPolicy
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

@@ -1,4 +1,4 @@
-"""The memory plan (protocol/memory.py): arithmetic from config.json only, on five real model families."""
+"""The memory plan (modeling/memory.py): arithmetic from config.json only, on five real model families."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from protocol.errors import CommonsError
-from protocol.memory import (
+from modeling.memory import (
     Device,
     ModelShape,
     Workload,
@@ -19,6 +18,7 @@ from protocol.memory import (
     peak_gb,
     plan,
 )
+from protocol.errors import CommonsError
 
 CONFIGS = Path(__file__).parent / "data" / "model_configs"
 FAMILIES = ["Qwen2.5-0.5B", "SmolLM2-1.7B", "gemma-2-2b", "Mistral-7B-v0.1", "Llama-3.1-8B"]

@@ -21,8 +21,8 @@ from netns import Lan, lan, netns_unavailable
 
 from commons.demo_task import write_demo_data
 from coordinator.campaign import Campaign, LoraSpec, TrainSpec, dump
-from protocol.keys import Identity
-from protocol.models import TINY_ID, local_path
+from modeling.load import TINY_ID, local_path
+from protocol.signing.keys import Identity
 
 pytestmark = pytest.mark.netns
 COMMONS = str(Path(sys.executable).parent / "commons")

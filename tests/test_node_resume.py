@@ -20,11 +20,11 @@ import pytest
 from commons.demo_task import write_demo_data
 from coordinator import rounds
 from coordinator.campaign import parse
+from modeling.load import load_base
+from modeling.lora import get_state, wrap
 from node import resume, worker
-from protocol.keys import Identity
-from protocol.lora import get_state, wrap
-from protocol.models import load_base
-from protocol.records import read_records
+from protocol.data.records import read_records
+from protocol.signing.keys import Identity
 
 STEPS, CRASH_AT = 8, 3  # 12 records, 2 a batch: the data is reshuffled after the restart
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from protocol.blockstore import BlockStore
+from protocol.content.blockstore import BlockStore
+from protocol.content.unixfs import file_cid as unixfs_cid
 from protocol.errors import CommonsError, VerifyError
-from protocol.keys import Identity
 from protocol.p2p import exchange
 from protocol.p2p import host as hostlib
 from protocol.p2p.announce import (
@@ -28,7 +28,7 @@ from protocol.p2p.announce import (
     sign,
 )
 from protocol.p2p.node import open_node
-from protocol.unixfs import file_cid as unixfs_cid
+from protocol.signing.keys import Identity
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 5 * 1024 * 1024 + 12345  # 21 leaves: a two-level balanced DAG, last chunk partial
@@ -106,7 +106,7 @@ def test_publish_on_a_pull_on_b(tmp_path, payload, seeders):
     again = exchange.fetch_dag(a.root, store, [a.addr], progress=False)
     assert again.blocks == 0 and again.already_held == 22  # nothing fetched twice
 
-    source = exchange.PeerSource([a.addr])  # the block-source interface protocol.fetch consumes
+    source = exchange.PeerSource([a.addr])  # the block-source interface protocol.content.fetch consumes
     assert source.name.startswith("libp2p:/ip4/127.0.0.1/")
     assert source.get_block(a.root) == store.get(a.root)
     assert source.get_block(unixfs_cid(b"nobody has this")) is None

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from protocol.blockstore import BlockStore
+from protocol.content.blockstore import BlockStore
 
 pytestmark = pytest.mark.netns
 ROOT = Path(__file__).resolve().parents[1]

@@ -26,13 +26,13 @@ from safetensors.numpy import save_file
 
 from commons.cli import cli
 from commons.publish import meta_from_folder
-from protocol.blockstore import BlockStore
+from protocol.content.blockstore import BlockStore
 from protocol.errors import CommonsError
-from protocol.keys import Identity
-from protocol.manifest import SIGNATURE_FILE, sign_directory
 from protocol.p2p.announce import TOPIC_ADAPTERS, AdapterAnnouncement, sign
 from protocol.p2p.announcer import wait_for_subscribers
 from protocol.p2p.node import open_node
+from protocol.signing.keys import Identity
+from protocol.signing.manifest import SIGNATURE_FILE, sign_directory
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-c", "from commons.cli import main; main()"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from stdnum import luhn
 
-from protocol.pii import describe, find_pii, scrub
+from protocol.data.pii import describe, find_pii, scrub
 
 CORPUS = Path(__file__).parent / "data" / "pii_corpus.jsonl"
 
@@ -284,7 +284,7 @@ def test_data_review_prints_what_kinds_were_removed(tmp_path: Path, monkeypatch:
 
 def test_importing_the_scrubber_loads_no_detector_library_and_no_torch(tmp_path: Path) -> None:
     heavy = ("torch", "phonenumbers", "stdnum", "detect_secrets", "pyap")
-    code = f"import sys, protocol.pii; print([m for m in {heavy!r} if m in sys.modules])"
+    code = f"import sys, protocol.data.pii; print([m for m in {heavy!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
     assert out.stdout.strip() == "[]"
 

@@ -12,9 +12,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from protocol import unixfs
+from protocol.content import unixfs
+from protocol.content.pinning import PinningClient
 from protocol.errors import CommonsError
-from protocol.pinning import PinningClient
 
 TOKEN = "secret-token"
 GOOD = unixfs.file_cid(b"adapter weights")

@@ -33,12 +33,12 @@ from coordinator.campaign import Campaign, LoraSpec, TrainSpec
 from coordinator.plan import aggregate_sharded, shard_keys
 from coordinator.rounds import plan_round, train_config
 from coordinator.runner import aggregate_config
+from modeling.load import load_base
+from modeling.lora import get_state, set_state, wrap
 from node import worker
 from node.train import collate, encode
-from protocol.keys import verify_signature
-from protocol.lora import get_state, set_state, wrap
-from protocol.models import load_base
-from protocol.records import read_records
+from protocol.data.records import read_records
+from protocol.signing.keys import verify_signature
 from protocol.update import decode, update_digest
 
 pytestmark = pytest.mark.slow  # about a minute of real training in all (memoised within the module)

@@ -21,10 +21,10 @@ from commons.demo_task import write_demo_data
 from coordinator.aggregate import Update, aggregate
 from coordinator.campaign import load
 from coordinator.rounds import train_config
+from modeling.load import load_base
+from modeling.lora import get_state, wrap
 from node import worker
-from protocol.keys import Identity
-from protocol.lora import get_state, wrap
-from protocol.models import load_base
+from protocol.signing.keys import Identity
 from protocol.update import SCALE, decode, encode
 
 ROUNDS, ATTACKER = 1, 3  # one round keeps the suite short; the in-process test runs two

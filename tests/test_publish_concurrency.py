@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from index.sample import write_adapter_files
-from protocol.manifest import AdapterMeta
+from protocol.signing.manifest import AdapterMeta
 
 COMMONS = str(Path(sys.executable).parent / "commons")
 

@@ -11,8 +11,8 @@ import pytest
 from live_index import LiveIndex, commons, directory_entries, directory_node, raw_leaf, serve_index
 
 from protocol.errors import CommonsError
-from protocol.keys import Identity
-from protocol.manifest import SIGNATURE_FILE
+from protocol.signing.keys import Identity
+from protocol.signing.manifest import SIGNATURE_FILE
 
 
 @pytest.fixture
@@ -123,7 +123,7 @@ def test_a_signed_adapter_wrapped_with_unsigned_entries_is_refused_and_nothing_i
 
 def test_the_printed_snippet_escapes_the_signed_base_model(index, alice, tmp_path):
     from index.sample import make_entry
-    from protocol.manifest import AdapterMeta
+    from protocol.signing.manifest import AdapterMeta
 
     sneaky = 'x", "y"); __import__("os").system("id"); ("'
     envelope, cid = make_entry(tmp_path / "sneaky", AdapterMeta(name="sneaky", base_model=sneaky), alice, index.store)
@@ -138,7 +138,7 @@ def test_the_printed_snippet_escapes_the_signed_base_model(index, alice, tmp_pat
 
 def test_control_characters_in_manifest_strings_are_refused() -> None:
     from protocol.errors import CommonsError
-    from protocol.manifest import AdapterMeta
+    from protocol.signing.manifest import AdapterMeta
 
     for field in ("base_model", "base_revision", "campaign", "license"):
         with pytest.raises(CommonsError, match=f"{field} must not hold control characters"):

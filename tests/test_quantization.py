@@ -1,4 +1,4 @@
-"""Quantized base models (protocol/quantization.py): nf4 and int8 through bitsandbytes on the tiny model,
+"""Quantized base models (modeling/quantization.py): nf4 and int8 through bitsandbytes on the tiny model,
 the adapter that stays plain PEFT, and how each node trained, recorded from its reply to the manifest."""
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from flwr.app import MetricRecord
 from commons.demo_task import STYLES, make_records
 from coordinator.campaign import parse
 from coordinator.publish import record_training
+from modeling.load import load_base
+from modeling.lora import get_state, set_state, wrap
+from modeling.quantization import TrainedAs, from_pretrained_kwargs
 from node import hardware, worker
 from node.train import TrainConfig, train
 from protocol.errors import CommonsError
-from protocol.lora import get_state, set_state, wrap
-from protocol.models import load_base
-from protocol.quantization import TrainedAs, from_pretrained_kwargs
 
 SPEC = {"r": 4, "alpha": 8}
 
@@ -101,7 +101,7 @@ def test_an_nf4_campaign_runs_and_its_manifest_says_how_nodes_trained_and_how_it
     from test_runner import setup as campaign_setup
 
     from coordinator import runner
-    from protocol.manifest import verify_directory
+    from protocol.signing.manifest import verify_directory
 
     campaign, data, home = campaign_setup(tmp_path, 2, rounds=1, shards="none", quantization="nf4",
                                           publish_margin=-1.0)

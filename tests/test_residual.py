@@ -6,8 +6,8 @@ import numpy as np
 
 from coordinator.aggregate import Update, aggregate
 from coordinator.residual import accumulate, apply, join_checkpoint, project, snapshot, split_checkpoint
-from protocol.lora import get_state, set_state, wrap
-from protocol.models import load_base
+from modeling.load import load_base
+from modeling.lora import get_state, set_state, wrap
 
 PREFIX = "base_model.model.model.layers.0.self_attn.q_proj"
 

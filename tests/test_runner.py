@@ -21,7 +21,7 @@ from coordinator.campaign import parse
 from coordinator.residual import PREFIX
 from node import client_app
 from protocol.errors import CommonsError
-from protocol.keys import Identity
+from protocol.signing.keys import Identity
 
 GPU = {"device": "cuda", "gpu": "test", "vram_gb": 24.0, "cpu_cores": 8, "ram_gb": 64.0, "bf16": True}
 CPU = {"device": "cpu", "vram_gb": None, "cpu_cores": 2, "ram_gb": 4.0, "bf16": False}
@@ -178,8 +178,8 @@ def test_a_node_that_drops_mid_round_has_its_span_retrained_by_its_lane_neighbou
 
 
 def final_keys(tmp_path: Path, campaign: Any) -> list[str]:
-    from protocol.lora import get_state, wrap
-    from protocol.models import load_base
+    from modeling.load import load_base
+    from modeling.lora import get_state, wrap
 
     base, _ = load_base(campaign.base_model)
     return list(get_state(wrap(base, {**campaign.lora.__dict__})))
@@ -221,7 +221,7 @@ def test_exact_rule_keeps_the_residual_and_publishes_a_peft_adapter(tmp_path: Pa
     if result["published"]:
         from peft import PeftModel
 
-        from protocol.models import load_base
+        from modeling.load import load_base
 
         PeftModel.from_pretrained(load_base("tiny")[0], result["adapter_dir"])
 
@@ -302,9 +302,9 @@ def test_a_volunteer_stopped_mid_round_is_waited_for_and_rejoins(tmp_path: Path,
 def test_the_best_evaluated_round_is_published_and_early_stop_ends_the_campaign(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from protocol.manifest import verify_directory
-    from protocol.models import TINY_ID, local_path, weights_sha256
-    from protocol.trust import TrustPolicy
+    from modeling.load import TINY_ID, local_path, weights_sha256
+    from protocol.signing.manifest import verify_directory
+    from protocol.signing.trust import TrustPolicy
 
     scores = iter([0.10, 0.45, 0.35, 0.99])  # base, round 1, round 2; round 3 must never run
 

@@ -37,7 +37,7 @@ def test_a_developer_pulls_it_and_peft_generates_iso_dates(demo: tuple[Path, dic
         pulled = json.loads(commons("pull", summary["name"], "--index", url, "--json", home=tmp_path).stdout)
     from peft import PeftModel
 
-    from protocol.models import load_base
+    from modeling.load import load_base
 
     base, tokenizer = load_base(pulled["base_model"])
     records = make_records(16, list(STYLES), seed=4242)  # dates neither side has seen

@@ -7,9 +7,9 @@ import pytest
 
 from commons.demo_task import STYLES, make_records
 from coordinator.evaluate import exact_match, normalize
+from modeling.load import load_base
+from modeling.lora import get_state, set_state, wrap
 from node.train import TrainConfig, encode, train
-from protocol.lora import get_state, set_state, wrap
-from protocol.models import load_base
 
 
 @pytest.fixture(scope="module")

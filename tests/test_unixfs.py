@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from protocol import dagpb, unixfs
+from protocol.content import dagpb, unixfs
+from protocol.content.multiformats import CID, DAG_PB, RAW, b58decode, b58encode, varint_decode, varint_encode
 from protocol.errors import CommonsError, VerifyError
-from protocol.multiformats import CID, DAG_PB, RAW, b58decode, b58encode, varint_decode, varint_encode
 
 K = unixfs.CHUNK_SIZE
 ORACLE = shutil.which("ipfs_cid")  # Debian package ipfs-cid

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from protocol.errors import VerifyError
-from protocol.keys import Identity, verify_signature
+from protocol.signing.keys import Identity, verify_signature
 from protocol.update import decode, encode, from_bf16, to_bf16, update_digest, wire_bytes
 
 

@@ -20,7 +20,7 @@ def path_command(name: str, revision: str | None, as_json: bool) -> None:
     """Print the folder holding base model NAME (a Hub id or an alias such as smollm2), building or fetching it
     once: load it offline with `AutoModelForCausalLM.from_pretrained(FOLDER)`. The revision printed is what
     adapter manifests record as base_revision ("sha256:..." of the weights for a local conversion)."""
-    from protocol.models import base_folder, canonical_id, default_revision, exact_revision
+    from modeling.load import base_folder, canonical_id, default_revision, exact_revision
 
     model_id = canonical_id(name)
     revision = revision or default_revision(model_id)

@@ -11,10 +11,10 @@ from typing import Any
 
 import click
 
-from protocol import car as carfile
-from protocol.blockstore import BlockStore
+from protocol.content import car as carfile
+from protocol.content.blockstore import BlockStore
+from protocol.content.multiformats import CID
 from protocol.errors import CommonsError
-from protocol.multiformats import CID
 
 
 def _bar(label: str, unit: str) -> Any:

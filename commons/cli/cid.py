@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from protocol import unixfs
+from protocol.content import unixfs
 from protocol.errors import CommonsError
 
 _PROGRESS_FROM = 64 << 20  # show a bar only when there is enough to wait for

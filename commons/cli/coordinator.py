@@ -49,9 +49,9 @@ def start_command(campaign_file: Path, host: str, port: int, restart: bool, wait
     from coordinator import campaign as campaigns
     from coordinator import closed as closing
     from coordinator import restart as restarts
+    from modeling.load import cache_dir
     from protocol.home import home, sub
-    from protocol.keys import Identity
-    from protocol.models import cache_dir
+    from protocol.signing.keys import Identity
 
     signal.signal(signal.SIGTERM, _interrupt)  # `kill`, `timeout`, systemd: stop cleanly, as on Ctrl-C
     campaign = campaigns.load(campaign_file)  # fail fast, before any process starts

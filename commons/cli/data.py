@@ -8,9 +8,9 @@ from pathlib import Path
 import click
 
 from commons.datasets import progress_bar, publish_dataset
-from protocol.dataset import Report, prepare
+from protocol.data.dataset import Report, prepare
+from protocol.data.pii import describe
 from protocol.errors import CommonsError
-from protocol.pii import describe
 
 
 def show_record(record: dict, index: int, total: int) -> None:

@@ -38,8 +38,8 @@ def serve_command(host: str, port: int, db_url: str | None, trusted_keys: str | 
     from commons.flower import ensure_free
     from index.app import create_app
     from index.db import IndexDB
-    from protocol.blockstore import BlockStore
-    from protocol.trust import TRUSTED_KEYS, read_key_list, trust_dir
+    from protocol.content.blockstore import BlockStore
+    from protocol.signing.trust import TRUSTED_KEYS, read_key_list, trust_dir
 
     ensure_free(host, port)  # before the database and the p2p host: one line naming --port, not a traceback
     keys = read_key_list(Path(trusted_keys) if trusted_keys else trust_dir() / TRUSTED_KEYS)
@@ -56,7 +56,7 @@ def serve_command(host: str, port: int, db_url: str | None, trusted_keys: str | 
     app = create_app(db, store)
     if p2p_listen:
         from index.gossip import IndexPeer, p2p_router
-        from protocol.keys import Identity
+        from protocol.signing.keys import Identity
 
         peer = IndexPeer(db, store, Identity.load_or_create(), p2p_listen, bootstrap)
         node = peer.start()

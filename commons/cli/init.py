@@ -8,7 +8,7 @@ import click
 
 from commons import config
 from protocol.home import home
-from protocol.keys import Identity, default_key_path
+from protocol.signing.keys import Identity, default_key_path
 
 
 @click.command("init")

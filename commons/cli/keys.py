@@ -6,8 +6,8 @@ import json
 
 import click
 
-from protocol import trust
-from protocol.keys import Identity, default_key_path, parse_public_hex, rotate
+from protocol.signing import trust
+from protocol.signing.keys import Identity, default_key_path, parse_public_hex, rotate
 
 
 def _identity() -> Identity:

@@ -42,9 +42,9 @@ def start_command(coordinator: str, data: Path | None, max_cpu_threads: int | No
                   bootstrap: tuple[str, ...]) -> None:
     """Connect to COORDINATOR and train whenever it sends work; reconnects if it restarts."""
     from commons.flower import Network
+    from protocol.data.records import read_records
     from protocol.home import home, sub
-    from protocol.keys import Identity
-    from protocol.records import read_records
+    from protocol.signing.keys import Identity
 
     coordinator = _coordinator_address(coordinator)
     auth_key = _closed_campaign_key(insecure, ca)
@@ -218,8 +218,8 @@ def plan_command(model_id: str, vram: float | None, ram: float | None, batch_siz
 
     From the model's config.json alone (no weights). Without --vram or --ram it plans for this machine.
     Refuses in one line when nothing fits ("needs 6.1 GB, 4.0 GB free: ...")."""
-    from protocol.memory import Device, ModelShape, Workload, plan
-    from protocol.models import model_config
+    from modeling.load import model_config
+    from modeling.memory import Device, ModelShape, Workload, plan
 
     shape = ModelShape.from_config(model_config(model_id), name=model_id)
     if vram is not None:
@@ -253,7 +253,7 @@ def plan_command(model_id: str, vram: float | None, ram: float | None, batch_siz
 def _start_seeding(listen: tuple[str, ...], bootstrap: tuple[str, ...]):
     """A background libp2p host (its own thread): seeds the block store, announces presence as "train"."""
     from commons import config
-    from protocol.blockstore import BlockStore
+    from protocol.content.blockstore import BlockStore
     from protocol.p2p.background import Background
     from protocol.p2p.host import dialable
     from protocol.p2p.service import serve

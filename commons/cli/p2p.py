@@ -9,10 +9,10 @@ from pathlib import Path
 
 import click
 
-from protocol.blockstore import BlockStore
+from protocol.content.blockstore import BlockStore
 from protocol.errors import CommonsError
-from protocol.keys import Identity
 from protocol.p2p.announce import TOPIC_ADAPTERS, TOPIC_DATASETS, TOPIC_PRESENCE
+from protocol.signing.keys import Identity
 
 # libp2p costs ~1 s to import: it is imported inside the commands that use it, so every other
 # `commons` command starts fast
@@ -140,9 +140,9 @@ def announce(ref: str, bootstrap: tuple[str, ...], listen: tuple[str, ...], seed
     from commons import config
     from index.api import parse_ref
     from index.db import IndexDB
-    from protocol.manifest import SIGNATURE_FILE
+    from protocol.content.unixfs import iter_file, list_directory
     from protocol.p2p.announcer import announce_adapter
-    from protocol.unixfs import iter_file, list_directory
+    from protocol.signing.manifest import SIGNATURE_FILE
 
     peers = list(bootstrap) or config.load()["peers"]
     if not peers:
@@ -172,7 +172,7 @@ def announce(ref: str, bootstrap: tuple[str, ...], listen: tuple[str, ...], seed
 @click.option("--json", "as_json", is_flag=True)
 def kubo_push(cid: str, kubo: str, provide: bool, as_json: bool) -> None:
     """Import CID's DAG from the local store into a Kubo daemon (as a CAR) and pin it there."""
-    from protocol.kubo import push_to_kubo
+    from protocol.content.kubo import push_to_kubo
 
     root = push_to_kubo(kubo, BlockStore(), cid, provide=provide)
     click.echo(json.dumps({"cid": root, "kubo": kubo, "pinned": True}) if as_json else f"pinned {root} on {kubo}")
@@ -190,7 +190,7 @@ def kubo_push(cid: str, kubo: str, provide: bool, as_json: bool) -> None:
 def pin(cid: str, endpoint: str, token: str, name: str | None, origins: tuple[str, ...], wait: bool,
         as_json: bool) -> None:
     """Ask a remote pinning service to pin CID (IPFS Pinning Service API)."""
-    from protocol.pinning import PinningClient
+    from protocol.content.pinning import PinningClient
 
     with PinningClient(endpoint, token) as client:
         status = client.add(cid, name=name, origins=origins)

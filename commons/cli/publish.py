@@ -49,8 +49,8 @@ def publish_command(folder: Path, name: str, license_: str, kubo: str | None, an
         entry = publish(folder, meta, db)
     pushed = None
     if kubo:
-        from protocol.blockstore import BlockStore
-        from protocol.kubo import push_to_kubo
+        from protocol.content.blockstore import BlockStore
+        from protocol.content.kubo import push_to_kubo
 
         pushed = push_to_kubo(kubo, BlockStore(), entry["cid"])
     if not as_json:
@@ -71,10 +71,10 @@ def _announce(cid: str, folder: Path, name: str, version: int, peers: list[str],
               seed_seconds: float, quiet: bool) -> dict:
     from dataclasses import asdict
 
-    from protocol.blockstore import BlockStore
-    from protocol.keys import Identity
-    from protocol.manifest import SIGNATURE_FILE
+    from protocol.content.blockstore import BlockStore
     from protocol.p2p.announcer import announce_adapter
+    from protocol.signing.keys import Identity
+    from protocol.signing.manifest import SIGNATURE_FILE
 
     def ready(node) -> None:
         if not quiet:

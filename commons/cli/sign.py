@@ -15,9 +15,9 @@ from typing import Any
 import click
 
 from protocol.errors import CommonsError
-from protocol.keys import Identity, peer_id_from_public_key
-from protocol.manifest import SIGNATURE_FILE, AdapterMeta, Verified, sign_directory, verify_directory
-from protocol.trust import TrustPolicy
+from protocol.signing.keys import Identity, peer_id_from_public_key
+from protocol.signing.manifest import SIGNATURE_FILE, AdapterMeta, Verified, sign_directory, verify_directory
+from protocol.signing.trust import TrustPolicy
 
 # adapter_config.json keys worth repeating in the signed metadata (the whole file is signed anyway)
 _LORA_KEYS = (
@@ -160,8 +160,8 @@ def _report(verified: Verified, target: str) -> dict[str, Any]:
 
 
 def _verify_cid(cid: str, policy: TrustPolicy, record: bool, progress: bool) -> Verified:
-    from protocol.blockstore import BlockStore
-    from protocol.multiformats import CID
+    from protocol.content.blockstore import BlockStore
+    from protocol.content.multiformats import CID
 
     try:
         CID.decode(cid)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import trio
 
-from protocol.blockstore import BlockStore
+from protocol.content.blockstore import BlockStore
 from protocol.errors import CommonsError
 from protocol.p2p.host import DEFAULT_PORT
 from protocol.p2p.service import pull, serve

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import ClassVar
 
 from protocol.errors import VerifyError
-from protocol.keys import peer_id_from_public_key, verify_signature
+from protocol.signing.keys import peer_id_from_public_key, verify_signature
 
 DOMAIN = b"commons-announce/1\n"
 TOPIC_ADAPTERS = "commons/adapters/1"
@@ -89,7 +89,7 @@ def _unsigned(kind: str, body: dict, signer: str, timestamp: int, nonce: str) ->
 
 
 def sign(body: Announcement, identity, now: float | None = None) -> bytes:
-    """Wire bytes of `body` signed by `identity` (a protocol.keys.Identity)."""
+    """Wire bytes of `body` signed by `identity` (a protocol.signing.keys.Identity)."""
     message = _unsigned(body.kind, asdict(body), identity.public_hex, int(now if now is not None else time.time()),
                         os.urandom(16).hex())
     signature = identity.sign(DOMAIN + canonical(message))

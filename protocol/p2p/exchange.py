@@ -30,11 +30,11 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from tqdm import tqdm
 
+from protocol.content.multiformats import CID
+from protocol.content.unixfs import block_links
 from protocol.errors import CommonsError, VerifyError
-from protocol.multiformats import CID
 from protocol.p2p import host as hostlib
 from protocol.p2p.wire import STREAM_ERRORS, FrameError, FrameReader, frame
-from protocol.unixfs import block_links
 
 BLOCKS_PROTOCOL = TProtocol("/commons/blocks/1.0.0")
 HAVE, DONT_HAVE = b"\x01", b"\x00"

@@ -26,13 +26,13 @@ for _name in ("libp2p", "multiaddr"):
 
 
 def identity_seed(identity: Any) -> bytes:
-    """The 32-byte ed25519 seed of a `protocol.keys.Identity` (or of a raw seed)."""
+    """The 32-byte ed25519 seed of a `protocol.signing.keys.Identity` (or of a raw seed)."""
     if isinstance(identity, (bytes, bytearray)):
         seed = bytes(identity)
     else:
         seed = getattr(identity, "secret_seed", None)
     if not isinstance(seed, (bytes, bytearray)) or len(seed) != 32:
-        raise CommonsError("identity has no 32-byte ed25519 seed: pass a protocol.keys.Identity")
+        raise CommonsError("identity has no 32-byte ed25519 seed: pass a protocol.signing.keys.Identity")
     return bytes(seed)
 
 

@@ -23,12 +23,12 @@ import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
 
+from protocol.content.multiformats import CID
 from protocol.errors import CommonsError, VerifyError
-from protocol.manifest import Verified, verify_envelope
-from protocol.multiformats import CID
 from protocol.p2p import host as hostlib
 from protocol.p2p.announce import canonical
 from protocol.p2p.wire import STREAM_ERRORS, FrameError, FrameReader, frame
+from protocol.signing.manifest import Verified, verify_envelope
 
 RESOLVE_PROTOCOL = TProtocol("/commons/resolve/1.0.0")
 ASK_TIMEOUT_S = 10.0

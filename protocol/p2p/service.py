@@ -8,11 +8,11 @@ from pathlib import Path
 
 import trio
 
-from protocol.keys import Identity
 from protocol.p2p.announce import PresenceAnnouncement
 from protocol.p2p.exchange import fetch_dag
 from protocol.p2p.node import open_node
 from protocol.p2p.topics import TOPICS
+from protocol.signing.keys import Identity
 
 PRESENCE_EVERY_S = 60
 

@@ -109,8 +109,8 @@ class Gossip:
     def _remember_adapter(self, body: AdapterAnnouncement) -> None:
         """Keep name → version → CID for `lookup`, only for envelopes that verify and sign that very name
         and version, first signer of a name wins (as in the index): a liar cannot shadow a real name here."""
-        from protocol.manifest import verify_envelope
-        from protocol.trust import TrustPolicy
+        from protocol.signing.manifest import verify_envelope
+        from protocol.signing.trust import TrustPolicy
 
         if len(self._adapters) >= MAX_NAMES and body.name not in self._adapters:
             return

@@ -6,7 +6,7 @@ import trio
 from libp2p.abc import INetStream
 from libp2p.exceptions import BaseLibp2pError
 
-from protocol.multiformats import varint_encode
+from protocol.content.multiformats import varint_encode
 
 # A block is ≤ 256 KiB + dag-pb framing; a directory node with many links stays far below this.
 MAX_FRAME = 2 * 1024 * 1024

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from protocol.content.multiformats import CID, varint_decode, varint_encode
 from protocol.errors import CommonsError
-from protocol.multiformats import CID, varint_decode, varint_encode
 
 
 @dataclass(frozen=True)

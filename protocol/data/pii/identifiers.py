@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterator
 from functools import cache
 
-from protocol.pii.finding import Finding, cued
+from protocol.data.pii.finding import Finding, cued
 
 # Letters/digits in groups, as people write account numbers: "DE89 3704 0044 0532 0130 00".
 _IBAN = re.compile(r"(?i)(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?:[ -]?[A-Z0-9]{1,4}){3,8}")

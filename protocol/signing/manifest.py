@@ -33,8 +33,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from protocol import unixfs
-from protocol.dsse import (
+from protocol.content import unixfs
+from protocol.errors import CommonsError, VerifyError
+from protocol.signing.dsse import (
     canonical_json,
     envelope_bytes,
     exact_keys,
@@ -42,9 +43,8 @@ from protocol.dsse import (
     parse_canonical,
     sign_envelope,
 )
-from protocol.errors import CommonsError, VerifyError
-from protocol.keys import Identity
-from protocol.trust import (
+from protocol.signing.keys import Identity
+from protocol.signing.trust import (
     DEFAULT_MAX_FILE_SIZE,
     TrustPolicy,
     file_rule_violation,

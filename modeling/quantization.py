@@ -7,7 +7,7 @@
     >>> TrainedAs.of(coordinator_model).label()                           # its evaluation: "float32"
 
 A variant is one function in LOADERS. nf4 and int8 go through bitsandbytes (`BitsAndBytesConfig`; 0.50
-runs 4-bit on CPU too, slowly); `protocol.lora.wrap` then calls `peft.prepare_model_for_kbit_training`.
+runs 4-bit on CPU too, slowly); `modeling.lora.wrap` then calls `peft.prepare_model_for_kbit_training`.
 Only the frozen base is quantized: LoRA weights stay float32, so the adapter a campaign publishes is a
 plain PEFT adapter that loads on the unquantized base.
 

@@ -125,7 +125,7 @@ def load_tokenizer(model_id: str, revision: str | None = None) -> Any:
 
 def model_config(model_id: str, revision: str | None = None) -> dict:
     """A model's config.json, without its weights: a folder (or the file itself), an alias, or a hub id
-    (only config.json is fetched). What the memory plan (protocol/memory.py) reads."""
+    (only config.json is fetched). What the memory plan (modeling/memory.py) reads."""
     given = Path(model_id).expanduser()
     if given.is_dir() or given.is_file():
         file = given / "config.json" if given.is_dir() else given
@@ -148,10 +148,10 @@ def model_config(model_id: str, revision: str | None = None) -> dict:
 def load_base(model_id: str, revision: str | None = None, dtype: Any = None, device: str = "cpu",
               quantization: str = "none") -> tuple[Any, Any]:
     """(model, tokenizer) for a base-model id, in eval mode with gradients off; `quantization` "nf4" or
-    "int8" loads the attention and MLP matrices through bitsandbytes (protocol/quantization.py)."""
+    "int8" loads the attention and MLP matrices through bitsandbytes (modeling/quantization.py)."""
     from transformers import AutoModelForCausalLM
 
-    from protocol.quantization import from_pretrained_kwargs
+    from modeling.quantization import from_pretrained_kwargs
 
     path = local_path(model_id)
     source = str(path) if path else canonical_id(model_id)

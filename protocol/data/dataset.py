@@ -17,8 +17,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from protocol.data.pii import describe, scrub
 from protocol.errors import CommonsError
-from protocol.pii import describe, scrub
 
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {
@@ -53,7 +53,7 @@ class Report:
 
 def check_license(spdx: str) -> str:
     """A known SPDX id, or an expression of them (`MIT AND CC-BY-4.0`, `… WITH …`), in canonical form."""
-    from protocol.spdx import canonical
+    from protocol.data.spdx import canonical
 
     return canonical(spdx.strip(), _known_license)
 

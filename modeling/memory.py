@@ -44,8 +44,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from modeling.load import DEFAULT_TARGETS
 from protocol.errors import CommonsError
-from protocol.models import DEFAULT_TARGETS
 
 GB = 2**30
 SAFETY_GB = 0.5

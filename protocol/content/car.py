@@ -15,8 +15,8 @@ import hashlib
 from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 
+from protocol.content.multiformats import CID, varint_decode, varint_encode
 from protocol.errors import CommonsError, VerifyError
-from protocol.multiformats import CID, varint_decode, varint_encode
 
 _CARV2_PRAGMA = bytes.fromhex("0aa16776657273696f6e02")
 _MAX_SECTION = 1 << 26  # far above Kubo's 1 MiB block limit; guards against absurd lengths

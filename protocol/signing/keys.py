@@ -21,9 +21,9 @@ from pathlib import Path
 
 from nacl.signing import SigningKey, VerifyKey
 
+from protocol.content.multiformats import b58encode
 from protocol.errors import CommonsError
 from protocol.home import home
-from protocol.multiformats import b58encode
 
 KEY_FILE = "ed25519.key"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -151,7 +151,7 @@ def rotate(path: Path | None = None) -> tuple[Identity, Identity, Path]:
     Names pinned (trust on first use) to the old key are re-pinned to the new one, since this node is the
     one that rotated. Returns (old, new, archive_path).
     """
-    from protocol import trust  # trust does not import keys; importing here keeps the graph one-way
+    from protocol.signing import trust  # trust does not import keys; importing here keeps the graph one-way
 
     path = Path(path) if path else default_key_path()
     old = Identity.load(path)

@@ -20,9 +20,9 @@ from typing import BinaryIO, Self
 
 import httpx
 
-from protocol.car import write_car
+from protocol.content.car import write_car
+from protocol.content.multiformats import CID
 from protocol.errors import CommonsError, VerifyError
-from protocol.multiformats import CID
 
 DEFAULT_URL = "http://127.0.0.1:5001"
 TIMEOUT = httpx.Timeout(30.0, connect=5.0)

@@ -18,7 +18,7 @@ import re
 from collections.abc import Iterator
 from functools import cache
 
-from protocol.pii.finding import Finding
+from protocol.data.pii.finding import Finding
 
 _UPPER = "A-ZÀ-ÖØ-ÞĀ-Ž"
 _WORD = rf"[{_UPPER}][\w'’]{{0,30}}(?:-[{_UPPER}][\w'’]{{0,30}}){{0,3}}"  # Anna, O'Connor, Jean-Pierre

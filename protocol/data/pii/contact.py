@@ -19,7 +19,7 @@ import ipaddress
 import re
 from collections.abc import Iterator
 
-from protocol.pii.finding import Finding, cued
+from protocol.data.pii.finding import Finding, cued
 
 # National formats we meet most in chat; a number written with +CC or 00CC is found for any country.
 REGIONS = ("US", "GB", "DE", "FR", "JP", "IN", "NL", "ES", "IT", "AU", "CH", "BR")

@@ -29,14 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from protocol import dagpb, unixfs
-from protocol.blockstore import BlockStore
-from protocol.dsse import MAX_ENVELOPE_BYTES
+from protocol.content import dagpb, unixfs
+from protocol.content.blockstore import BlockStore
+from protocol.content.multiformats import CID, RAW
+from protocol.content.unixfs import MAX_DEPTH, Bounds, block_links, file_bounds, measure_file, upto
 from protocol.errors import CommonsError, VerifyError
-from protocol.manifest import SIGNATURE_FILE, Verified, verify_envelope
-from protocol.multiformats import CID, RAW
-from protocol.trust import TrustPolicy, q
-from protocol.unixfs import MAX_DEPTH, Bounds, block_links, file_bounds, measure_file, upto
+from protocol.signing.dsse import MAX_ENVELOPE_BYTES
+from protocol.signing.manifest import SIGNATURE_FILE, Verified, verify_envelope
+from protocol.signing.trust import TrustPolicy, q
 
 MAX_BLOCK = 2 << 20  # no block of ours is larger (leaves are 256 KiB); bitswap's limit too
 NODE_OVERHEAD = 16 << 10  # block bytes one node may add to the content it carries (links, framing)

@@ -29,8 +29,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from protocol.pii import contact, credentials, identifiers, people
-from protocol.pii.finding import Finding
+from protocol.data.pii import contact, credentials, identifiers, people
+from protocol.data.pii.finding import Finding
 
 __all__ = ["DETECTORS", "KINDS", "Finding", "Scrubbed", "describe", "find_pii", "scrub"]
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from protocol import dagpb
+from protocol.content import dagpb
+from protocol.content.multiformats import CID, DAG_PB, RAW, varint_decode, varint_encode
 from protocol.errors import CommonsError, VerifyError
-from protocol.multiformats import CID, DAG_PB, RAW, varint_decode, varint_encode
 
 CHUNK_SIZE = 262144
 MAX_LINKS = 174

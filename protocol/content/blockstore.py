@@ -17,10 +17,10 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from protocol import unixfs
+from protocol.content import unixfs
+from protocol.content.multiformats import CID
 from protocol.errors import CommonsError, VerifyError
 from protocol.home import home
-from protocol.multiformats import CID
 
 
 class BlockStore:

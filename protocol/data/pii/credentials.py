@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Iterator
 from functools import cache
 
-from protocol.pii.finding import Finding
+from protocol.data.pii.finding import Finding
 
 _PRIVATE_KEY = re.compile(
     r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----[\s\S]*?(?:-----END (?:[A-Z0-9]+ )*PRIVATE KEY"

@@ -10,7 +10,7 @@ import time
 
 import httpx
 
-from protocol.fetch import MAX_BLOCK
+from protocol.content.fetch import MAX_BLOCK
 
 RAW = "application/vnd.ipld.raw"
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from protocol.models import DEFAULT_TARGETS
+from modeling.load import DEFAULT_TARGETS
 
 
 def lora_config(spec: dict[str, Any]) -> Any:
@@ -32,7 +32,7 @@ def wrap(base: Any, spec: dict[str, Any]) -> Any:
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    from protocol.quantization import quantization_of
+    from modeling.quantization import quantization_of
 
     if quantization_of(base) != "none":
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)

@@ -18,7 +18,7 @@ import re
 from typing import Any
 
 from protocol.errors import VerifyError
-from protocol.keys import Identity, verify_signature
+from protocol.signing.keys import Identity, verify_signature
 
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 MAX_ENVELOPE_BYTES = 16 * 1024 * 1024
