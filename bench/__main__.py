@@ -32,7 +32,8 @@ def main(argv: list[str]) -> int:
         try:
             result = importlib.import_module(f"bench.{name}").run()
         except Exception as exc:  # noqa: BLE001 - one broken benchmark must not hide the others
-            result = {"name": name, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
+            result = {"name": name,
+                      "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
         result.setdefault("name", name)
         result["seconds"] = round(time.perf_counter() - start, 1)
         results.append(result)

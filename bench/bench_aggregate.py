@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from coordinator.aggregate import AggregateConfig, Update, aggregate
+from coordinator.rules import AggregateConfig, Update, aggregate
 
 RANK, WIDTH = 16, 2048
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")

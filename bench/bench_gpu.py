@@ -113,7 +113,8 @@ class SyntheticTokenizer:
     def __init__(self, vocab_size: int, seq: int) -> None:
         self.vocab_size, self.seq, self.pad_token_id = vocab_size, seq, 0
 
-    def apply_chat_template(self, messages: list[dict], tokenize: bool = False, add_generation_prompt: bool = False) -> str:
+    def apply_chat_template(self, messages: list[dict], tokenize: bool = False,
+                            add_generation_prompt: bool = False) -> str:
         return f"{messages[0]['content']}|{'prompt' if add_generation_prompt else 'full'}"
 
     def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
@@ -145,9 +146,11 @@ def build_model(config: dict, device: str, dtype: Any) -> Any:
 
 
 def _to_device(model: Any, device: str) -> Any:
-    """node/train.py builds batches on the CPU (volunteers train there today); move them at the model's door."""
+    """node/train.py builds batches on the CPU (volunteers train there today);
+    move them at the model's door."""
     def hook(_module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        return args, {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in kwargs.items()}
+        return args, {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v
+                      for k, v in kwargs.items()}
 
     return model.register_forward_pre_hook(hook, with_kwargs=True)
 
@@ -179,13 +182,15 @@ def time_ours(model: Any, tokenizer: SyntheticTokenizer, shape: Shape, device: s
 
 
 def time_trainer(model: Any, tokenizer: SyntheticTokenizer, shape: Shape, device: str) -> tuple[float, int]:
-    """The reference: transformers.Trainer with PEFT, same batches, AdamW, constant lr, clip 1.0, no logging."""
+    """The reference: transformers.Trainer with PEFT, same batches, AdamW, constant lr, clip 1.0,
+    no logging."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from node.train import collate, encode, trainable
 
     trainable(model, None)
-    rows = [encode(tokenizer, r["messages"], shape.seq) for r in synthetic_records(shape.batch * (shape.steps + shape.warmup))]
+    rows = [encode(tokenizer, r["messages"], shape.seq)
+            for r in synthetic_records(shape.batch * (shape.steps + shape.warmup))]
     dataset = [{"input_ids": ids, "labels": labels} for ids, labels in rows]
     marks: dict[int, float] = {}
 
@@ -198,10 +203,10 @@ def time_trainer(model: Any, tokenizer: SyntheticTokenizer, shape: Shape, device
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
             output_dir=out, per_device_train_batch_size=shape.batch, max_steps=shape.warmup + shape.steps,
-            learning_rate=2e-3, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-            optim="adamw_torch", bf16=device.startswith("cuda"), logging_steps=10_000, save_strategy="no",
-            report_to=[], disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False,
-            use_cpu=not device.startswith("cuda"), seed=0,
+            learning_rate=2e-3, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+            max_grad_norm=1.0, optim="adamw_torch", bf16=device.startswith("cuda"), logging_steps=10_000,
+            save_strategy="no", report_to=[], disable_tqdm=True, dataloader_num_workers=0,
+            remove_unused_columns=False, use_cpu=not device.startswith("cuda"), seed=0,
         )
         trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[Clock()],
                           data_collator=lambda batch: collate([(b["input_ids"], b["labels"]) for b in batch],
@@ -218,7 +223,8 @@ def measure(config: dict, shape: Shape, device: str, dtype: Any, peak: float | N
     n_base, n_lora = count_params(model)
     tokenizer = SyntheticTokenizer(config["vocab_size"], shape.seq)
     per_token = flops_per_token(n_base, n_lora)
-    with_attention = per_token + attention_flops_per_token(config["num_hidden_layers"], shape.seq, config["hidden_size"])
+    with_attention = per_token + attention_flops_per_token(config["num_hidden_layers"], shape.seq,
+                                                           config["hidden_size"])
     arms = {}
     for arm, timer in (("ours", time_ours), ("trainer", time_trainer)):
         if arm == "trainer":
@@ -242,7 +248,8 @@ def measure(config: dict, shape: Shape, device: str, dtype: Any, peak: float | N
 
 
 def random_checkpoint(folder: Path, out: Path, device: str, dtype: Any) -> Any:
-    """A random-init model from `folder`'s config.json, saved to `out` as a model folder; returns the model."""
+    """A random-init model from `folder`'s config.json, saved to `out` as a model folder;
+    returns the model."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -26,7 +26,8 @@ TASKS = ["gsm8k", "code", "chat", "summarize", "translate-de", "sql", "medical-q
 BASES = ["HuggingFaceTB/SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-360M-Instruct", "Qwen/Qwen2.5-0.5B",
          "meta-llama/Llama-3.2-1B", "google/gemma-2-2b"]
 LICENSES = ["Apache-2.0", "MIT", "CC-BY-4.0", "CC-BY-NC-4.0", "OpenRAIL-M"]
-WORDS = ["fast", "tiny", "math", "coder", "helper", "tutor", "polite", "german", "strict", "creative", "doctor"]
+WORDS = ["fast", "tiny", "math", "coder", "helper", "tutor", "polite", "german", "strict", "creative",
+         "doctor"]
 
 
 def _envelope(meta: AdapterMeta, identity: Identity, rng: random.Random) -> tuple[bytes, str]:
@@ -45,11 +46,12 @@ def populate(db: IndexDB, n: int, seed: int = 7) -> float:
     for i in range(n):
         task = rng.choice(TASKS)
         meta = AdapterMeta(
-            name=f"{rng.choice(WORDS)}-{task}-{i}", base_model=rng.choice(BASES), license=rng.choice(LICENSES),
-            campaign=f"{task}-campaign", rounds=rng.randint(1, 20),
+            name=f"{rng.choice(WORDS)}-{task}-{i}", base_model=rng.choice(BASES),
+            license=rng.choice(LICENSES), campaign=f"{task}-campaign", rounds=rng.randint(1, 20),
             eval={"task": task, "description": f"{rng.choice(WORDS)} {rng.choice(WORDS)} adapter for {task}",
                   "accuracy_base": 0.2, "accuracy_adapter": round(rng.uniform(0.2, 0.6), 3)},
-            ledger=[{"node": rng.choice(publishers).public_hex, "rounds": 3, "tokens": rng.randint(1, 10**6)}],
+            ledger=[{"node": rng.choice(publishers).public_hex, "rounds": 3,
+                     "tokens": rng.randint(1, 10**6)}],
         )
         db.register(*_envelope(meta, publishers[i % len(publishers)], rng))
     return time.perf_counter() - start

@@ -1,7 +1,7 @@
 """Node training throughput: our `node.train.train` vs a plain PEFT loop, same model, batches and steps.
 
-    python -m bench train                   # `make bench`: SmolLM2-135M (the demo's real model), 16 steps × batch 2,
-                                            # plus the tiny model as a second figure
+    python -m bench train                   # `make bench`: SmolLM2-135M (the demo's real model),
+                                            # 16 steps × batch 2, plus the tiny model as a second figure
     python bench/bench_train.py tiny 30     # the tiny model alone (49k-token head), 30 steps × batch 2
 
 The headline ratio is on SmolLM2: on the tiny model a step takes ~30 ms, so the fixed per-step work a
@@ -51,7 +51,8 @@ def plain_peft_loop(model, batches: list[list[tuple[list[int], list[int]]]], pad
     return tokens / seconds
 
 
-def measure(model_id: str = "tiny", steps: int = 30, batch_size: int = 2, max_length: int = 64, reps: int = 3) -> dict:
+def measure(model_id: str = "tiny", steps: int = 30, batch_size: int = 2, max_length: int = 64,
+            reps: int = 3) -> dict:
     base, tokenizer = load_base(model_id)
     model = wrap(base, {"r": 8, "alpha": 16})
     records = make_records(steps * batch_size, list(STYLES), seed=3)
@@ -63,7 +64,8 @@ def measure(model_id: str = "tiny", steps: int = 30, batch_size: int = 2, max_le
     order = list(range(len(examples)))
     random.Random(config.seed).shuffle(order)
     batches = [[examples[i] for i in order[s * batch_size : (s + 1) * batch_size]] for s in range(steps)]
-    train(model, tokenizer, records, TrainConfig(steps=3, batch_size=batch_size, max_length=max_length))  # warm-up
+    # warm-up
+    train(model, tokenizer, records, TrainConfig(steps=3, batch_size=batch_size, max_length=max_length))
     plain_peft_loop(model, batches[:3], tokenizer.pad_token_id, config.lr)
     ours, plain = [], []
 

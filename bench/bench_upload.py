@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from commons.demo_task import STYLES, make_records
-from coordinator.aggregate import Update, aggregate
 from coordinator.plan import layers_from_keys, make_plan, shard_keys
-from coordinator.residual import apply, project, snapshot
+from coordinator.rules import Update, aggregate
+from coordinator.rules.exact import apply, project, snapshot
 from modeling.load import load_base
 from modeling.lora import get_state, set_state, wrap
 from node.train import TrainConfig, collate, encode, train
@@ -55,7 +55,8 @@ def held_out(model, tokenizer, records: list[dict], max_length: int = 64) -> dic
     return {"loss": round(total_loss / count, 5), "token_accuracy": round(hits / count, 5)}
 
 
-def upload_bytes(g: dict[str, np.ndarray], update: dict[str, np.ndarray], nodes: int = 8, coverage: int = 2) -> dict:
+def upload_bytes(g: dict[str, np.ndarray], update: dict[str, np.ndarray], nodes: int = 8,
+                 coverage: int = 2) -> dict:
     plan = make_plan(layers_from_keys(g), {f"n{i}": CPU for i in range(nodes)}, min_coverage=coverage)
     full = wire_bytes(encode_update(g, g, "fp32"))
     out = {"fp32_full_adapter": full}
@@ -103,7 +104,8 @@ def run(model_id: str = "smollm2", nodes: int = 3, steps: int = 2, batch_size: i
     apply(model, originals, {}, scaling)
     rules["exact_published_rank_r"] = score(project(exact, report.residuals))
     ratio = sizes["shard_int8_mean"] / sizes["fp32_full_adapter"]
-    worst = max(abs(evals[d]["loss"] - evals["fp32"]["loss"]) / evals["fp32"]["loss"] for d in ("bf16", "int8"))
+    worst = max(abs(evals[d]["loss"] - evals["fp32"]["loss"]) / evals["fp32"]["loss"]
+                for d in ("bf16", "int8"))
     return {
         "name": "bench_upload",
         "ratio": round(ratio, 4),
@@ -118,9 +120,10 @@ def run(model_id: str = "smollm2", nodes: int = 3, steps: int = 2, batch_size: i
         "rules": rules,
         "model": model_id,
         "summary": (
-            f"int8 shard {ratio:.3f}× / bf16 shard {sizes['shard_bf16_mean'] / sizes['fp32_full_adapter']:.3f}× "
-            f"of fp32 full; eval loss within {worst:.2%}; fedavg loss {rules['fedavg']['loss']:.4f} vs exact "
-            f"{rules['exact']['loss']:.4f} ({time.perf_counter() - start:.0f}s)"
+            f"int8 shard {ratio:.3f}× / bf16 shard "
+            f"{sizes['shard_bf16_mean'] / sizes['fp32_full_adapter']:.3f}× of fp32 full; eval loss within "
+            f"{worst:.2%}; fedavg loss {rules['fedavg']['loss']:.4f} vs exact {rules['exact']['loss']:.4f} "
+            f"({time.perf_counter() - start:.0f}s)"
         ),
     }
 

@@ -45,7 +45,8 @@ def load() -> dict:
     try:
         data = tomllib.loads(file.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
-        raise CommonsError(f"{file} is not valid TOML ({exc}); fix it or delete it and run `commons init`") from None
+        raise CommonsError(f"{file} is not valid TOML ({exc}); "
+                           "fix it or delete it and run `commons init`") from None
     unknown = sorted(set(data) - set(DEFAULTS))
     if unknown:
         raise CommonsError(f"unknown setting {unknown[0]!r} in {file}; allowed: {', '.join(DEFAULTS)}")

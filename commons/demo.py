@@ -32,7 +32,8 @@ def campaign_for(name: str, model: str, eval_file: Path, nodes: int, rounds: int
         # three trusted volunteers on one machine: plain FedAvg, and 2 trainers per layer so shards show
         aggregation="fedavg", min_coverage=2,
         task="date normalization to ISO 8601 (YYYY-MM-DD)",
-        description="Rewrites dates written in many styles (spelled, abbreviated, numeric) as ISO 8601 YYYY-MM-DD.",
+        description="Rewrites dates written in many styles (spelled, abbreviated, numeric) as ISO 8601 "
+                    "YYYY-MM-DD.",
         datasets=datasets,
         lora=LoraSpec(r=8, alpha=16), train=TrainSpec(steps=steps, batch_size=8, lr=2e-3, max_length=96),
     )
@@ -52,9 +53,11 @@ class Follower:
         self.demo = demo
         self.seen = time.monotonic()  # when the last event arrived
         # the live bar only on a terminal; the event lines are printed either way
-        self.bar = tqdm(total=rounds, desc="rounds", unit="round", disable=not (progress and sys.stderr.isatty()), file=sys.stderr,
+        self.bar = tqdm(total=rounds, desc="rounds", unit="round",
+                        disable=not (progress and sys.stderr.isatty()), file=sys.stderr,
                         bar_format="{desc}: {n_fmt}/{total_fmt} |{bar:20}| {elapsed} {postfix}")
         self.last: dict = {}
+        self.clock = narrate.RoundClock()
 
     def poll(self) -> dict | None:
         """The final event (campaign_end or error) once it arrives."""
@@ -68,9 +71,9 @@ class Follower:
                 self.last, self.seen = event, time.monotonic()
                 if event["event"] == "round_end":
                     self.bar.update(1)
-                said = narrate.line(event, demo=self.demo)
+                said = narrate.line(self.clock.timed(event), demo=self.demo)
                 if said:
-                    self._say(said)
+                    self._say(narrate.stamped(event, said))
                 if event["event"] in ("campaign_end", "error"):
                     return event
         self.bar.set_postfix_str(self._status(), refresh=True)
@@ -88,7 +91,8 @@ class Follower:
             except (OSError, ValueError):
                 continue
             if st.get("state") == "training":
-                parts.append(f"n{i} r{st['round']} {st['step']}/{st['steps']} loss {st['loss']:.2f} {st['tokens_per_s']:.0f}tok/s")
+                parts.append(f"n{i} r{st['round']} {st['step']}/{st['steps']} loss {st['loss']:.2f} "
+                             f"{st['tokens_per_s']:.0f}tok/s")
         return " · ".join(parts)
 
     def close(self) -> None:
@@ -109,10 +113,12 @@ def run_demo(nodes: int = 3, rounds: int = 2, model: str = SMOLLM2_ID, steps: in
     datasets = publish_training_data(data["train"])
     say(f"published the volunteers' data to the commons: {', '.join(d['name'] for d in datasets)}")
     campaign_file = work / "campaign.toml"
-    campaign_file.write_text(dump(campaign_for(name, model, data["test"], nodes, rounds, steps, eval_size, datasets)))
+    campaign_file.write_text(dump(campaign_for(name, model, data["test"], nodes, rounds, steps, eval_size,
+                                               datasets)))
     say(f"preparing base model {canonical_id(model)} (converted once, then cached in {cache_dir()})")
     local_path(model)
     Identity.load_or_create()
+    follow_index(name)
     env = {"COMMONS_CACHE": str(cache_dir())}
     threads = max(1, (os.cpu_count() or 1) // nodes)
     net = Network(work)
@@ -125,16 +131,19 @@ def run_demo(nodes: int = 3, rounds: int = 2, model: str = SMOLLM2_ID, steps: in
             (node_home / "logs").mkdir(parents=True, exist_ok=True)
             key = Identity.load_or_create(node_home / "identity" / "ed25519.key")
             say(f"  volunteer {i}: key {key.public_hex[:16]}…, data {data['train'][i].name}")
-            net.start_supernode(f"node{i}", net.address, {"home": str(node_home), "data": str(data["train"][i]), "threads": threads},
+            net.start_supernode(f"node{i}", net.address,
+                                {"home": str(node_home), "data": str(data["train"][i]), "threads": threads},
                                 env={**env, "COMMONS_HOME": str(node_home)})
             node_homes.append(node_home)
         run_id = net.submit({"campaign": str(campaign_file), "home": str(root)})
         say(f"campaign {name} submitted as Flower run {run_id}")
-        final = _follow(root / "campaigns" / name / "events.jsonl", node_homes, rounds, progress, timeout, work)
+        final = _follow(root / "campaigns" / name / "events.jsonl", node_homes, rounds, progress, timeout,
+                        work)
     finally:
         net.close()
     if final["event"] == "error":
-        raise CommonsError(f"the campaign failed: {final['message']} (logs in {work / 'logs'} and {root / 'logs'})")
+        raise CommonsError(f"the campaign failed: {final['message']} (logs in {work / 'logs'} and "
+                           f"{root / 'logs'})")
     result = json.loads((root / "campaigns" / name / "result.json").read_text())
     summary = _register(result, nodes, rounds)
     events = [json.loads(x) for x in (root / "campaigns" / name / "events.jsonl").read_text().splitlines()]
@@ -171,14 +180,23 @@ def _follow(events: Path, node_homes: list[Path], rounds: int, progress: bool, t
     raise CommonsError(f"the campaign said nothing for {timeout:.0f}s; see the logs in {work / 'logs'}")
 
 
+def follow_index(name: str) -> None:
+    """The campaign's ServerApp signs the next version of `name` without the index (coordinator/ cannot
+    open it): bring this home's publish record up to the index first (protocol.publishing.follow)."""
+    from index.db import IndexDB
+    from protocol.publishing import follow
+
+    follow(IndexDB(), name)
+
+
 def _register(result: dict, nodes: int, rounds: int) -> dict:
     from index.db import IndexDB
     from protocol.signing.manifest import SIGNATURE_FILE, verify_directory
     from protocol.signing.trust import TrustPolicy
 
     summary = {
-        "adapter_cid": result.get("adapter_cid"), "name": result["name"], "engine": "deployment", "nodes": nodes,
-        "rounds": result["rounds"], "accuracy_base": result["accuracy_base"],
+        "adapter_cid": result.get("adapter_cid"), "name": result["name"], "engine": "deployment",
+        "nodes": nodes, "rounds": result["rounds"], "accuracy_base": result["accuracy_base"],
         "accuracy_adapter": result["accuracy_adapter"], "signature_valid": False, "index_url": None,
         "published": result["published"], "samples": result.get("samples", []),
     }

@@ -82,7 +82,8 @@ def write_demo_data(folder: Path, nodes: int, per_node: int, test_size: int, see
     """Train files split non-IID (node i sees style family i mod 3) and one mixed held-out test file."""
     families = list(STYLES)
     train = [
-        write_jsonl(folder / f"node{i}.jsonl", make_records(per_node, [families[i % len(families)]], seed + 1 + i))
+        write_jsonl(folder / f"node{i}.jsonl",
+                    make_records(per_node, [families[i % len(families)]], seed + 1 + i))
         for i in range(nodes)
     ]
     test = write_jsonl(folder / "test.jsonl", make_records(test_size, families, seed + 1000))

@@ -1,4 +1,5 @@
-"""Start real Flower processes (SuperLink, SuperNodes) and submit a run: the deployment engine, not simulation."""
+"""Start real Flower processes (SuperLink, SuperNodes) and submit a run: the deployment engine,
+not simulation."""
 
 from __future__ import annotations
 
@@ -57,7 +58,8 @@ def wait_port(host: str, port: int, proc: subprocess.Popen, timeout: float, what
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
-            raise CommonsError(f"{what} exited with code {proc.returncode}: {' '.join(tail)[:300]} (log: {log})")
+            raise CommonsError(f"{what} exited with code {proc.returncode}: {' '.join(tail)[:300]} (log: "
+                               f"{log})")
         try:
             with socket.create_connection((host, port), timeout=0.5):
                 return
@@ -73,8 +75,8 @@ def ensure_free(host: str, port: int) -> None:
         try:
             sock.bind((host.strip("[]"), port))
         except OSError:
-            raise CommonsError(f"port {port} on {host} is in use (another coordinator or index?): stop it or pass "
-                               "--port N") from None
+            raise CommonsError(f"port {port} on {host} is in use (another coordinator or index?): stop it or "
+                               "pass --port N") from None
 
 
 @dataclass(frozen=True)
@@ -168,7 +170,8 @@ class Network:
 
     def start_runner(self, name: str, runtime: Runtime, home: Path, env: dict[str, str] | None = None,
                      group: int | None = None) -> subprocess.Popen:
-        """The volunteer's long-lived ClientApp runner (node/runner.py): installed code only, model kept warm."""
+        """The volunteer's long-lived ClientApp runner (node/runner.py): installed code only,
+        model kept warm."""
         args = [sys.executable, "-m", "node.runner", "--runtime-api-address", f"127.0.0.1:{runtime.port}",
                 "--secret-file", str(runtime.secret), "--home", str(home)]
         proc, _ = self._spawn(name, args, env or {}, group=group)
@@ -186,14 +189,15 @@ class Network:
         With `ca` on the network: TLS, and `auth_key` (the Flower ECDSA key) signs in to a closed campaign."""
         cfg = " ".join(f"{k}={json.dumps(v)}" for k, v in node_config.items())
         if self.ca:
-            security = ["--root-certificates", str(self.ca)]
-            security += ["--auth-supernode-private-key", str(auth_key)] if auth_key else []
+            from node.flower_keys import supernode_args
+
+            security = supernode_args(self.ca, auth_key)
         else:
             security = ["--insecure"] if insecure else []
         own = runtime or self.runtime(name)
         args = [_bin("flower-supernode"), *security, "--superlink", superlink, "--isolation", "process",
-                "--host", "127.0.0.1", "--port", str(own.port), "--superexec-auth-secret-file", str(own.secret),
-                "--node-config", cfg, *(extra or [])]
+                "--host", "127.0.0.1", "--port", str(own.port), "--superexec-auth-secret-file",
+                str(own.secret), "--node-config", cfg, *(extra or [])]
         proc, _ = self._spawn(name, args, env or {})
         if runtime is None:
             home = Path(str(node_config.get("home") or Path.home() / ".commons"))
@@ -205,7 +209,8 @@ class Network:
         home.mkdir(parents=True, exist_ok=True)
         security = f'root-certificates = "{self.ca}"' if self.ca else "insecure = true"
         (home / "config.toml").write_text(
-            f'[superlink]\ndefault = "commons"\n\n[superlink.commons]\naddress = "{self.control}"\n{security}\n'
+            f'[superlink]\ndefault = "commons"\n\n[superlink.commons]\naddress = "{self.control}"\n'
+            f'{security}\n'
         )
         return home
 
@@ -219,14 +224,15 @@ class Network:
     def submit(self, run_config: dict[str, str], env: dict[str, str] | None = None) -> int:
         cfg = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
         args = [_bin("flwr"), "run", str(self.app_dir()), "commons", "--run-config", cfg, "--format", "json"]
-        done = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=self.workdir, check=False,
-                              env=_env({"FLWR_HOME": str(self.flwr_home()), **(env or {})}))
+        done = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=self.workdir,
+                              check=False, env=_env({"FLWR_HOME": str(self.flwr_home()), **(env or {})}))
         try:
             reply = json.loads(done.stdout)
         except json.JSONDecodeError:
             reply = {}
         if done.returncode != 0 or not reply.get("success", False):
-            detail = reply.get("error-message") or (done.stderr or done.stdout).strip().splitlines()[-1:] or ["?"]
+            detail = (reply.get("error-message") or (done.stderr or done.stdout).strip().splitlines()[-1:]
+                      or ["?"])
             raise CommonsError(f"`flwr run` could not submit the campaign: {str(detail)[:300]}")
         return int(reply["run-id"])
 

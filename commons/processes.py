@@ -18,7 +18,8 @@ def descendants(roots: list[int]) -> list[int]:
     parents: dict[int, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            # "pid (name) state ppid ...": the name may hold spaces and parentheses, so split after the last ")"
+            # "pid (name) state ppid ...": the name may hold spaces and parentheses,
+            # so split after the last ")"
             text = stat.read_text()
             parents[int(stat.parent.name)] = int(text[text.rindex(")") + 2:].split()[1])
         except (OSError, ValueError, IndexError):

@@ -1,45 +1,16 @@
-"""Publish a folder: sign it, store it content-addressed, register it in the local index.
+"""What `commons publish` signs about a PEFT folder: its manifest metadata, read from adapter_config.json.
 
-    >>> with publishing():                                  # one publish at a time in this home
-    ...     version, previous = next_version(IndexDB(), name)
-    ...     entry = publish(folder, meta_from_folder(folder, name, "MIT", version=version), db)
-
-The version is read from the index, signed into the manifest and then registered: two publishes of one
-name at once would both sign the same version, so `publishing()` serializes them.
+    >>> meta = meta_from_folder(folder, name, "MIT")
+    >>> published = publish(folder, meta, IndexDB())  # protocol.publishing: version, sign, store, register
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-from protocol.content.blockstore import BlockStore
 from protocol.errors import CommonsError
-from protocol.home import home
-from protocol.signing.keys import Identity
-from protocol.signing.manifest import SIGNATURE_FILE, AdapterMeta, sign_directory
-
-
-@contextmanager
-def publishing() -> Iterator[None]:
-    """Hold this home's publish lock (released when the process dies, however it dies)."""
-    with open(home() / "publish.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def next_version(db, name: str) -> tuple[int, str | None]:
-    try:
-        latest = db.resolve(name)
-    except CommonsError:
-        return 1, None
-    return int(latest["version"]) + 1, latest["cid"]
+from protocol.signing.manifest import AdapterMeta
 
 
 def meta_from_folder(folder: Path, name: str, license: str, **extra) -> AdapterMeta:
@@ -57,12 +28,6 @@ def meta_from_folder(folder: Path, name: str, license: str, **extra) -> AdapterM
             lora["target_modules"] = sorted(lora["target_modules"])
     elif extra.get("kind", "adapter") == "adapter":
         raise CommonsError(f"{folder} has no adapter_config.json: publish a PEFT adapter folder")
-    return AdapterMeta(name=name, license=license, base_model=base_model, base_revision=revision, lora_config=lora, **extra)
+    return AdapterMeta(name=name, license=license, base_model=base_model, base_revision=revision,
+                       lora_config=lora, **extra)
 
-
-def publish(folder: Path, meta: AdapterMeta, db, identity: Identity | None = None) -> dict:
-    """Sign (unless an existing model.sig already verifies), add to the store, register; returns the index entry."""
-    identity = identity or Identity.load_or_create()
-    sign_directory(folder, meta, identity)
-    cid = BlockStore().add_path(folder)
-    return db.register((folder / SIGNATURE_FILE).read_bytes(), cid)

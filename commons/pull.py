@@ -41,7 +41,8 @@ class Pulled:
     verified: Verified
 
     def python(self) -> str:
-        """The snippet that loads it; the signed base_model is the publisher's text, so it is quoted, not pasted."""
+        """The snippet that loads it; the signed base_model is the publisher's text, so it is quoted,
+        not pasted."""
         base, path = json.dumps(self.verified.meta.base_model), json.dumps(str(self.path))
         return f"from commons import load_adapter\nmodel = load_adapter({base}, {path})"
 
@@ -86,7 +87,8 @@ def resolve(ref: str, index_url: str, peers: list[str] | None = None) -> str:
 
 def pull(ref: str, out: Path | None = None, index_url: str | None = None, progress: bool = True,
          allow_older: bool = False) -> Pulled:
-    """Resolve, fetch within what the manifest promises, verify, lay out; `allow_older` takes an older version."""
+    """Resolve, fetch within what the manifest promises, verify, lay out;
+    `allow_older` takes an older version."""
     settings = config.load()
     index_url = index_url or settings["index_url"]
     cid = resolve(ref, index_url, settings["peers"])
@@ -109,8 +111,8 @@ def pull(ref: str, out: Path | None = None, index_url: str | None = None, progre
         raise VerifyError(f"refusing {ref}: {str(exc).removesuffix('; refusing it')}") from None
     _check_names(ref, signed.verified)
     if earlier not in (None, signed.verified.meta.name):
-        raise CommonsError(f"{target} holds an earlier pull of {earlier}, not {signed.verified.meta.name}; pass "
-                           "--out with a new or empty folder (nothing was deleted)")
+        raise CommonsError(f"{target} holds an earlier pull of {earlier}, not {signed.verified.meta.name}; "
+                           "pass --out with a new or empty folder (nothing was deleted)")
     # lay out beside the target, verify again from disk, swap in
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".pull-", dir=target.parent))
@@ -133,11 +135,12 @@ def earlier_pull(target: Path) -> str | None:
     signed files of an earlier pull (a .git, notes, an edited weight) is never replaced.
     """
     if target.is_symlink() or (target.exists() and not target.is_dir()):
-        raise CommonsError(f"{target} is not a folder; pass --out with a new or empty folder (nothing was deleted)")
+        raise CommonsError(f"{target} is not a folder; pass --out with a new or empty folder (nothing was "
+                           "deleted)")
     if not target.exists() or not any(target.iterdir()):
         return None
-    refused = CommonsError(f"{target} is not empty and is not an earlier pull; pass --out with a new or empty "
-                           "folder (nothing was deleted)")
+    refused = CommonsError(f"{target} is not empty and is not an earlier pull; pass --out with a new or "
+                           "empty folder (nothing was deleted)")
     try:
         verified = verify_directory(target, TrustPolicy(), record=False)
     except CommonsError:
@@ -176,8 +179,8 @@ def _swap_in(new: Path, target: Path, staging: Path, name: str) -> None:
             os.replace(old, target)
             raise
     except OSError as exc:
-        raise CommonsError(f"cannot put the pull at {target} ({exc.strerror}); pass --out with a new or empty "
-                           "folder (nothing was deleted)") from None
+        raise CommonsError(f"cannot put the pull at {target} ({exc.strerror}); pass --out with a new or "
+                           "empty folder (nothing was deleted)") from None
 
 
 def _check_names(ref: str, verified: Verified) -> None:
@@ -193,7 +196,8 @@ def _check_names(ref: str, verified: Verified) -> None:
 
 
 class _OverBudget(CommonsError):
-    """Raised inside the libp2p fetch so it stops at once (a plain CommonsError ends it, a VerifyError would not)."""
+    """Raised inside the libp2p fetch so it stops at once (a plain CommonsError ends it,
+    a VerifyError would not)."""
 
 
 def _from_peers(peers: list[str], store: BlockStore, progress: bool) -> Prefetch:

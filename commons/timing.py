@@ -58,7 +58,8 @@ def utilization(times: list[RoundTime], skip_first: bool = True) -> float | None
 def summary(times: list[RoundTime]) -> dict:
     """What `commons demo --json` reports."""
     return {"utilization": utilization(times), "round_seconds": [round(t.wall, 1) for t in times],
-            "train_seconds": [round(t.train, 1) for t in times], "load_seconds": [round(t.load, 1) for t in times]}
+            "train_seconds": [round(t.train, 1) for t in times],
+            "load_seconds": [round(t.load, 1) for t in times]}
 
 
 def line(t: RoundTime) -> str:

@@ -7,6 +7,10 @@
     quantization = "auto"                # the base on each node: its memory plan picks none or nf4
     data = "campaign"                    # each node trains on its slice of [[datasets]] (default "local")
     data_source = "http://index:8000"    # trustless gateway the nodes fetch dataset blocks from
+    [outer]                              # how each round's aggregate moves the adapter (coordinator/outer.py)
+    optimizer = "nesterov"               # none (plain averaging) | nesterov (DiLoCo) | adam (FedAdam)
+    lr = 0.7                             # default per optimizer: none 1, nesterov 0.7, adam 1e-3
+    momentum = 0.9                       # nesterov's μ, adam's β1 (adam also reads beta2, eps)
     [dp]                                 # central DP: works with shards = "auto" and "none", not "exact"
     noise_multiplier = 1.0
     clip = 0.5
@@ -24,17 +28,19 @@ clipped nor noised.
 
 from __future__ import annotations
 
+import difflib
 import tomllib
 from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coordinator.outer import OPTIMIZERS, OuterConfig
+from coordinator.rules import RULES, create
 from modeling.load import DEFAULT_TARGETS, canonical_id, default_revision
 from protocol.content.multiformats import CID
 from protocol.errors import CommonsError
 
-RULES = ("fedavg", "exact", "robust")
 SHARDS = ("auto", "none")
 UPLOAD_DTYPES = ("fp32", "bf16", "int8")
 QUANTIZATIONS = ("auto", "none", "nf4", "int8")  # nf4/int8: QLoRA, bitsandbytes (modeling/quantization.py)
@@ -60,6 +66,10 @@ RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "train.batch_size": (lambda v: v >= 1, "at least 1"),
     "train.lr": (lambda v: 0 < v <= 1, "above 0 and at most 1 (e.g. 2e-3)"),
     "train.max_length": (lambda v: v >= 8, "at least 8 (tokens)"),
+    "outer.lr": (lambda v: 0 < v <= 10, "above 0 and at most 10 (e.g. 0.7)"),
+    "outer.momentum": (lambda v: 0 <= v < 1, "at least 0 and below 1 (e.g. 0.9)"),
+    "outer.beta2": (lambda v: 0 <= v < 1, "at least 0 and below 1 (e.g. 0.99)"),
+    "outer.eps": (lambda v: v > 0, "above 0 (e.g. 1e-6)"),
 }
 # What each annotation accepts from TOML, and how an error names it; other annotations (the [lora], [train]
 # and [dp] tables parse() builds itself) are not checked here.
@@ -98,8 +108,8 @@ class DPSpec:
     Works with shards = "auto" too: a node's whole upload (all the layers it trained, catch-up spans
     included) is clipped to `clip` jointly and every part's sum gets its own noise, so the mechanism on
     the whole adapter has sensitivity `clip` and the reported (ε, δ) is the same as with shards = "none"
-    (see `coordinator.plan._clip_jointly`). Not with aggregation = "exact": its full-rank residual is
-    neither clipped nor noised.
+    (see `coordinator.rules.sharded._clip_jointly`). Not with aggregation = "exact": its full-rank
+    residual is neither clipped nor noised.
     """
 
     noise_multiplier: float
@@ -117,15 +127,20 @@ class Campaign:
     rounds: int = 2
     min_nodes: int = 1
     round_timeout: float = 900.0
-    node_wait: float = 1800.0  # patience: seconds a round waits for min_nodes usable volunteers before failing
+    # patience: seconds a round waits for min_nodes usable volunteers before failing
+    node_wait: float = 1800.0
     aggregation: str = "robust"  # an open network cannot trust every volunteer: robust by default
     shards: str = "auto"  # "auto": each node trains a span of layers sized to its hardware; "none": all
-    min_coverage: int = 3  # nodes training each layer per round (when there are that many): 3 out-vote one liar
+    # nodes training each layer per round (when there are that many): 3 out-vote one liar
+    min_coverage: int = 3
     upload_dtype: str = "fp32"  # what nodes send back: fp32 | bf16 | int8 (deltas, per-tensor scale)
     quantization: str = "auto"  # the base on each node: auto (its memory plan decides) | none | nf4 | int8
-    data: str = "local"  # "local": each node its own file; "campaign": its slice of [[datasets]] (node/data.py)
-    data_source: str = ""  # gateway nodes fetch dataset blocks from, e.g. "http://index:8000" (data = "campaign")
-    closed: bool = False  # only registered volunteers join (TLS + SuperNode auth; `commons coordinator start`)
+    # "local": each node its own file; "campaign": its slice of [[datasets]] (node/data.py)
+    data: str = "local"
+    # gateway nodes fetch dataset blocks from, e.g. "http://index:8000" (data = "campaign")
+    data_source: str = ""
+    # only registered volunteers join (TLS + SuperNode auth; `commons coordinator start`)
+    closed: bool = False
     volunteers: str = ""  # closed campaigns: keys file or folder of *.pub, relative to this file
     eval_size: int = 64
     publish_margin: float = 0.0
@@ -135,6 +150,7 @@ class Campaign:
     datasets: list[dict] = field(default_factory=list)
     lora: LoraSpec = field(default_factory=LoraSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
+    outer: OuterConfig = field(default_factory=OuterConfig)  # the coordinator's step: coordinator/outer.py
     dp: DPSpec | None = None
     source: Path | None = None
 
@@ -154,8 +170,11 @@ def _section(cls: type, raw: Any, where: str) -> Any:
     known = set(cls.__dataclass_fields__)
     unknown = sorted(set(raw) - known)
     if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
         raise CommonsError(
-            f"unknown key {where}.{unknown[0]} in the campaign file: allowed are {', '.join(sorted(known))}"
+            f"unknown key {where}.{unknown[0]} in the campaign file: {hint}allowed are "
+            f"{', '.join(sorted(known))}"
         )
     missing = sorted(k for k, f in cls.__dataclass_fields__.items() if k not in raw and f.default is MISSING
                      and f.default_factory is MISSING)
@@ -173,7 +192,8 @@ def _typed(where: str, key: str, value: Any, spec: Any) -> Any:
         return value
     accepts, wanted = _KINDS[kind]
     if not accepts(value):
-        raise CommonsError(f"{name} = {_toml(value)} in the campaign file must be {wanted}{_example(key, spec, value)}")
+        raise CommonsError(f"{name} = {_toml(value)} in the campaign file must be "
+                           f"{wanted}{_example(key, spec, value)}")
     check = RANGES.get(name)
     if check and not check[0](value):
         raise CommonsError(f"{name} = {_toml(value)} in the campaign file must be {check[1]}")
@@ -201,8 +221,13 @@ def parse(raw: dict[str, Any], base_dir: Path) -> Campaign:
     raw = dict(raw)
     lora = _section(LoraSpec, raw.pop("lora", {}), "lora")
     train = _section(TrainSpec, raw.pop("train", {}), "train")
+    outer = _section(OuterConfig, raw.pop("outer", {}), "outer")
+    if outer.optimizer not in OPTIMIZERS:
+        raise CommonsError(f"outer.optimizer = {outer.optimizer!r} is unknown: use one of "
+                           f"{', '.join(OPTIMIZERS)}")
+    outer.lr = outer.rate  # unset: the optimizer's own default, written out so the fingerprint holds it
     dp = _section(DPSpec, raw.pop("dp"), "dp") if "dp" in raw else None
-    campaign = _section(Campaign, {**raw, "lora": lora, "train": train, "dp": dp}, "campaign")
+    campaign = _section(Campaign, {**raw, "lora": lora, "train": train, "outer": outer, "dp": dp}, "campaign")
     campaign.base_model = canonical_id(campaign.base_model)
     campaign.base_revision = campaign.base_revision or default_revision(campaign.base_model)
     campaign.eval_file = (base_dir / campaign.eval_file).resolve()
@@ -210,8 +235,8 @@ def parse(raw: dict[str, Any], base_dir: Path) -> Campaign:
         campaign.closed = True
         campaign.volunteers = str((base_dir / campaign.volunteers).resolve())
         if not Path(campaign.volunteers).exists():
-            raise CommonsError(f"volunteers = {campaign.volunteers!r} does not exist: point it at the file of "
-                               "volunteer keys (one `commons node key` output per line)")
+            raise CommonsError(f"volunteers = {campaign.volunteers!r} does not exist: point it at the file "
+                               "of volunteer keys (one `commons node key` output per line)")
     if campaign.aggregation not in RULES:
         raise CommonsError(
             f"aggregation = {campaign.aggregation!r} is unknown: use one of {', '.join(RULES)}"
@@ -227,7 +252,7 @@ def parse(raw: dict[str, Any], base_dir: Path) -> Campaign:
             f"quantization = {campaign.quantization!r} is unknown: use one of {', '.join(QUANTIZATIONS)}"
         )
     _check_data(campaign)
-    if dp and campaign.aggregation == "exact":
+    if dp and create(campaign.aggregation).keeps_residual():
         raise CommonsError(
             'central DP cannot cover the exact rule\'s full-rank residual (it is neither clipped nor '
             'noised): set aggregation = "robust" or "fedavg" when [dp] is present'
@@ -253,7 +278,8 @@ def _check_data(campaign: Campaign) -> None:
     for i, ds in enumerate(campaign.datasets, 1):
         _check_dataset(i, ds)
     if campaign.data == "campaign" and not campaign.datasets:
-        raise CommonsError('data = "campaign" needs at least one [[datasets]] table with cid = "..." in the campaign file')
+        raise CommonsError('data = "campaign" needs at least one [[datasets]] table with cid = "..." in the '
+                           'campaign file')
 
 
 def _check_dataset(i: int, ds: dict) -> None:
@@ -261,14 +287,14 @@ def _check_dataset(i: int, ds: dict) -> None:
     such as "bafy..." is refused whatever `data` says)."""
     unknown = sorted(set(ds) - set(DATASET_KEYS))
     if unknown:
-        raise CommonsError(f"unknown key {unknown[0]} in [[datasets]] entry {i} of the campaign file: allowed are "
-                           f"{', '.join(DATASET_KEYS)}")
+        raise CommonsError(f"unknown key {unknown[0]} in [[datasets]] entry {i} of the campaign file: "
+                           f"allowed are {', '.join(DATASET_KEYS)}")
     cid = ds.get("cid", "")
     try:
         CID.decode(cid if isinstance(cid, str) else "")
     except CommonsError:
-        raise CommonsError(f"[[datasets]] entry {i} needs cid = a dataset CID (what `commons data add` printed); "
-                           f"{_toml(cid)} is not one") from None
+        raise CommonsError(f"[[datasets]] entry {i} needs cid = a dataset CID (what `commons data add` "
+                           f"printed); {_toml(cid)} is not one") from None
     for key in ("name", "license"):
         if not isinstance(ds.get(key, ""), str):
             raise CommonsError(f"[[datasets]] entry {i}: {key} = {_toml(ds[key])} must be a string in quotes")
@@ -291,11 +317,12 @@ def dump(campaign: Campaign) -> str:
     """TOML text for a campaign (the demo writes one so the same file runs a real network)."""
     lines = []
     scalars = {
-        k: v for k, v in campaign.to_json().items() if k not in ("lora", "train", "dp", "datasets", "source")
+        k: v for k, v in campaign.to_json().items()
+        if k not in ("lora", "train", "outer", "dp", "datasets", "source")
     }
     for key, value in scalars.items():
         lines.append(f"{key} = {_toml(value)}")
-    for name in ("lora", "train", "dp"):
+    for name in ("lora", "train", "outer", "dp"):
         if getattr(campaign, name) is None:
             continue
         lines.append(f"\n[{name}]")

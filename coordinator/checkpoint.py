@@ -3,6 +3,8 @@
 Weights go to a file named for their round and the state file, replaced last, names that file: a crash at
 any point leaves a state that points at complete weights of the same round. The best evaluated round's
 weights (what gets published) are kept the same way, in `best-R.safetensors`, named by `state["best"]`.
+The weights file also holds what the aggregation rule carries across rounds (`rules.Carry.checkpoint`:
+the exact rule's residual as `residual.*` arrays).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ def save(folder: Path, tensors: dict[str, np.ndarray], state: dict, best: bool =
     _write(folder, weights, tensors)
     state = {**state, "weights": weights}
     if best:
-        state["best"] = {**state.get("best", {}), "round": state["round"], "weights": f"best-{state['round']}.safetensors"}
+        state["best"] = {**state.get("best", {}), "round": state["round"],
+                         "weights": f"best-{state['round']}.safetensors"}
         _write(folder, state["best"]["weights"], tensors)
     tmp_state = folder / f".{STATE}.tmp"
     tmp_state.write_text(json.dumps(state, indent=1))

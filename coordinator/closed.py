@@ -1,16 +1,15 @@
 """Closed campaigns: only registered volunteers' SuperNodes may join (Flower SuperNode authentication).
 
-    >>> tls, _ = ensure_tls(folder, tls_hosts("0.0.0.0"))        # CA + SuperLink certificate, reused on restart
-    >>> args = superlink_args(tls)                              # flower-superlink ... --enable-supernode-auth
-    >>> private, public = supernode_key(node_home)              # a volunteer's Flower key (once)
-    >>> keys = read_volunteers(Path("volunteers.txt"))          # the admin's list of those public keys
+    >>> tls, _ = ensure_tls(folder, tls_hosts("0.0.0.0"))  # CA + SuperLink certificate, reused on restart
+    >>> args = superlink_args(tls)                         # flower-superlink ... --enable-supernode-auth
+    >>> keys = read_volunteers(Path("volunteers.txt"))     # the admin's list of volunteers' public keys
     >>> register(flwr, flwr_home, key_file(folder, keys[0]), env)  # the coordinator admits one key
-    >>> node_args = supernode_args(tls.ca, private)             # flower-supernode ...
 
 Flower authenticates SuperNodes with ECDSA keys (OpenSSH format) over TLS only; they are separate from
 our ed25519 identity, which signs updates. An unregistered SuperNode is refused at connection time and
 never receives a message; open campaigns skip all of this and rely on the robust aggregation rule.
-The CLI side (`commons coordinator start --closed`, `admit`, `commons node key`, `--ca`) is in docs/closed.md.
+The volunteer's side (its key, `flower-supernode`'s flags) is node/flower_keys.py. The CLI side
+(`commons coordinator start --closed`, `admit`, `commons node key`, `--ca`) is in docs/closed.md.
 """
 
 from __future__ import annotations
@@ -36,11 +35,11 @@ class TLS:
     key: Path
 
 
-def _pem_private(key, openssh: bool = False) -> bytes:
+def _pem_private(key) -> bytes:
     from cryptography.hazmat.primitives import serialization
 
-    fmt = serialization.PrivateFormat.OpenSSH if openssh else serialization.PrivateFormat.PKCS8
-    return key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption())
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
 
 
 def _write_secret(path: Path, data: bytes) -> None:
@@ -82,7 +81,8 @@ def _issue(ca, ca_key, hosts: tuple[str, ...], days: int):
             names.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:
             names.append(x509.DNSName(host))
-    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
             .issuer_name(ca.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now).not_valid_after(until)
             .add_extension(x509.SubjectAlternativeName(names), critical=False).sign(ca_key, hashes.SHA256()))
@@ -115,7 +115,8 @@ def _cert_names(cert) -> set[str]:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return set()
-    return {str(n) for n in san.get_values_for_type(x509.IPAddress)} | set(san.get_values_for_type(x509.DNSName))
+    return ({str(n) for n in san.get_values_for_type(x509.IPAddress)}
+            | set(san.get_values_for_type(x509.DNSName)))
 
 
 def ensure_tls(folder: Path, hosts: tuple[str, ...], days: int = 365) -> tuple[TLS, str]:
@@ -132,8 +133,8 @@ def ensure_tls(folder: Path, hosts: tuple[str, ...], days: int = 365) -> tuple[T
     except (OSError, ValueError):
         return make_tls(folder, hosts, days), "created"
     if ca.not_valid_after_utc < soon:
-        raise CommonsError(f"the campaign CA {tls.ca} expires on {ca.not_valid_after_utc:%Y-%m-%d}: move {folder} "
-                           "aside to create a new one, then send volunteers the new ca.pem")
+        raise CommonsError(f"the campaign CA {tls.ca} expires on {ca.not_valid_after_utc:%Y-%m-%d}: move "
+                           f"{folder} aside to create a new one, then send volunteers the new ca.pem")
     try:
         cert = x509.load_pem_x509_certificate(tls.cert.read_bytes())
         fresh = tls.key.is_file() and cert.not_valid_after_utc > soon and set(hosts) <= _cert_names(cert)
@@ -161,8 +162,8 @@ def parse_public_key(text: str, where: str) -> str:
     except (ValueError, UnsupportedAlgorithm):
         key = None
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in NIST_CURVES:
-        raise CommonsError(f"{where} is not a Flower SuperNode public key (OpenSSH `ecdsa-sha2-nistp384 AAAA...`): "
-                           "ask the volunteer for the line `commons node key` prints")
+        raise CommonsError(f"{where} is not a Flower SuperNode public key (OpenSSH `ecdsa-sha2-nistp384 "
+                           "AAAA...`): ask the volunteer for the line `commons node key` prints")
     return key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
 
 
@@ -181,13 +182,14 @@ def read_volunteers(path: Path) -> list[str]:
     if path.is_dir():
         files = sorted(path.glob("*.pub"))
         if not files:
-            raise CommonsError(f"no *.pub files in {path}: put one volunteer's `commons node key` line per file")
+            raise CommonsError(f"no *.pub files in {path}: put one volunteer's `commons node key` line per "
+                               "file")
         return list(dict.fromkeys(parse_public_key(f.read_text(errors="replace"), str(f)) for f in files))
     try:
         return parse_volunteers(path.read_text(errors="replace"), str(path))
     except FileNotFoundError:
-        raise CommonsError(f"volunteers file {path} not found: pass --volunteers FILE (one public key per line) "
-                           "or a directory of *.pub") from None
+        raise CommonsError(f"volunteers file {path} not found: pass --volunteers FILE (one public key per "
+                           "line) or a directory of *.pub") from None
 
 
 def fingerprint(key: str) -> str:
@@ -204,27 +206,9 @@ def key_file(folder: Path, key: str) -> Path:
     return path
 
 
-def supernode_key(home: Path) -> tuple[Path, Path]:
-    """(private, public) paths of this volunteer's Flower key, created once under home/identity."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    private, public = home / "identity" / "flower_ecdsa", home / "identity" / "flower_ecdsa.pub"
-    if not private.exists():
-        key = ec.generate_private_key(ec.SECP384R1())
-        _write_secret(private, _pem_private(key, openssh=True))
-        public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                         serialization.PublicFormat.OpenSSH))
-    return private, public
-
-
 def superlink_args(tls: TLS) -> list[str]:
     return ["--ssl-ca-certfile", str(tls.ca), "--ssl-certfile", str(tls.cert), "--ssl-keyfile", str(tls.key),
             "--enable-supernode-auth"]
-
-
-def supernode_args(ca: Path, private_key: Path) -> list[str]:
-    return ["--root-certificates", str(ca), "--auth-supernode-private-key", str(private_key)]
 
 
 def flwr_config(flwr_home: Path, address: str, ca: Path, name: str = "commons") -> Path:
@@ -262,7 +246,8 @@ def register_error(detail: str, key: str) -> str:
     if "already in use" in said:
         return f"{who} is already registered with this coordinator: nothing to do"
     if "unavailable" in said.lower():
-        return f"could not register {who}: the coordinator's SuperLink does not answer ({said[:120]}); is it running?"
+        return (f"could not register {who}: the coordinator's SuperLink does not answer ({said[:120]}); "
+                "is it running?")
     return f"could not register {who}: {said}; is the SuperLink up with --enable-supernode-auth?"
 
 

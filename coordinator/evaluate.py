@@ -14,16 +14,19 @@ def normalize(text: str) -> str:
     return text.strip().rstrip(".").strip()
 
 
-def generate(model: Any, tokenizer: Any, records: list[dict], batch_size: int = 32, max_new_tokens: int = 12) -> list[str]:
+def generate(model: Any, tokenizer: Any, records: list[dict], batch_size: int = 32,
+             max_new_tokens: int = 12) -> list[str]:
     prompts = [
-        tokenizer.apply_chat_template(r["messages"][:-1], tokenize=False, add_generation_prompt=True) for r in records
+        tokenizer.apply_chat_template(r["messages"][:-1], tokenize=False, add_generation_prompt=True)
+        for r in records
     ]
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # decoder-only models continue from the right edge
     answers: list[str] = []
     try:
         for i in range(0, len(prompts), batch_size):
-            inputs = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            inputs = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True,
+                               add_special_tokens=False)
             with torch.no_grad():
                 out = model.generate(
                     **inputs, max_new_tokens=max_new_tokens, do_sample=False,

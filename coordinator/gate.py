@@ -59,7 +59,8 @@ class Gate:
         if scope["type"] != "http":
             return
         if not allowed(scope["method"], scope["path"]):
-            log.info("refused %s %s from %s", scope["method"], scope["path"], (scope.get("client") or ["?"])[0])
+            log.info("refused %s %s from %s", scope["method"], scope["path"],
+                     (scope.get("client") or ["?"])[0])
             await _reply(send, 404, {"detail": "this port serves only the Fleet API (volunteers); "
                                                "run submission and registration are the coordinator's own"})
             return
@@ -101,7 +102,8 @@ async def _body(receive) -> bytes | None:
 async def _reply(send, status: int, body: dict) -> None:
     data = json.dumps(body).encode()
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(data)).encode())]})
     await send({"type": "http.response.body", "body": data})
 
 
@@ -125,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--upstream", required=True, help="the SuperLink's loopback URL, http(s)://127.0.0.1:PORT")
     parser.add_argument("--certfile", type=Path, help="closed campaigns: the certificate volunteers verify")
     parser.add_argument("--keyfile", type=Path)
-    parser.add_argument("--ca", type=Path, help="closed campaigns: the CA the SuperLink's certificate is under")
+    parser.add_argument("--ca", type=Path,
+                        help="closed campaigns: the CA the SuperLink's certificate is under")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     uvicorn.run(Gate(args.upstream, args.ca), host=args.host, port=args.port, log_level="warning",

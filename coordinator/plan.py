@@ -6,7 +6,8 @@
     >>> plan.to_json()            # ship to nodes in a Flower ConfigRecord as a string
     >>> shard_keys(plan, "a", global_adapter.keys())
     >>> plan = reassign(plan, {"b"})   # b dropped mid-round: a's span grows to cover b's layers
-    >>> new, report = aggregate_sharded(global_adapter, updates, plan)  # each key over its trainers
+
+Aggregating under a plan (each key over its trainers) is `coordinator.rules.sharded.aggregate_sharded`.
 
 Layout: nodes are split into `lanes` (LPT on capability score); each lane tiles the layer stack with
 contiguous spans, so each lane covers every layer exactly once and the coverage of every layer equals the
@@ -21,14 +22,10 @@ import json
 import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
-import numpy as np
-
-from coordinator import privacy
-from coordinator.aggregate import AggregateConfig, AggregateReport, Tensors, Update, aggregate, check_update
 from coordinator.campaign import Campaign
-from coordinator.robust import split_key
+from coordinator.rules.toolkit import split_key
 from modeling.load import model_config
 from modeling.memory import Device, ModelShape, Workload, lowest_first_layer
 from protocol.errors import CommonsError
@@ -274,141 +271,3 @@ def shard_keys(plan: Plan, node_id: str, all_keys: Iterable[str]) -> list[str]:
     mine = set(plan.prefixes(node_id))
     return sorted(k for k in all_keys if split_key(k)[0] in mine)
 
-
-def aggregate_sharded(
-    global_tensors: Tensors,
-    updates: list[Update],
-    plan: Plan,
-    rule: str = "robust",
-    config: AggregateConfig | None = None,
-) -> tuple[Tensors, AggregateReport]:
-    """Aggregate each key over only the nodes whose shard includes it: keys are grouped by the set of
-    nodes that sent them, and each group is one `aggregate` call (its report is in `parts`). A node that
-    sends keys outside its shard, or a broken tensor, is rejected for every group."""
-    keys = sorted(global_tensors)
-    expected = {s.node_id: shard_keys(plan, s.node_id, keys) for s in plan.shards}
-    report = AggregateReport(rule=rule)
-    sent: dict[str, Update] = {}
-    for u in updates:
-        if u.node_id not in expected:
-            report.rejected[u.node_id] = (
-                "not in this round's shard plan; the node must fetch the current plan"
-            )
-        elif u.node_id in sent or u.node_id in report.rejected:
-            report.rejected[u.node_id] = "sent more than one update this round"
-            sent.pop(u.node_id, None)
-        elif why := check_update({k: global_tensors[k] for k in expected[u.node_id]}, u):
-            report.rejected[u.node_id] = why
-        else:
-            sent[u.node_id] = u
-    if config is not None and config.dp is not None:
-        config.check(rule)
-        _clip_jointly(global_tensors, sent, expected, config.dp.clip, report)
-    elif rule == "robust":
-        _clip_round(global_tensors, sent, expected, (config or AggregateConfig()).clip_factor, report)
-    owners: dict[str, list[str]] = {k: [] for k in keys}
-    for nid in sent:
-        for k in expected[nid]:
-            owners[k].append(nid)
-    groups: dict[tuple[str, ...], list[str]] = {}
-    for k in keys:
-        groups.setdefault(tuple(sorted(owners[k])), []).append(k)
-    new: Tensors = {}
-    for i, (members, ks) in enumerate(sorted(groups.items())):
-        sub = {k: global_tensors[k] for k in ks}
-        if not members:
-            new.update({k: np.array(v, dtype=np.float32) for k, v in sub.items()})
-            report.unchanged += ks
-            continue
-        part_updates = [Update(n, {k: sent[n].tensors[k] for k in ks}, sent[n].num_examples) for n in members]
-        tensors, part = aggregate(sub, part_updates, rule, _part_config(config, i))
-        new.update(tensors)
-        report.parts.append(part)
-    _merge_parts(report)
-    if config is not None and config.dp is not None and report.parts:
-        report.dp = {**privacy.report(config.dp, len(report.accepted)), "parts": len(report.parts)}
-    return new, report
-
-
-def _clip_round(
-    global_tensors: Tensors, sent: dict[str, Update], expected: dict[str, list[str]], factor: float,
-    report: AggregateReport,
-) -> None:
-    """Robust rule with shards: bound each node's delta RMS (norm per parameter, so nodes with spans of
-    different sizes compare) at `factor` × the round's median, before keys are split into parts. A part
-    may have only two trainers, and then no per-part rule can tell the liar from the honest node; across
-    the whole round a ×50 or noise attacker is one outlier among many."""
-    rms: dict[str, float] = {}
-    sizes = {nid: sum(global_tensors[k].size for k in expected[nid]) for nid in sent}
-    for nid, u in sent.items():
-        with np.errstate(over="ignore", invalid="ignore"):
-            total = sum(float(np.sum((u.tensors[k].astype(np.float64) - global_tensors[k]) ** 2))
-                        for k in expected[nid])
-        if math.isfinite(total) and sizes[nid]:
-            rms[nid] = math.sqrt(total / sizes[nid])
-    if len(rms) < 3:
-        return
-    bound = factor * float(np.median(list(rms.values())))
-    for nid, r in rms.items():
-        if r > bound > 0:
-            g = {k: np.asarray(global_tensors[k], dtype=np.float32) for k in expected[nid]}
-            clipped = privacy.clip_update(g, sent[nid].tensors, bound * math.sqrt(sizes[nid]))
-            if clipped is not None:  # not finite: `aggregate` rejects it with the reason
-                sent[nid] = Update(nid, clipped[0], sent[nid].num_examples)
-                report.clipped[nid] = min(clipped[1], report.clipped.get(nid, 1.0))
-
-
-def _clip_jointly(
-    global_tensors: Tensors, sent: dict[str, Update], expected: dict[str, list[str]], clip: float,
-    report: AggregateReport,
-) -> None:
-    """Central DP with shards: clip each node's WHOLE upload (its span plus any span it took over in a
-    catch-up sub-round: all of `expected[node]`) to `clip` once, before its keys are split into parts.
-    Each part's `aggregate` then adds N(0, (σ·clip)²) to every coordinate of its sum (and divides by
-    its own number of contributors). Viewed on the concatenated adapter, adding or removing one node
-    moves the sums by at most `clip` in L2 in total, and every coordinate carries independent noise of
-    std σ·clip: one Gaussian mechanism with sensitivity `clip`, exactly the whole-adapter case, so
-    `coordinator.privacy.epsilon` reports the same (ε, δ). Clipping per part instead would give a node
-    spanning k parts a sensitivity of sqrt(k)·clip. The per-part clip inside `aggregate` is then a no-op.
-    """
-    for nid in list(sent):
-        u = sent[nid]
-        g = {k: np.asarray(global_tensors[k], dtype=np.float32) for k in expected[nid]}
-        clipped = privacy.clip_update(g, u.tensors, clip)
-        if clipped is None:
-            report.rejected[nid] = "NaN, Inf or overflowing values; the node must reset to the global adapter"
-            del sent[nid]
-            continue
-        tensors, factor = clipped
-        if factor < 1.0:
-            report.clipped[nid] = factor
-        sent[nid] = Update(nid, tensors, u.num_examples)
-
-
-def _part_config(config: AggregateConfig | None, index: int) -> AggregateConfig | None:
-    """A seeded config gives each part its own stream: the same seed in every part would add the same
-    noise to same-shaped parts, and DP needs the noise of different coordinates independent."""
-    if config is None or config.seed is None or config.dp is None:
-        return config
-    seed = int(np.random.SeedSequence([config.seed, index]).generate_state(1)[0])
-    return replace(config, seed=seed)
-
-
-def _merge_parts(report: AggregateReport) -> None:
-    seen: dict[str, list[float]] = {}
-    for part in report.parts:
-        report.rule = part.rule
-        for nid, why in part.rejected.items():
-            report.rejected.setdefault(nid, why)
-        for nid, f in part.clipped.items():
-            report.clipped[nid] = min(f, report.clipped.get(nid, 1.0))
-        for nid, n in part.excluded.items():
-            report.excluded[nid] = report.excluded.get(nid, 0) + n
-        for nid, w in part.weights.items():
-            seen.setdefault(nid, []).append(w)
-        report.residuals.update(part.residuals)
-        report.unchanged += part.unchanged
-        report.dp = part.dp or report.dp
-    report.accepted = sorted(n for n in seen if n not in report.rejected)
-    report.weights = {n: float(np.mean(seen[n])) for n in report.accepted}  # mean over its key groups
-    report.unchanged.sort()

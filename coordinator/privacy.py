@@ -4,10 +4,10 @@
 
 The coordinator clips every accepted update's parameter delta to `clip` (L2 over all its tensors), sums
 them with equal weight, and adds N(0, (noise_multiplier * clip)^2) to every coordinate of the sum
-(`coordinator.aggregate` does this when `AggregateConfig.dp` is set). With shards the clip is joint over
-each node's whole upload and every part's sum gets its own noise (`clip_update`). One round is then a (subsampled)
-Gaussian mechanism with sensitivity `clip`; R rounds compose in Rényi DP and convert to (ε, δ) with
-ε = min_α RDP(α) + log(1/δ)/(α−1) (Mironov 2017, Prop. 3).
+(`coordinator.rules` does this when `AggregateConfig.dp` is set). With shards the clip is joint over
+each node's whole upload and every part's sum gets its own noise (`clip_update`). One round is then a
+(subsampled) Gaussian mechanism with sensitivity `clip`; R rounds compose in Rényi DP and convert to (ε, δ)
+with ε = min_α RDP(α) + log(1/δ)/(α−1) (Mironov 2017, Prop. 3).
 
 RDP of one round:
 - full participation (q = 1): α / (2σ²), for any real α > 1;
@@ -121,7 +121,7 @@ def clip_update(
     """One node's whole upload (every key it sent, whatever parts they are aggregated in) with its delta
     scaled to L2 norm <= `clip` jointly, and the factor used; None when the delta is not finite.
 
-    Sharded campaigns (`coordinator.plan.aggregate_sharded`) aggregate each node's keys in several
+    Sharded campaigns (`coordinator.rules.sharded.aggregate_sharded`) aggregate each node's keys in several
     parts. Clipping each part to `clip` separately would let a node spanning k parts move the aggregate
     by up to sqrt(k)·clip; clipping the whole upload once bounds its total influence by `clip`, so the
     concatenation of the parts' noised sums is one Gaussian mechanism with sensitivity `clip` and the
@@ -138,7 +138,8 @@ def clip_update(
     if factor == 1.0:
         return dict(tensors), 1.0
     f = np.float32(factor)
-    return {k: global_t[k] + f * (np.asarray(x, dtype=np.float32) - global_t[k]) for k, x in tensors.items()}, factor
+    return {k: global_t[k] + f * (np.asarray(x, dtype=np.float32) - global_t[k])
+            for k, x in tensors.items()}, factor
 
 
 def report(config: DPConfig, participants: int) -> dict:

@@ -1,4 +1,5 @@
-"""Turn the final global adapter into a signed, content-addressed PEFT folder."""
+"""Turn the final global adapter into a signed, content-addressed PEFT folder (published through
+protocol.publishing, the one path `commons publish` takes too)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,6 @@ from typing import Any
 
 from coordinator.campaign import Campaign
 from modeling.quantization import TrainedAs
-from protocol.content.blockstore import BlockStore
-from protocol.signing.keys import Identity
-from protocol.signing.manifest import AdapterMeta, sign_directory
 
 CARD = """---
 base_model: {base_model}
@@ -58,7 +56,8 @@ envelope, ed25519); `commons verify` checks it.
 
 
 def write_adapter(
-    model: Any, folder: Path, campaign: Campaign, eval_result: dict, n_contributors: int, base_revision: str = ""
+    model: Any, folder: Path, campaign: Campaign, eval_result: dict, n_contributors: int,
+    base_revision: str = ""
 ) -> Path:
     """adapter_config.json + adapter_model.safetensors (PEFT's own writer) + a model card.
 
@@ -99,12 +98,3 @@ def record_training(entry: dict, metrics: dict) -> None:
     held = entry.setdefault("trained_as", [])
     if trained is not None and trained.label() not in held:
         held.append(trained.label())
-
-
-def sign_and_store(
-    folder: Path, meta: AdapterMeta, identity: Identity, store: BlockStore | None = None
-) -> tuple[str, dict]:
-    """Sign the folder (model.sig), add it to the block store; returns (root CID, envelope)."""
-    envelope = sign_directory(folder, meta, identity)
-    cid = (store or BlockStore()).add_path(folder)
-    return cid, envelope

@@ -26,8 +26,6 @@ from pathlib import Path
 from coordinator.campaign import Campaign
 from protocol.errors import CommonsError
 
-ENDED = ("campaign_end", "error")
-
 
 def fingerprint(campaign: Campaign) -> str:
     """Which campaign file a checkpoint belongs to: every setting, not where the file lies."""
@@ -75,20 +73,21 @@ def decide(previous: PreviousRun, name: str, restart: bool) -> str:
 
     Raises CommonsError for a finished campaign started again without --restart."""
     if restart:
-        return f"--restart: campaign {name} starts over from round 1; its last run is set aside" if previous.last_event \
-            else ""
+        return (f"--restart: campaign {name} starts over from round 1; its last run is set aside"
+                if previous.last_event else "")
     if not previous.last_event:
         return ""
     if previous.last_event == "campaign_end" and previous.same_file:
-        raise CommonsError(f"campaign {name} already finished on this machine: pass --restart to run it again from "
-                           "round 1 (the old run is kept aside), or give the campaign another name")
+        raise CommonsError(f"campaign {name} already finished on this machine: pass --restart to run it "
+                           "again from round 1 (the old run is kept aside), "
+                           "or give the campaign another name")
     why = f" (it stopped: {previous.error})" if previous.last_event == "error" else ""
     if previous.saved_round and not previous.same_file:
         return (f"campaign {name} starts over from round 1: the campaign file changed since round "
                 f"{previous.saved_round} was saved{why}")
     if previous.saved_round:
-        return (f"resuming campaign {name} after round {previous.saved_round}{why}; pass --restart to start over "
-                "from round 1")
+        return (f"resuming campaign {name} after round {previous.saved_round}{why}; pass --restart to start "
+                "over from round 1")
     return f"campaign {name} starts again from round 1{why}"
 
 

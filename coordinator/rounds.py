@@ -8,28 +8,28 @@ upload encoding) before anything else reads it.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.constant import ErrorCode
 
-from coordinator.aggregate import Update
 from coordinator.campaign import Campaign
 from coordinator.plan import (
     Plan,
-    capability_score,
     layers_from_keys,
     make_plan,
     memory_floors,
     reassign,
     shard_keys,
 )
+from coordinator.rules import Update
 from protocol.errors import CommonsError, VerifyError
+from protocol.instruction import NodeInfo, TrainInstruction
 from protocol.packed import pack, unpack
 from protocol.signing.keys import verify_signature
 from protocol.update import decode, update_digest
@@ -38,7 +38,8 @@ Events = Callable[..., None]
 Nodes = dict[str, tuple[int, dict]]  # public key hex -> (Flower node id, capability)
 
 
-def query_nodes(grid: Any, node_ids: list[int], timeout: float, events: Events | None = None) -> dict[int, dict]:
+def query_nodes(grid: Any, node_ids: list[int], timeout: float,
+                events: Events | None = None) -> dict[int, dict]:
     """What each node says it is; a node whose ClientApp raised (bad local data, a broken install) is left
     out, with its own one-line reason in the events."""
     messages = [
@@ -54,6 +55,16 @@ def query_nodes(grid: Any, node_ids: list[int], timeout: float, events: Events |
     return infos
 
 
+def tell_the_end(grid: Any, campaign: str, outcome: str, timeout: float = 15.0) -> int:
+    """Tell every connected volunteer the campaign is over and how it ended ("published NAME vN …"), so its
+    status line says so instead of waiting for a next round; returns how many answered. Best effort: a
+    volunteer that misses it still shows its last round."""
+    config = ConfigRecord({"campaign": campaign, "outcome": outcome})
+    messages = [Message(RecordDict({"config": config}), dst_node_id=n, message_type="query.ended")
+                for n in grid.get_node_ids()]
+    return sum(not reply.has_error() for _, reply in exchange(grid, messages, timeout))
+
+
 def error_text(reason: str) -> str:
     """The node's own message out of Flower's "<class 'module.Error'>:<'message'>" (first line, short)."""
     match = re.fullmatch(r"<class '([\w.]+)'>:<'(.*)'>", reason.strip(), re.DOTALL)
@@ -65,9 +76,8 @@ def error_text(reason: str) -> str:
 
 
 def _caps(info: dict) -> dict:
-    caps = json.loads(str(info.get("capability") or "{}"))
-    capability_score(caps)
-    return caps
+    """The capability report of a query answer (protocol.instruction.NodeInfo), as the plan reads it."""
+    return NodeInfo.from_config(info).capability.to_report()
 
 
 def capabilities(infos: dict[int, dict], events: Events) -> dict[str, tuple[int, dict]]:
@@ -79,11 +89,12 @@ def capabilities(infos: dict[int, dict], events: Events) -> dict[str, tuple[int,
         key = str(info.get("public_key", ""))
         try:
             caps = _caps(info)
-        except (ValueError, CommonsError) as exc:
-            events("node_ignored", node=key[:16], reason=f"bad capability report: {str(exc)[:200]}")
+        except CommonsError as exc:
+            events("node_ignored", node=key[:16], reason=str(exc)[:200])
             continue
         if key in nodes:
-            events("node_ignored", node=key[:16], reason=f"node {nodes[key][0]} is replaced by a later node with the same key")
+            events("node_ignored", node=key[:16],
+                   reason=f"node {nodes[key][0]} is replaced by a later node with the same key")
         nodes[key] = (flower_id, caps)
     return nodes
 
@@ -135,7 +146,7 @@ class Roster:
             elif key in passed:
                 try:
                     found[key] = (flower_id, _caps(info))
-                except (ValueError, CommonsError):
+                except CommonsError:
                     continue
         return found
 
@@ -146,7 +157,8 @@ QUERY_SECONDS = 30.0  # a reconnected node starts a ClientApp to answer: imports
 
 
 def exchange(grid: Any, messages: list[Message], timeout: float,
-             more: Callable[[set[int]], tuple[set[int], list[Message]]] | None = None) -> Iterator[tuple[int, Message]]:
+             more: Callable[[set[int]], tuple[set[int], list[Message]]] | None = None
+             ) -> Iterator[tuple[int, Message]]:
     """Send `messages`; yield (destination node id, reply) as replies arrive, until each is answered or
     `timeout` passed since it was sent. Between polls `more(destinations still pending)` names the ones
     not worth waiting for and messages to send now (each gets its own `timeout`).
@@ -164,7 +176,8 @@ def exchange(grid: Any, messages: list[Message], timeout: float,
     def push(batch: list[Message]) -> None:
         deadline = time.monotonic() + timeout
         ids = grid.push_messages(batch) if batch else []
-        pending.update({mid: (m.metadata.dst_node_id, deadline) for mid, m in zip(ids, batch, strict=True) if mid})
+        pending.update({mid: (m.metadata.dst_node_id, deadline)
+                        for mid, m in zip(ids, batch, strict=True) if mid})
 
     push(messages)
     while pending:
@@ -192,29 +205,20 @@ def plan_round(campaign: Campaign, keys: list[str], nodes: dict[str, tuple[int, 
     return make_plan(layers_from_keys(keys), caps, min_coverage=max(1, coverage), floors=floors)
 
 
-def train_config(campaign: Campaign, round_: int, keys: list[str], slot: tuple[int, int] = (0, 1)) -> dict:
+def train_instruction(campaign: Campaign, round_: int, keys: list[str],
+                      slot: tuple[int, int] = (0, 1)) -> TrainInstruction:
     """What one node is told to do; `slot` = (this node's index, nodes this round), for data slices."""
-    lora = {**campaign.lora.__dict__}
-    config = {
-        "campaign": campaign.name,
-        "round": round_,
-        "base_model": campaign.base_model,
-        "base_revision": campaign.base_revision,
-        "lora": json.dumps(lora, sort_keys=True),
-        "keys": json.dumps(keys),
-        "upload_dtype": campaign.upload_dtype,
-        "quantization": campaign.quantization,
-        "steps": campaign.train.steps,
-        "batch_size": campaign.train.batch_size,
-        "lr": campaign.train.lr,
-        "max_length": campaign.train.max_length,
-        "seed": campaign.lora.seed,
-        "data": campaign.data,
-    }
+    instruction = TrainInstruction(
+        campaign=campaign.name, round=round_, base_model=campaign.base_model,
+        base_revision=campaign.base_revision, lora={**campaign.lora.__dict__}, keys=tuple(keys),
+        upload_dtype=campaign.upload_dtype, quantization=campaign.quantization, steps=campaign.train.steps,
+        batch_size=campaign.train.batch_size, lr=campaign.train.lr, max_length=campaign.train.max_length,
+        seed=campaign.lora.seed, data=campaign.data,
+    )
     if campaign.data == "campaign":  # node/data.py fetches these CIDs and trains on slice `data_slot`
-        config.update(datasets=json.dumps([str(d["cid"]) for d in campaign.datasets]),
-                      data_source=campaign.data_source, data_slot=slot[0], data_slots=slot[1])
-    return config
+        instruction = replace(instruction, datasets=tuple(str(d["cid"]) for d in campaign.datasets),
+                              data_source=campaign.data_source, data_slot=slot[0], data_slots=slot[1])
+    return instruction
 
 
 def check_reply(
@@ -278,7 +282,8 @@ def train_nodes(
 
     def message(key: str, flower_id: int, grp: str) -> Message:
         owner[flower_id], groups[key] = key, grp
-        config = ConfigRecord(train_config(campaign, round_, work[key], (order.index(key), len(order))))
+        instruction = train_instruction(campaign, round_, work[key], (order.index(key), len(order)))
+        config = ConfigRecord(instruction.to_config())
         return Message(RecordDict({"adapter": payload, "config": config}), dst_node_id=flower_id,
                        message_type="train", group_id=grp)
 
@@ -291,7 +296,8 @@ def train_nodes(
         """Stop waiting on the old id of a node that reconnected and send it its own shard again, at once:
         the same work, so it resumes from its own checkpoint."""
         waiting = {owner[d]: d for d in pending if d in owner and rejoins[owner[d]] < MAX_REJOINS}
-        back = roster.rejoined(grid, waiting, min(QUERY_SECONDS, campaign.round_timeout)) if roster and waiting else {}
+        back = (roster.rejoined(grid, waiting, min(QUERY_SECONDS, campaign.round_timeout))
+                if roster and waiting else {})
         adopt(nodes, back, round_, events)
         extra = []
         for key, node in back.items():
@@ -314,14 +320,16 @@ def train_nodes(
         got[key] = checked
         metrics = checked[1]
         events("update", round=round_, group=groups[key], node=key[:16], keys=len(work[key]),
-               loss=metrics.get("loss"), tokens=metrics.get("tokens"), upload_bytes=metrics.get("upload_bytes"),
+               loss=metrics.get("loss"), tokens=metrics.get("tokens"),
+               upload_bytes=metrics.get("upload_bytes"),
                resumed_from=metrics.get("resumed_from", 0), seconds=metrics.get("seconds"),
                load_seconds=metrics.get("load_seconds"), task_seconds=metrics.get("task_seconds"))
     for key in work:
         if key not in got:
             if roster is not None:
                 roster.suspect(nodes[key][0])
-            events("node_missing", round=round_, group=groups[key], node=key[:16], reason=why.get(key, "no reply in time"))
+            events("node_missing", round=round_, group=groups[key], node=key[:16],
+                   reason=why.get(key, "no reply in time"))
     return got
 
 
@@ -337,8 +345,9 @@ def coverage_shortfall(campaign: Campaign, have: int) -> str:
     """Why fewer trainers per layer than min_coverage matter, in one line ("" when there are enough)."""
     if have >= campaign.min_coverage:
         return ""
-    return (f"min_coverage = {campaign.min_coverage} but only {have} volunteer{'s' * (have != 1)} train each layer "
-            f"this round: too few to out-vote a bad one (start more volunteers, or lower min_coverage to accept it)")
+    return (f"min_coverage = {campaign.min_coverage} but only {have} volunteer{'s' * (have != 1)} train each "
+            "layer this round: too few to out-vote a bad one (start more volunteers, or lower min_coverage "
+            "to accept it)")
 
 
 def await_rejoin(grid: Any, roster: Roster, missing: dict[str, int], campaign: Campaign, round_: int,
@@ -373,14 +382,16 @@ def run_round(
          "keys": len(shard_keys(plan, s.node_id, keys))} for s in plan.shards])
     short = coverage_shortfall(campaign, min(plan.coverage()))
     if short:
-        events("coverage_short", round=round_, wanted=campaign.min_coverage, have=min(plan.coverage()), reason=short)
+        events("coverage_short", round=round_, wanted=campaign.min_coverage, have=min(plan.coverage()),
+               reason=short)
     work = {s.node_id: shard_keys(plan, s.node_id, keys) for s in plan.shards}
     got = train_nodes(grid, campaign, round_, tensors, work, nodes, events, str(round_), roster)
     for attempt in range(1, MAX_REJOINS + 1):
         missing = {key: nodes[key][0] for key in work if key not in got}
         # a round that cannot reach min_nodes without them waits for their rejoin (to the round's deadline)
         until = deadline if len(got) < campaign.min_nodes else None
-        back = await_rejoin(grid, roster, missing, campaign, round_, events, until) if roster and missing else {}
+        back = (await_rejoin(grid, roster, missing, campaign, round_, events, until)
+                if roster and missing else {})
         if not back:
             break
         adopt(nodes, back, round_, events)
@@ -388,10 +399,12 @@ def run_round(
                                f"{round_}.rejoin{attempt}", roster))
     sub = 0
     while missing := [s.node_id for s in plan.shards if s.node_id not in got]:
-        if len(missing) == len(plan.shards):  # no one left to take the spans: the runner tries the round again
+        # no one left to take the spans: the runner tries the round again
+        if len(missing) == len(plan.shards):
             break
         new = reassign(plan, missing)
-        extra = {s.node_id: sorted(set(shard_keys(new, s.node_id, keys)) - set(shard_keys(plan, s.node_id, keys)))
+        extra = {s.node_id: sorted(set(shard_keys(new, s.node_id, keys))
+                                   - set(shard_keys(plan, s.node_id, keys)))
                  for s in new.shards}
         extra = {k: v for k, v in extra.items() if v}
         events("reassigned", round=round_, dropped=[m[:16] for m in missing],

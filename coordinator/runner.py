@@ -16,22 +16,20 @@ from typing import Any
 
 import numpy as np
 
-from coordinator import checkpoint
-from coordinator.aggregate import AggregateConfig
+from coordinator import checkpoint, outer, rules
 from coordinator.campaign import Campaign
 from coordinator.evaluate import exact_match
-from coordinator.plan import (
-    aggregate_sharded,
-)
 from coordinator.privacy import DPConfig
-from coordinator.publish import record_training, sign_and_store, write_adapter
-from coordinator.residual import accumulate, apply, join_checkpoint, project, snapshot, split_checkpoint
+from coordinator.publish import record_training, write_adapter
 from coordinator.restart import fingerprint
-from coordinator.rounds import Nodes, Roster, capabilities, coverage_shortfall, run_round
+from coordinator.rounds import Nodes, Roster, capabilities, coverage_shortfall, run_round, tell_the_end
+from coordinator.rules import AggregateConfig, AggregateReport
+from coordinator.rules.sharded import aggregate_sharded
 from modeling.load import exact_revision, load_base
 from modeling.lora import get_state, set_state, wrap
 from protocol.data.records import read_records
 from protocol.errors import CommonsError
+from protocol.publishing import publish
 from protocol.signing.keys import Identity
 from protocol.signing.manifest import AdapterMeta
 
@@ -69,13 +67,14 @@ def gather(grid: Any, campaign: Campaign, round_: int, roster: Roster, events: E
     said = None
     while len(nodes) < campaign.min_nodes:
         if (len(listed), len(nodes)) != said:
-            events("waiting_for_nodes", round=round_, connected=len(listed), have=len(nodes), want=campaign.min_nodes)
+            events("waiting_for_nodes", round=round_, connected=len(listed), have=len(nodes),
+                   want=campaign.min_nodes)
             said = (len(listed), len(nodes))
         if time.monotonic() > deadline:
             raise CommonsError(
-                f"round {round_}: only {len(nodes)} of min_nodes={campaign.min_nodes} volunteers could train after "
-                f"waiting {campaign.node_wait:.0f}s ({len(listed)} connected): start more nodes, raise node_wait "
-                "or lower min_nodes in the campaign file"
+                f"round {round_}: only {len(nodes)} of min_nodes={campaign.min_nodes} volunteers could train "
+                f"after waiting {campaign.node_wait:.0f}s ({len(listed)} connected): start more nodes, raise "
+                "node_wait or lower min_nodes in the campaign file"
             )
         time.sleep(WAIT_SECONDS)
         listed = sorted(grid.get_node_ids())
@@ -101,15 +100,16 @@ def train_round(grid: Any, campaign: Campaign, round_: int, tensors: dict[str, n
     """At least `min_nodes` verified updates for this round, or a one-line error after ROUND_ATTEMPTS."""
     for attempt in range(1, ROUND_ATTEMPTS + 1):
         nodes = gather(grid, campaign, round_, roster, events)
-        events("round_start", round=round_, nodes=len(nodes), attempt=attempt, volunteers=sorted(k[:16] for k in nodes))
+        events("round_start", round=round_, nodes=len(nodes), attempt=attempt,
+               volunteers=sorted(k[:16] for k in nodes))
         got, plan = run_round(grid, campaign, round_, tensors, nodes, events, roster)
         if len(got) >= campaign.min_nodes:
             return got, plan
         events("round_short", round=round_, got=len(got), want=campaign.min_nodes, attempt=attempt)
     raise CommonsError(
-        f"round {round_} got fewer than min_nodes={campaign.min_nodes} valid updates in {ROUND_ATTEMPTS} tries: "
-        "see `update_dropped`/`node_missing` in the campaign's events.jsonl, start more nodes, raise round_timeout "
-        "or lower min_nodes in the campaign file"
+        f"round {round_} got fewer than min_nodes={campaign.min_nodes} valid updates in {ROUND_ATTEMPTS} "
+        "tries: see `update_dropped`/`node_missing` in the campaign's events.jsonl, start more nodes, raise "
+        "round_timeout or lower min_nodes in the campaign file"
     )
 
 
@@ -126,8 +126,8 @@ def stop_early(campaign: Campaign, state: dict) -> str:
     best = state.get("best")
     if not campaign.early_stop or not best or state["round"] - best["round"] < campaign.early_stop:
         return ""
-    return (f"no better held-out accuracy for {state['round'] - best['round']} round(s) after round {best['round']} "
-            f"({best['accuracy']:.1%}; early_stop = {campaign.early_stop})")
+    return (f"no better held-out accuracy for {state['round'] - best['round']} round(s) after round "
+            f"{best['round']} ({best['accuracy']:.1%}; early_stop = {campaign.early_stop})")
 
 
 def published_because(state: dict) -> str:
@@ -135,8 +135,8 @@ def published_because(state: dict) -> str:
     best, last = state["best"], state["curve"][-1]
     if best["round"] == last["round"]:
         return f"round {best['round']}, the last, scored best on the held-out set ({best['accuracy']:.1%})"
-    return (f"round {best['round']} scored best on the held-out set ({best['accuracy']:.1%}); the last round, "
-            f"{last['round']}, scored {last['accuracy']:.1%}")
+    return (f"round {best['round']} scored best on the held-out set ({best['accuracy']:.1%}); the last "
+            f"round, {last['round']}, scored {last['accuracy']:.1%}")
 
 
 def update_ledger(ledger: dict, accepted: set[str], metrics: dict[str, dict]) -> None:
@@ -168,82 +168,148 @@ def run(grid: Any, campaign: Campaign, home: Path) -> dict:
     identity = Identity.load_or_create(home / "identity" / "ed25519.key")
     test = read_records(campaign.eval_file)[: campaign.eval_size]
     events("campaign_start", name=campaign.name, base_model=campaign.base_model, rounds=campaign.rounds,
-           aggregation=campaign.aggregation, shards=campaign.shards, upload_dtype=campaign.upload_dtype,
-           min_nodes=campaign.min_nodes, node_wait=campaign.node_wait, license=campaign.published_license(),
-           license_default=not campaign.license)
+           aggregation=campaign.aggregation, outer=campaign.outer.optimizer, shards=campaign.shards,
+           upload_dtype=campaign.upload_dtype, min_nodes=campaign.min_nodes, node_wait=campaign.node_wait,
+           license=campaign.published_license(), license_default=not campaign.license)
 
+    # load the base, then go on after the last saved round of this very campaign or score the base
     base, tokenizer = load_base(campaign.base_model, campaign.base_revision)
     base_revision = exact_revision(campaign.base_model, campaign.base_revision, base)
-    lora_spec = {**campaign.lora.__dict__}
+    rule, config = aggregate_config(campaign)
     scaling = campaign.lora.alpha / campaign.lora.r
+    carry = rules.create(rule, config).carry(scaling)  # what it keeps across rounds (exact: its residual)
+    saved, state = resume(folder, campaign, base, tokenizer, test, events)
+    saved, moments = outer.split(saved) if saved is not None else (None, {})  # the outer optimizer's state
+    model, tensors = start_model(base, campaign, saved, carry)
+
+    roster = Roster(events)  # node infos by Flower id across rounds: only ids not seen before are queried
+    for round_ in range(state["round"] + 1, campaign.rounds + 1):
+        # termination conditions
+        if why := stop_early(campaign, state):
+            events("early_stop", round=state["round"], best_round=state["best"]["round"], reason=why)
+            break
+        # query, plan, train: at least min_nodes verified updates, waiting for volunteers within the patience
+        got, plan = train_round(grid, campaign, round_, tensors, roster, events)
+        # aggregate per key group of the plan, then take the outer optimizer's step
+        tensors, report, moments = aggregate_round(tensors, got, plan, rule, config, carry, campaign.outer,
+                                                   moments)
+        # evaluate the new global adapter on the held-out set
+        evaluation = evaluate(model, tokenizer, test, tensors, carry)
+        # record: ledger, curve, the best round so far
+        point, best = record(state, round_, got, evaluation, report, plan)
+        # checkpoint, then say the round is done
+        saved = outer.join(carry.checkpoint(tensors), moments)
+        state = checkpoint.save(folder / "checkpoint", saved, state, best=best)
+        events("round_end", **point, best=best, rejected_nodes=report.rejected, clipped=report.clipped,
+               coverage=plan.coverage(), dp=report.dp)
+
+    # the best round, not the last, in the form PEFT loads
+    load_publishable(folder, state, model, tokenizer, test, tensors, carry, events)
+    result = finish(campaign, home, model, state, identity, events, base_revision)
+    # tell the volunteers how it ended, then say the campaign is over (its watcher stops the run on that)
+    tell_the_end(grid, campaign.name, outcome(result))
+    events("campaign_end", published=result["published"])
+    return result
+
+
+def outcome(result: dict) -> str:
+    """How a campaign ended, in the words a volunteer's status line uses."""
+    if result.get("published"):
+        return f"published {result['name']} v{result['version']} ({str(result['adapter_cid'])[:12]}…)"
+    return str(result.get("reason") or "not published")
+
+
+def resume(folder: Path, campaign: Campaign, base: Any, tokenizer: Any, test: list,
+           events: Events) -> tuple[dict[str, np.ndarray] | None, dict]:
+    """(the last saved round's arrays, its state) of this very campaign, or (None, a round-0 state with the
+    base model scored)."""
     print_id = fingerprint(campaign)
     resumed = checkpoint.load(folder / "checkpoint", print_id)
     if resumed:
         saved, state = resumed
-        tensors, total = split_checkpoint(saved)
         if state["curve"] and "best" not in state:  # a checkpoint from before best rounds were kept
             state["best"] = {"round": state["round"], "accuracy": state["curve"][-1]["accuracy"]}
         events("resumed", round=state["round"])
-    else:
-        base_eval = exact_match(base, tokenizer, test)
-        events("base_eval", accuracy=base_eval["accuracy"], n=base_eval["n"],
-               precision=base_eval["base_precision"])
-        total = {}
-        state = {"round": 0, "fingerprint": print_id, "accuracy_base": base_eval["accuracy"], "curve": [],
-                 "ledger": {}, "eval_n": base_eval["n"], "base_precision": base_eval["base_precision"]}
-    model = wrap(base, lora_spec)
-    if resumed:
-        set_state(model, tensors)
-    else:
+        return saved, state
+    base_eval = exact_match(base, tokenizer, test)
+    events("base_eval", accuracy=base_eval["accuracy"], n=base_eval["n"],
+           precision=base_eval["base_precision"])
+    state = {"round": 0, "fingerprint": print_id, "accuracy_base": base_eval["accuracy"], "curve": [],
+             "ledger": {}, "eval_n": base_eval["n"], "base_precision": base_eval["base_precision"]}
+    return None, state
+
+
+def start_model(base: Any, campaign: Campaign, saved: dict[str, np.ndarray] | None,
+                carry: rules.Carry) -> tuple[Any, dict[str, np.ndarray]]:
+    """The base wrapped with the campaign's LoRA, holding the saved adapter (a fresh one without), and the
+    adapter's tensors; what the rule carries is restored and folded in."""
+    model = wrap(base, {**campaign.lora.__dict__})
+    if saved is None:
         tensors = get_state(model)
-    originals = snapshot(model, total)
-    apply(model, originals, total, scaling)
-    rule, config = aggregate_config(campaign)
-
-    roster = Roster(events)  # node infos by Flower id across rounds: only ids not seen before are queried
-    for round_ in range(state["round"] + 1, campaign.rounds + 1):
-        if why := stop_early(campaign, state):
-            events("early_stop", round=state["round"], best_round=state["best"]["round"], reason=why)
-            break
-        # train: at least min_nodes verified updates, waiting for volunteers within the patience
-        got, plan = train_round(grid, campaign, round_, tensors, roster, events)
-        # aggregate per key group, then evaluate the new global adapter
-        metrics = {key: m for key, (_, m) in got.items()}
-        tensors, report = aggregate_sharded(tensors, [u for u, _ in got.values()], plan, rule, config)
-        if report.residuals:
-            total = accumulate(total, report.residuals)
-            originals = snapshot(model, total, originals)
+    else:
+        tensors = carry.restore(saved)
         set_state(model, tensors)
-        apply(model, originals, total, scaling)
-        evaluation = exact_match(model, tokenizer, test)
-        # record: ledger, curve, the best round so far, a checkpoint
-        accepted = set(report.accepted)
-        update_ledger(state["ledger"], accepted, metrics)
-        point = curve_point(round_, accepted, metrics, evaluation, report, plan)
-        if report.dp:
-            state["dp"] = report.dp
-        state["curve"].append(point)
-        state["round"] = round_
-        state["eval_n"] = evaluation["n"]
-        best = "best" not in state or evaluation["accuracy"] >= state["best"]["accuracy"]  # ties: more training
-        if best:
-            state["best"] = {"round": round_, "accuracy": evaluation["accuracy"], "samples": evaluation["samples"]}
-        state = checkpoint.save(folder / "checkpoint", join_checkpoint(tensors, total), state, best=best)
-        events("round_end", **point, best=best, rejected_nodes=report.rejected, clipped=report.clipped,
-               coverage=plan.coverage(), dp=report.dp)
+    carry.fold(model)
+    return model, tensors
 
+
+def aggregate_round(tensors: dict[str, np.ndarray], got: dict, plan: Any, rule: str, config: AggregateConfig,
+                    carry: rules.Carry, step: outer.OuterConfig | None = None,
+                    moments: dict[str, np.ndarray] | None = None,
+                    ) -> tuple[dict[str, np.ndarray], AggregateReport, dict[str, np.ndarray]]:
+    """The new global adapter: each key over the nodes whose shard covers it, then the outer optimizer's
+    step from the old one (keys nobody's accepted update covered stay put); the carry takes in the rest.
+    Returns it with the report and the outer optimizer's new state."""
+    aggregated, report = aggregate_sharded(tensors, [u for u, _ in got.values()], plan, rule, config)
+    carry.absorb(report)
+    new, moments = outer.step(tensors, aggregated, moments or {}, step or outer.OuterConfig("none"),
+                              report.unchanged)
+    return new, report, moments
+
+
+def evaluate(model: Any, tokenizer: Any, test: list, tensors: dict[str, np.ndarray],
+             carry: rules.Carry) -> dict:
+    """Held-out score of the model as the nodes averaged it: the adapter set, the carry folded in."""
+    set_state(model, tensors)
+    carry.fold(model)
+    return exact_match(model, tokenizer, test)
+
+
+def record(state: dict, round_: int, got: dict, evaluation: dict, report: AggregateReport,
+           plan: Any) -> tuple[dict, bool]:
+    """Add the round to `state` (ledger, curve, best round so far); (its curve point, whether it is best)."""
+    metrics = {key: m for key, (_, m) in got.items()}
+    accepted = set(report.accepted)
+    update_ledger(state["ledger"], accepted, metrics)
+    point = curve_point(round_, accepted, metrics, evaluation, report, plan)
+    if report.dp:
+        state["dp"] = report.dp
+    state["curve"].append(point)
+    state["round"] = round_
+    state["eval_n"] = evaluation["n"]
+    best = "best" not in state or evaluation["accuracy"] >= state["best"]["accuracy"]  # ties: more training
+    if best:
+        state["best"] = {"round": round_, "accuracy": evaluation["accuracy"],
+                         "samples": evaluation["samples"]}
+    return point, best
+
+
+def load_publishable(folder: Path, state: dict, model: Any, tokenizer: Any, test: list,
+                     tensors: dict[str, np.ndarray], carry: rules.Carry, events: Events) -> None:
+    """Put the best round into `model`, as published: when the carry changes what is published (the exact
+    rule re-projects its residual into the adapter's rank), that is scored too."""
     if "best" in state and state["best"]["round"] != state["round"]:  # publish the best round, not the last
-        tensors, total = split_checkpoint(checkpoint.load_best(folder / "checkpoint", state))
-        apply(model, originals, total, scaling)
+        tensors = carry.restore(outer.split(checkpoint.load_best(folder / "checkpoint", state))[0])
+        carry.fold(model)
         set_state(model, tensors)
-    if total:  # publish what PEFT can load: the residual re-projected into the adapter's rank
-        apply(model, originals, {}, scaling)
-        set_state(model, project(tensors, total))
-        published = exact_match(model, tokenizer, test)
-        state["accuracy_exact"] = state["best"]["accuracy"] if "best" in state else None
-        state["accuracy_published"] = published["accuracy"]
-        events("projected", accuracy_exact=state["accuracy_exact"], accuracy_published=published["accuracy"])
-    return finish(campaign, home, model, state, identity, events, base_revision)
+    published = carry.published(model, tensors)
+    if published is None:
+        return
+    set_state(model, published)
+    scored = exact_match(model, tokenizer, test)
+    state["accuracy_exact"] = state["best"]["accuracy"] if "best" in state else None
+    state["accuracy_published"] = scored["accuracy"]
+    events("projected", accuracy_exact=state["accuracy_exact"], accuracy_published=scored["accuracy"])
 
 
 def finish(
@@ -278,14 +344,11 @@ def finish(
         )
         events("not_published", reason=result["reason"])
     else:
-        published = _published_versions(home)
-        previous = published.get(campaign.name)
         card = {**result, "rounds": result["published_round"]}
         adapter_dir = write_adapter(model, folder / "adapter", campaign, card, len(result["contributors"]),
                                     base_revision)
         meta = AdapterMeta(
-            name=campaign.name,
-            version=(previous["version"] + 1) if previous else 1,
+            name=campaign.name,  # version and previous: publish() takes them from this home's record
             base_model=campaign.base_model,
             base_revision=base_revision or campaign.base_revision,
             lora_config={**campaign.lora.__dict__},
@@ -295,17 +358,17 @@ def finish(
             datasets=campaign.datasets,
             eval=manifest_eval(campaign, state, final, result),
             license=campaign.published_license(),
-            previous=previous["cid"] if previous else None,
             ledger=result["ledger"],
         )
-        cid, _ = sign_and_store(adapter_dir, meta, identity)
-        published[campaign.name] = {"version": meta.version, "cid": cid}
-        (home / "published.json").write_text(json.dumps(published, indent=1))
+        # the ServerApp cannot open the index: `commons coordinator start` brought this home's record up to
+        # it before the run (protocol.publishing.follow) and registers the adapter after it
+        published = publish(adapter_dir, meta, None, identity=identity)
+        cid, meta = published.cid, published.meta
         result.update(published=True, adapter_cid=cid, version=meta.version, adapter_dir=str(adapter_dir))
-        events("published", name=campaign.name, cid=cid, version=meta.version, round=result["published_round"],
-               because=result["published_because"], license=meta.license, license_default=result["license_default"])
+        events("published", name=campaign.name, cid=cid, version=meta.version,
+               round=result["published_round"], because=result["published_because"], license=meta.license,
+               license_default=result["license_default"])
     (folder / "result.json").write_text(json.dumps(result, indent=1))
-    events("campaign_end", published=result["published"])
     return result
 
 
@@ -332,9 +395,3 @@ def manifest_eval(campaign: Campaign, state: dict, final: float, result: dict) -
         **({"dp": state["dp"]} if state.get("dp") else {}),
     }
 
-
-def _published_versions(home: Path) -> dict:
-    try:
-        return json.loads((home / "published.json").read_text())
-    except (OSError, ValueError):
-        return {}

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Container healthchecks: exit 0 when the service in this container is up, 1 (and one line why) if not.
 
-    commons-healthcheck node                 # the SuperNode that `commons node start` runs is alive
-    commons-healthcheck coordinator          # the coordinator's gate (what volunteers dial) accepts connections
-    commons-healthcheck index                # GET /api/stats answers 200
+    commons-healthcheck node         # the SuperNode that `commons node start` runs is alive
+    commons-healthcheck coordinator  # the coordinator's gate (what volunteers dial) accepts connections
+    commons-healthcheck index        # GET /api/stats answers 200
 
 The coordinator and the index are checked on the host and port their own process was started with (read
 from its command line), so `--port` or host networking needs no second setting; --port checks

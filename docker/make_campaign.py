@@ -30,8 +30,8 @@ def main() -> None:
     data = write_demo_data(OUT, SHARDS, PER_NODE, EVAL_SIZE)
     # A relative eval_file: the campaign loader resolves it next to campaign.toml, wherever it is mounted.
     # No [[datasets]]: each volunteer trains on its own file (data = "local"), which nobody publishes.
-    campaign = campaign_for("dates-iso-smollm2", SMOLLM2_ID, Path(data["test"].name), MIN_NODES, ROUNDS, STEPS,
-                            EVAL_SIZE, datasets=[])
+    campaign = campaign_for("dates-iso-smollm2", SMOLLM2_ID, Path(data["test"].name), MIN_NODES, ROUNDS,
+                            STEPS, EVAL_SIZE, datasets=[])
     (OUT / "campaign.toml").write_text(dump(campaign))
     print(f"wrote {OUT}: campaign.toml, {data['test'].name}, {', '.join(p.name for p in data['train'])}",
           file=sys.stderr)

@@ -1,14 +1,14 @@
 """Admission: an announcement binds NAME@VERSION to a CID only once the index holds that CID's DAG and the
 DAG carries exactly the announced envelope and the files it signs.
 
-    announce ─▶ signature ok, name its signer's, version free? ─▶ DAG held? ─yes─▶ fetch_signed checks ─▶ listed
-                                                                             └no──▶ pending: binds nothing
-    pending  ─▶ settled whenever its name is resolved or announced: listed once the DAG is held and checks out,
-                dropped once it is held and does not (or its version went to the right CID meanwhile)
+  announce ─▶ signature ok, name its signer's, version free? ─▶ DAG held? ─yes─▶ fetch_signed checks ─▶ listed
+                                                                           └no──▶ pending: binds nothing
+  pending  ─▶ settled whenever its name is resolved or announced: listed once the DAG is held and checks out,
+              dropped once it is held and does not (or its version went to the right CID meanwhile)
 
 Anyone may copy a publisher's model.sig and announce it with an unrelated CID; that announcement can only
-wait. The checks pin one root CID per signed content (`protocol.content.fetch`, step 5), so the publisher's own
-CID is the only one that can ever be listed, whoever announced first.
+wait. The checks pin one root CID per signed content (`protocol.content.fetch`, step 5), so the publisher's
+own CID is the only one that can ever be listed, whoever announced first.
 
     >>> entry, verified = admit(db, store, envelope, cid)     # entry None: pending
 """
@@ -23,7 +23,8 @@ from protocol.signing.manifest import Verified, verify_envelope
 
 
 def check_held(store: BlockStore, policy: object):
-    """register()'s precheck: the DAG under `cid` in `store` is exactly what `envelope` signs (Missing if not held)."""
+    """register()'s precheck: the DAG under `cid` in `store` is exactly what `envelope` signs (Missing if not
+    held)."""
 
     def check(cid: str, envelope: bytes) -> None:
         fetch_signed(cid, store, (), policy, envelope=envelope)  # type: ignore[arg-type]

@@ -17,7 +17,6 @@ from fastapi.responses import JSONResponse
 
 from index.admit import admit, settle
 from index.db import ConflictError, IndexDB
-from index.licenses import conflicts
 from index.models import (
     Announce,
     Announced,
@@ -28,26 +27,12 @@ from index.models import (
     Resolved,
     Stats,
 )
-from index.present import PRICE_PER_1K_TOKENS, cost_usd, pull_command
+from index.present import MAX_VERSION, PRICE_PER_1K_TOKENS, detail, summary
 from protocol.errors import CommonsError, VerifyError
 
 PRESENCE_SKEW = 300  # seconds a presence timestamp may differ from our clock (replay window)
-MAX_VERSION = 2**53 - 1  # what a manifest may carry (protocol.signing.manifest)
 MAX_OFFSET = 1_000_000
 MAX_SIZE = 2**62
-
-
-def summary(entry: dict) -> dict:
-    return {**entry, "pull": pull_command(entry["name"])}
-
-
-def detail(db: IndexDB, entry: dict) -> dict:
-    meta = entry["meta"]
-    files = [{"path": str(f.get("path") or f.get("name") or ""), "size": int(f.get("size", 0) or 0),
-              "sha256": str(f.get("sha256", "")), "cid": str(f.get("cid", ""))} for f in entry["files"]]
-    return {**summary(entry), "files": files, "versions": db.versions(entry["name"]),
-            "cost_usd": cost_usd(meta.get("ledger")),
-            "license_warnings": conflicts(entry["license"], meta.get("datasets") or [])}
 
 
 def parse_ref(ref: str) -> tuple[str, int | None]:
@@ -57,8 +42,8 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
         return name, None
     digits = version[1:] if version.lower().startswith("v") else version
     if not (digits.isascii() and digits.isdigit()) or len(digits) > 16 or not 1 <= int(digits) <= MAX_VERSION:
-        raise CommonsError(f"{ref[:120]!r}: the version after @ must be a number from 1 to {MAX_VERSION}, e.g. "
-                           f"{name[:100]}@2")
+        raise CommonsError(f"{ref[:120]!r}: the version after @ must be a number from 1 to {MAX_VERSION}, "
+                           f"e.g. {name[:100]}@2")
     return name, int(digits)
 
 
@@ -90,10 +75,12 @@ def check_presence(body: Presence, now: float) -> None:
     try:
         sig = bytes.fromhex(body.signature)
     except ValueError:
-        raise CommonsError("presence signature is not hex; sign b'commons-presence:<node>:<timestamp>'") from None
+        raise CommonsError("presence signature is not hex; sign "
+                           "b'commons-presence:<node>:<timestamp>'") from None
     message = f"commons-presence:{body.node.lower()}:{body.timestamp}".encode()
     if not verify_signature(key, message, sig):
-        raise VerifyError("presence signature does not verify for that node key; sign with the node's identity")
+        raise VerifyError("presence signature does not verify for that node key; sign with the node's "
+                          "identity")
 
 
 def http_error(exc: CommonsError) -> HTTPException:
@@ -104,18 +91,20 @@ def http_error(exc: CommonsError) -> HTTPException:
 def pending_reply(verified: Any, cid: str) -> JSONResponse:
     """202: held, not listed; what the publisher does next."""
     meta = verified.meta
-    detail = (f"pending: {meta.name} v{meta.version} is listed once this index holds every block of {cid} and "
-              "they carry this model.sig; push them (`commons p2p announce`, or `commons car import` here)")
-    return JSONResponse({"cid": str(cid), "name": meta.name, "version": meta.version, "signer": verified.signer,
-                         "url": None, "status": "pending", "detail": detail}, status_code=202)
+    detail = (f"pending: {meta.name} v{meta.version} is listed once this index holds every block of {cid} "
+              "and they carry this model.sig; push them (`commons p2p announce`, or `commons car import` "
+              "here)")
+    return JSONResponse({"cid": str(cid), "name": meta.name, "version": meta.version,
+                         "signer": verified.signer, "url": None, "status": "pending", "detail": detail},
+                        status_code=202)
 
 
 def make_router(db: IndexDB, store: Any) -> APIRouter:
     api = APIRouter(prefix="/api", tags=["index"])
 
     @api.get("/adapters", response_model=list[EntrySummary], summary="Search adapters (latest versions)")
-    def adapters(q: str = Query("", max_length=200), base_model: str | None = None, license: str | None = None,
-                 task: str | None = None, trusted: bool | None = None,
+    def adapters(q: str = Query("", max_length=200), base_model: str | None = None,
+                 license: str | None = None, task: str | None = None, trusted: bool | None = None,
                  max_size: int | None = Query(None, ge=0, le=MAX_SIZE), limit: int = Query(50, ge=1, le=500),
                  offset: int = Query(0, ge=0, le=MAX_OFFSET)) -> list[dict]:
         found = db.search(q, base_model=base_model or None, license=license or None, task=task or None,
@@ -157,7 +146,8 @@ def make_router(db: IndexDB, store: Any) -> APIRouter:
 
     @api.post("/announce", response_model=Announced, status_code=201,
               summary="Register a signed manifest (DSSE envelope) under its directory CID",
-              responses={202: {"model": Announced, "description": "pending: the index does not hold the DAG yet"}})
+              responses={202: {"model": Announced,
+                               "description": "pending: the index does not hold the DAG yet"}})
     def announce(body: Announce, request: Request) -> Any:
         try:
             envelope = decode_envelope(body.envelope)

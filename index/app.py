@@ -50,7 +50,8 @@ def _gateway_wants(request: Request, fmt: str | None) -> str | None:
 def create_app(db: IndexDB, store: BlockStore, *, write_rate: float = 1.0, write_burst: int = 30,
                max_body: int = 1 << 20) -> FastAPI:
     app = FastAPI(title="LoRA Commons index", version="1",
-                  description="Signed, content-addressed LoRA adapters and datasets. Pull with `commons pull NAME`.")
+                  description="Signed, content-addressed LoRA adapters and datasets. Pull with `commons pull "
+                              "NAME`.")
     app.state.db, app.state.store = db, store
     app.include_router(api.make_router(db, store))
     app.include_router(pages.make_router(db))
@@ -65,11 +66,14 @@ def create_app(db: IndexDB, store: BlockStore, *, write_rate: float = 1.0, write
             raise HTTPException(400, f"{cid[:80]!r} is not a valid CID; pass a Qm... or b... CID") from None
         wanted = _gateway_wants(request, format)
         if wanted is None:
-            raise HTTPException(400, "this is a trustless gateway: add ?format=raw (one block) or ?format=car")
+            raise HTTPException(400,
+                                "this is a trustless gateway: add ?format=raw (one block) or ?format=car")
         if not store.has(parsed):
             raise HTTPException(404, f"block {cid} is not held by this index; try another source")
-        headers = {"X-Content-Type-Options": "nosniff", "Cache-Control": "public, max-age=29030400, immutable",
-                   "Content-Disposition": f'attachment; filename="{parsed}.{"bin" if wanted == "raw" else "car"}"'}
+        headers = {"X-Content-Type-Options": "nosniff",
+                   "Cache-Control": "public, max-age=29030400, immutable",
+                   "Content-Disposition": 'attachment; '
+                                          f'filename="{parsed}.{"bin" if wanted == "raw" else "car"}"'}
         if wanted == "raw":
             try:
                 block = store.get(parsed)
@@ -81,8 +85,9 @@ def create_app(db: IndexDB, store: BlockStore, *, write_rate: float = 1.0, write
         except CommonsError as exc:
             missing = [str(exc)]
         if missing:
-            raise HTTPException(404, f"part of the DAG under {cid} is not held here ({missing[0]}); try another "
-                                     "source")
+            raise HTTPException(404,
+                                f"part of the DAG under {cid} is not held here ({missing[0]}); try another "
+                                "source")
         return StreamingResponse(_car_stream(store, parsed), media_type=CAR, headers=headers)
 
     @app.exception_handler(RequestValidationError)
@@ -95,8 +100,8 @@ def create_app(db: IndexDB, store: BlockStore, *, write_rate: float = 1.0, write
 
 
 def _car_stream(store: BlockStore, root: str) -> Iterator[bytes]:
-    """The whole DAG as a CAR (protocol.content.car's framing), block by block: a request for a 2 GiB adapter holds
-    one block in memory, not 2 GiB. Completeness is checked before the response starts (a clean 404)."""
+    """The whole DAG as a CAR (protocol.content.car's framing), block by block: a request for a 2 GiB adapter
+    holds one block in memory, not 2 GiB. Completeness is checked before the response starts (a clean 404)."""
     from protocol.content.car import encode_header
     from protocol.content.multiformats import varint_encode
 

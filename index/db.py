@@ -107,7 +107,8 @@ class IndexDB:
                         conn.execute(text(FTS_DDL if self.dialect == "sqlite" else PG_DDL))
                     _backfill_names(conn)
                 return
-            except (OperationalError, IntegrityError):  # the other process created it between check and create
+            except (OperationalError, IntegrityError):
+                # the other process created it between check and create
                 if attempt == 4:
                     raise
                 time.sleep(0.05 * (attempt + 1))
@@ -182,7 +183,8 @@ class IndexDB:
             return self._get(conn, cid) if held is not None and same_envelope(held, envelope) else None
 
     def claimable(self, verified: Any, cid: str) -> None:
-        """ConflictError unless `verified` could be registered under `cid` now (owner, version free); no write."""
+        """ConflictError unless `verified` could be registered under `cid` now (owner, version free);
+        no write."""
         with self.engine.connect() as conn:
             self._check_name(conn, verified.meta.name, int(verified.meta.version), verified.signer, cid)
 
@@ -190,9 +192,10 @@ class IndexDB:
     def _check_name(conn: Connection, name: str, version: int, signer: str, cid: str) -> None:
         owner = conn.execute(select(names.c.signer, names.c.name).where(names.c.folded == fold(name))).first()
         if owner is not None and owner.signer != signer:
-            held = "" if owner.name == name else f" (as {owner.name!r}: names are compared ignoring case and -_.)"
-            raise ConflictError(f"{name!r} is published by key {owner.signer[:16]}…{held}, not by this signer "
-                                f"{signer[:16]}…; pick another name")
+            held = ("" if owner.name == name
+                    else f" (as {owner.name!r}: names are compared ignoring case and -_.)")
+            raise ConflictError(f"{name!r} is published by key {owner.signer[:16]}…{held}, not by this "
+                                f"signer {signer[:16]}…; pick another name")
         taken = conn.execute(select(entries.c.cid).where(entries.c.name == name,
                                                          entries.c.version == version)).scalar()
         if taken is not None and taken != cid:
@@ -204,15 +207,16 @@ class IndexDB:
         """Keep an announcement whose DAG is not here yet; it binds nothing (see index.admit)."""
         now = time.time() if now is None else now
         if len(envelope) > MAX_PENDING_ENVELOPE:
-            raise CommonsError(f"a model.sig over {MAX_PENDING_ENVELOPE >> 10} KiB is only taken once the index "
-                               "holds its blocks; push them first, then announce")
+            raise CommonsError(f"a model.sig over {MAX_PENDING_ENVELOPE >> 10} KiB is only taken once the "
+                               "index holds its blocks; push them first, then announce")
         digest = hashlib.sha256(envelope).hexdigest()
         with self.engine.begin() as conn:
             conn.execute(delete(pending).where(pending.c.received_at < now - PENDING_SECONDS))
-            known = conn.execute(select(pending.c.cid).where(pending.c.cid == cid, pending.c.digest == digest))
+            known = conn.execute(select(pending.c.cid).where(pending.c.cid == cid,
+                                                             pending.c.digest == digest))
             if known.first() is None:
-                conn.execute(pending.insert().values(cid=cid, digest=digest, name=name, envelope=bytes(envelope),
-                                                     received_at=now))
+                conn.execute(pending.insert().values(cid=cid, digest=digest, name=name,
+                                                     envelope=bytes(envelope), received_at=now))
             count = conn.execute(select(func.count()).select_from(pending)).scalar() or 0
             if count > MAX_PENDING:
                 oldest = select(pending.c.received_at).order_by(pending.c.received_at).limit(1).offset(
@@ -266,7 +270,8 @@ class IndexDB:
             known = conn.execute(select(entries.c.version).where(entries.c.name == name)
                                  .order_by(entries.c.version)).scalars().all()
         if known:
-            raise CommonsError(f"{name} has no version {version}; known versions: {', '.join(map(str, known))}")
+            raise CommonsError(f"{name} has no version {version}; known versions: "
+                               f"{', '.join(map(str, known))}")
         raise CommonsError(f"no adapter or dataset named {name!r} in the index; search for it on the index "
                            "page or check the spelling")
 
@@ -320,8 +325,9 @@ class IndexDB:
         with self.engine.connect() as conn:
             for col in ("base_model", "license", "task"):
                 c = entries.c[col]
-                out[col] = list(conn.execute(select(c).where(entries.c.kind == kind, entries.c.latest.is_(True),
-                                                             c != "").distinct().order_by(c)).scalars())
+                out[col] = list(conn.execute(
+                    select(c).where(entries.c.kind == kind, entries.c.latest.is_(True), c != "")
+                    .distinct().order_by(c)).scalars())
         return out
 
     def leaderboard(self, limit: int = 100) -> list[dict]:
@@ -345,7 +351,8 @@ class IndexDB:
             "rounds": select(func.coalesce(func.sum(entries.c.rounds), 0)).where(adapter),
             "tokens": select(func.coalesce(func.sum(ledger.c.tokens), 0)),
             "contributors": select(func.count(func.distinct(contributors.c.node))),
-            "live_nodes": select(func.count()).select_from(presence).where(presence.c.seen_at >= now - LIVE_SECONDS),
+            "live_nodes": select(func.count()).select_from(presence).where(
+                presence.c.seen_at >= now - LIVE_SECONDS),
         }
         with self.engine.connect() as conn:
             return {key: int(conn.execute(q).scalar() or 0) for key, q in queries.items()}
@@ -366,5 +373,6 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA busy_timeout=5000")  # first: switching to WAL waits for a writer instead of failing
     cur.execute("PRAGMA journal_mode=WAL")  # the web server reads while `commons data add` writes
-    cur.execute("PRAGMA synchronous=NORMAL")  # WAL keeps the file consistent; only the last commit may be lost
+    # WAL keeps the file consistent; only the last commit may be lost
+    cur.execute("PRAGMA synchronous=NORMAL")
     cur.close()

@@ -72,11 +72,13 @@ def check_claim(verified: Verified, name: str, version: int | None, cid: str, ve
                                   f"{verified.signer[:16]}… refused")
     taken = next((v["cid"] for v in versions if int(v["version"]) == int(meta.version)), None)
     if taken is not None and taken != cid:
-        raise Refused("rejected", f"{name} v{meta.version} is already {taken}; {cid} refused (replay or fork)")
+        raise Refused("rejected",
+                      f"{name} v{meta.version} is already {taken}; {cid} refused (replay or fork)")
 
 
 def check_dag(store, cid: str, envelope: bytes, policy) -> None:
-    """The fetched directory holds this very model.sig and exactly the files it signs, each within its size."""
+    """The fetched directory holds this very model.sig and exactly the files it signs,
+    each within its size."""
     try:
         fetch_signed(cid, store, (), policy, envelope=envelope)
     except CommonsError as exc:
@@ -99,8 +101,9 @@ class Budget:
         self.taken[0] += 1
         self.taken[1] += size
         if self.taken[0] > self.blocks or self.taken[1] > self.bytes:
-            raise Refused("mismatch", f"{self.cid} takes more than the {self.blocks} blocks and {self.bytes} bytes "
-                                      "its manifest allows (a DAG bomb); refused")
+            raise Refused("mismatch",
+                          f"{self.cid} takes more than the {self.blocks} blocks and {self.bytes} bytes "
+                          "its manifest allows (a DAG bomb); refused")
 
 
 def envelope_in_dag(store, cid: str) -> bytes:

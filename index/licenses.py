@@ -52,11 +52,12 @@ def conflicts(adapter_license: str, datasets: list[dict]) -> list[str]:
         if not lic:
             out.append(f"dataset {name} declares no licence; ask its publisher before reusing this adapter")
         elif _all(choices, _is_nd):
-            out.append(f"dataset {name} is {lic} (no derivatives); an adapter trained on it may not be shared")
+            out.append(f"dataset {name} is {lic} (no derivatives); "
+                       "an adapter trained on it may not be shared")
         elif _all(choices, _is_nc) and not _all(offers, _is_nc):
             out.append(f"dataset {name} is {lic} (non-commercial) but the adapter is {adapter}, which allows "
                        "commercial use")
         elif families and not _all(offers, lambda x, fs=tuple(families): x.upper().startswith(fs)):
-            out.append(f"dataset {name} is {lic} (share-alike) but the adapter is {adapter}; derivatives must "
-                       f"stay under {' or '.join(sorted(families))}")
+            out.append(f"dataset {name} is {lic} (share-alike) but the adapter is {adapter}; derivatives "
+                       f"must stay under {' or '.join(sorted(families))}")
     return out

@@ -93,5 +93,6 @@ class Announced(BaseModel):
     version: int
     signer: str
     url: str | None = Field(None, description="the entry's page (None while pending)")
-    status: str = Field("listed", description="listed (201), or pending (202): the index does not hold the DAG yet")
+    status: str = Field("listed",
+                        description="listed (201), or pending (202): the index does not hold the DAG yet")
     detail: str = ""

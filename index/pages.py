@@ -8,9 +8,8 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse
 from fastapi.templating import Jinja2Templates
 
-from index.api import MAX_VERSION, detail
 from index.db import IndexDB
-from index.present import PRICE_PER_1K_TOKENS, curve_svg, human_size, pull_command
+from index.present import MAX_VERSION, PRICE_PER_1K_TOKENS, curve_svg, detail, human_size, pull_command
 from protocol.errors import CommonsError
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -32,7 +31,8 @@ def make_templates() -> Jinja2Templates:
 
 
 def plural(count: object, word: str, with_count: bool = True) -> str:
-    """`1|plural("adapter")` is "1 adapter", `2|plural("adapter")` "2 adapters"; the word alone without the count."""
+    """`1|plural("adapter")` is "1 adapter", `2|plural("adapter")` "2 adapters";
+    the word alone without the count."""
     noun = word if count == 1 else f"{word}s"
     return f"{count} {noun}" if with_count else noun
 
@@ -75,7 +75,8 @@ def make_router(db: IndexDB) -> APIRouter:
                       pull=pull_command(entry["name"]))
 
     @pages.get("/datasets", response_class=HTMLResponse, name="datasets_page")
-    def datasets_page(request: Request, q: str = Query("", max_length=200), license: str = "") -> HTMLResponse:
+    def datasets_page(request: Request, q: str = Query("", max_length=200),
+                      license: str = "") -> HTMLResponse:
         found = db.search(q, license=license or None, kind="dataset", limit=100)
         return render(request, "datasets.html", entries=found, form={"q": q, "license": license},
                       licenses=db.facets("dataset")["license"])

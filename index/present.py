@@ -1,4 +1,7 @@
-"""Small pure helpers the pages and the API share: sizes, costs, the training-curve SVG."""
+"""What the pages and the API both show: an entry's summary and detail, sizes, costs, the training-curve SVG.
+
+    >>> detail(db, db.resolve("smollm2-math"))     # the API's /api/adapters/NAME and the adapter page alike
+"""
 
 from __future__ import annotations
 
@@ -6,9 +9,27 @@ import math
 
 from markupsafe import Markup
 
+from index.db import IndexDB
+from index.licenses import conflicts
 from index.schema import nonneg
 
 PRICE_PER_1K_TOKENS = 0.008  # USD, a commercial fine-tuning API's training price
+MAX_VERSION = 2**53 - 1  # what a manifest may carry (protocol.signing.manifest)
+
+
+def summary(entry: dict) -> dict:
+    """An entry as search results list it, with the command that pulls it."""
+    return {**entry, "pull": pull_command(entry["name"])}
+
+
+def detail(db: IndexDB, entry: dict) -> dict:
+    """An entry with its files, every version of its name, its training cost and licence warnings."""
+    meta = entry["meta"]
+    files = [{"path": str(f.get("path") or f.get("name") or ""), "size": int(f.get("size", 0) or 0),
+              "sha256": str(f.get("sha256", "")), "cid": str(f.get("cid", ""))} for f in entry["files"]]
+    return {**summary(entry), "files": files, "versions": db.versions(entry["name"]),
+            "cost_usd": cost_usd(meta.get("ledger")),
+            "license_warnings": conflicts(entry["license"], meta.get("datasets") or [])}
 
 
 def cost_usd(ledger: list[dict] | None) -> float:
@@ -84,6 +105,7 @@ def curve_svg(curve: list[dict] | None, width: int = 560, height: int = 220) -> 
         f'<text x="{left + w + 6}" y="{top + 10}" class="tick">{amax:.3g}</text>'
         f'<text x="{left + w / 2:.1f}" y="{height - 1}" text-anchor="middle" class="tick">round</text>'
         f'<text x="{left}" y="14" class="loss legend">— loss (left axis)</text>'
-        f'<text x="{left + w}" y="14" text-anchor="end" class="accuracy legend">accuracy (right axis) —</text></svg>'
+        f'<text x="{left + w}" y="14" text-anchor="end" class="accuracy legend">accuracy (right axis) '
+        '—</text></svg>'
     )
     return Markup(svg)

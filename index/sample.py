@@ -55,9 +55,11 @@ def sample_meta(name: str, version: int = 1, **fields: object) -> AdapterMeta:
         "lora_config": {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]},
         "campaign": "gsm8k-math", "rounds": rounds, "license": "Apache-2.0",
         "contributors": ["aa" * 32, "bb" * 32],
-        "datasets": [{"cid": "QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG", "name": "gsm8k", "license": "MIT"}],
+        "datasets": [{"cid": "QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG", "name": "gsm8k",
+                      "license": "MIT"}],
         "eval": {"task": "gsm8k", "accuracy_base": 0.21, "accuracy_adapter": 0.34,
-                 "curve": [{"round": r, "loss": round(2.0 / (r + 1), 4), "accuracy": round(0.21 + 0.04 * r, 4)}
+                 "curve": [{"round": r, "loss": round(2.0 / (r + 1), 4),
+                            "accuracy": round(0.21 + 0.04 * r, 4)}
                            for r in range(rounds + 1)]},
         "ledger": [{"node": "aa" * 32, "rounds": rounds, "tokens": 120_000 * rounds},
                    {"node": "bb" * 32, "rounds": max(1, rounds - 1), "tokens": 80_000 * rounds}],

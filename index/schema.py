@@ -74,7 +74,8 @@ contributors = Table(
     Column("cid", String(128), primary_key=True),
     Column("node", String(64), primary_key=True),
 )
-# Who owns a name, compared folded (case, and runs of '-', '_', '.'), so `My.Model` cannot be taken from `my-model`.
+# Who owns a name, compared folded (case, and runs of '-', '_', '.'),
+# so `My.Model` cannot be taken from `my-model`.
 names = Table(
     "names", metadata,
     Column("folded", String(200), primary_key=True),
@@ -99,8 +100,8 @@ presence = Table(
 FTS_DDL = ("CREATE VIRTUAL TABLE IF NOT EXISTS entries_fts USING fts5("
            "body, tokenize='unicode61 remove_diacritics 2', prefix='2 3 4')")
 PG_DDL = "CREATE INDEX IF NOT EXISTS entries_tsv ON entries USING gin (search_tsv)"
-SUMMARY_FIELDS = ("cid", "name", "version", "kind", "base_model", "license", "task", "campaign", "description",
-                  "signer", "trusted", "size", "rounds", "tokens", "created")
+SUMMARY_FIELDS = ("cid", "name", "version", "kind", "base_model", "license", "task", "campaign",
+                  "description", "signer", "trusted", "size", "rounds", "tokens", "created")
 
 
 def fold(name: str) -> str:

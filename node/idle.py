@@ -126,5 +126,6 @@ class IdleGate:
 def gate_from_env() -> IdleGate:
     """Thresholds can be tuned with COMMONS_IDLE_BUSY / _IDLE / _SETTLE (tests use a short settle)."""
     env = os.environ
-    return IdleGate(busy=float(env.get("COMMONS_IDLE_BUSY", 0.30)), idle=float(env.get("COMMONS_IDLE_IDLE", 0.15)),
+    return IdleGate(busy=float(env.get("COMMONS_IDLE_BUSY", 0.30)),
+                    idle=float(env.get("COMMONS_IDLE_IDLE", 0.15)),
                     settle=float(env.get("COMMONS_IDLE_SETTLE", 10.0)))

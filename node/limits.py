@@ -12,7 +12,6 @@ An instruction outside them is refused in one line, which the coordinator record
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import tomllib
@@ -21,6 +20,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from protocol.errors import CommonsError
+from protocol.instruction import TrainInstruction
 
 # a Hub id (owner/name) or one of our local names; never a path on the volunteer's disk
 _MODEL = re.compile(r"^(tiny|smollm2|[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95})$")
@@ -41,9 +41,11 @@ def read(home: Path) -> NodeLimits:
     """This volunteer's limits: `[node_limits]` in $COMMONS_HOME/config.toml, over the defaults."""
     path = home / "config.toml"
     try:
-        table = tomllib.loads(path.read_text(encoding="utf-8")).get("node_limits", {}) if path.exists() else {}
+        table = (tomllib.loads(path.read_text(encoding="utf-8")).get("node_limits", {})
+                 if path.exists() else {})
     except tomllib.TOMLDecodeError as exc:
-        raise CommonsError(f"{path} is not valid TOML ({exc}); fix it or delete it and run `commons init`") from None
+        raise CommonsError(f"{path} is not valid TOML ({exc}); fix it or delete it and run "
+                           "`commons init`") from None
     return load(table)
 
 
@@ -58,7 +60,8 @@ def load(settings: dict | None) -> NodeLimits:
         raise CommonsError(f"unknown node limit {unknown[0]!r} in config.toml [node_limits]; allowed: "
                            f"{', '.join(sorted(known))}")
     flags = {f.name for f in fields(NodeLimits) if f.type == "bool"}
-    bad = [k for k, v in settings.items() if k not in flags and (not isinstance(v, int) or isinstance(v, bool) or v < 1)]
+    bad = [k for k, v in settings.items() if k not in flags
+           and (not isinstance(v, int) or isinstance(v, bool) or v < 1)]
     if bad:
         raise CommonsError(f"node_limits.{bad[0]} must be a positive whole number in config.toml")
     wrong = [k for k in flags & set(settings) if not isinstance(settings[k], bool)]
@@ -67,62 +70,37 @@ def load(settings: dict | None) -> NodeLimits:
     return NodeLimits(**settings)
 
 
-def check(config: dict, limits: NodeLimits) -> None:
+def check(instruction: TrainInstruction, limits: NodeLimits) -> None:
     """Raise CommonsError naming the first part of the instruction this node will not do."""
-    for why in _violations(config, limits):
+    for why in _violations(instruction, limits):
         raise CommonsError(f"refused the coordinator's instruction: {why}")
 
 
-def _violations(config: dict, limits: NodeLimits):
-    model = str(config.get("base_model", ""))
+def _violations(instruction: TrainInstruction, limits: NodeLimits):
+    model = instruction.base_model
     if not _MODEL.match(model) and not (limits.allow_local_base and Path(model).is_dir()):
-        yield (f"base_model {model[:80]!r} is not a Hugging Face id (owner/name); a folder on this machine needs "
-               "node_limits.allow_local_base = true in config.toml")
-    try:
-        lora = json.loads(str(config.get("lora") or "{}"))
-        rank = int(lora.get("r", 0))
-    except (ValueError, TypeError, AttributeError):
-        yield "its LoRA settings are not a JSON object with an integer r"
-        return
-    yield from _above("LoRA rank", rank, limits.max_rank, "max_rank")
-    yield from _above("steps", _int(config.get("steps")), limits.max_steps, "max_steps")
-    yield from _above("batch_size", _int(config.get("batch_size")), limits.max_batch, "max_batch")
-    yield from _above("max_length", _int(config.get("max_length")), limits.max_length, "max_length")
-    lr = _float(config.get("lr"))
-    if not (math.isfinite(lr) and 0 < lr <= 1):
-        yield f"learning rate {config.get('lr')!r} is outside (0, 1]"
-    if str(config.get("upload_dtype", "fp32")) not in _DTYPES:
-        yield f"upload_dtype {config.get('upload_dtype')!r} is not one of {', '.join(sorted(_DTYPES))}"
-    source = str(config.get("data_source") or "")
+        yield (f"base_model {model[:80]!r} is not a Hugging Face id (owner/name); a folder on this machine "
+               "needs node_limits.allow_local_base = true in config.toml")
+    # no rank is rank 0, refused: the node does not guess one
+    yield from _above("LoRA rank", instruction.lora.get("r", 0), limits.max_rank, "max_rank")
+    yield from _above("steps", instruction.steps, limits.max_steps, "max_steps")
+    yield from _above("batch_size", instruction.batch_size, limits.max_batch, "max_batch")
+    yield from _above("max_length", instruction.max_length, limits.max_length, "max_length")
+    if not (math.isfinite(instruction.lr) and 0 < instruction.lr <= 1):
+        yield f"learning rate {instruction.lr!r} is outside (0, 1]"
+    if instruction.upload_dtype not in _DTYPES:
+        yield f"upload_dtype {instruction.upload_dtype!r} is not one of {', '.join(sorted(_DTYPES))}"
+    source = instruction.data_source
     if source and urlparse(source).scheme not in ("http", "https"):
         yield f"data_source {source[:80]!r} is not an http(s) URL"
-    if config.get("datasets"):
-        try:
-            datasets = json.loads(str(config["datasets"]))
-        except ValueError:
-            datasets = None
-        if not isinstance(datasets, list):
-            yield "its datasets are not a JSON list of CIDs"
-            return
-        yield from _above("datasets", len(datasets), limits.max_datasets, "max_datasets")
+    if instruction.data == "campaign":
+        yield from _above("datasets", len(instruction.datasets), limits.max_datasets, "max_datasets")
 
 
 def _above(what: str, value: int, limit: int, name: str):
     if value < 1:
         yield f"{what} {value} must be at least 1"
     elif value > limit:
-        yield f"{what} {value} is above this node's limit {limit} (raise node_limits.{name} in config.toml to allow it)"
+        yield (f"{what} {value} is above this node's limit {limit} (raise node_limits.{name} in config.toml "
+               "to allow it)")
 
-
-def _int(value) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return 0
-
-
-def _float(value) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan

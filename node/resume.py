@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from protocol.instruction import TrainInstruction
+
 EVERY_SECONDS = 30.0
 STALE_SECONDS = 24 * 3600.0
 
@@ -43,10 +45,11 @@ def tensors_digest(tensors: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def work_key(config: dict, tensors: dict[str, np.ndarray], records: list[dict]) -> str:
+def work_key(instruction: TrainInstruction, tensors: dict[str, np.ndarray], records: list[dict]) -> str:
     """Equal only for the same instruction, the same global weights and the same local data."""
     h = hashlib.sha256()
-    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    # in its wire form, which a restarted (even upgraded) node reads back the same
+    h.update(json.dumps(instruction.to_config(), sort_keys=True, default=str).encode())
     h.update(tensors_digest(tensors).encode())
     h.update(hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest().encode())
     return h.hexdigest()
@@ -139,12 +142,12 @@ def prune(folder: Path, campaign_tag: str, round_: int, keep: Path) -> list[Path
     return removed
 
 
-def open_checkpoint(home: Path, config: dict, tensors: dict[str, np.ndarray], records: list[dict],
-                    every: int | None = None) -> Checkpoint:
+def open_checkpoint(home: Path, instruction: TrainInstruction, tensors: dict[str, np.ndarray],
+                    records: list[dict], every: int | None = None) -> Checkpoint:
     """This work's checkpoint (loaded when one exists), after pruning the stale ones."""
     folder = home / "node" / "resume"
-    tag, round_ = _campaign_tag(str(config.get("campaign", ""))), int(config.get("round", 0))
-    path = folder / f"{tag}-r{round_}-{work_key(config, tensors, records)[:32]}.pt"
+    tag, round_ = _campaign_tag(instruction.campaign), instruction.round
+    path = folder / f"{tag}-r{round_}-{work_key(instruction, tensors, records)[:32]}.pt"
     prune(folder, tag, round_, path)
     state = _load(path)
     ckpt = Checkpoint(path=path, every=every, every_seconds=_every_seconds(), state=state)

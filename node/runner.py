@@ -71,8 +71,8 @@ def refusal(fab: bytes) -> str | None:
     except ValueError as exc:
         return f"refused the coordinator's app: {exc}; this node runs only lora-commons' {APP}"
     if bundle.clientapp != APP:
-        return (f"refused the coordinator's app: it declares ClientApp {bundle.clientapp!r}, and this node runs "
-                f"only lora-commons' installed {APP}; campaigns are data, not code")
+        return (f"refused the coordinator's app: it declares ClientApp {bundle.clientapp!r}, and this node "
+                f"runs only lora-commons' installed {APP}; campaigns are data, not code")
     return None
 
 
@@ -152,7 +152,8 @@ class Runner:
             log.exception("task failed: %s", details)
             _status(self.home, state="failed", reason=details)
             if message is not None:
-                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details),
+                                reply_to=message)
         try:
             handed = time.monotonic()
             if reply is not None and context is not None:
@@ -170,12 +171,14 @@ def _no_retry():
     """Flower's default HTTP retry policy SIGINTs its own process on a 401; a long-lived runner must not."""
     from flwr.supercore.retry import RetryInvoker, exponential
 
-    return RetryInvoker(wait_gen_factory=lambda: exponential(max_delay=2), recoverable_exceptions=(httpx.TransportError,),
+    return RetryInvoker(wait_gen_factory=lambda: exponential(max_delay=2),
+                        recoverable_exceptions=(httpx.TransportError,),
                         max_tries=3, max_time=10)
 
 
 def _status(home: Path, **fields) -> None:
-    from node.worker import NodeSettings, status
+    from node.settings import NodeSettings
+    from node.worker import status
 
     status(NodeSettings(home=home, data=home), **fields)
 
@@ -203,11 +206,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logs = args.home / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(filename=logs / "node.log", level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(filename=logs / "node.log", level=logging.INFO,
+                        format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     _exit_with_parent()
-    # the volunteer's own choice of implementation (tests use a deliberately malicious one); never the bundle's
+    # the volunteer's own choice of implementation (tests use a deliberately malicious one);
+    # never the bundle's
     app = load_app(os.environ.get("COMMONS_NODE_APP", APP))
     log.info("runner serving %s with %s", args.runtime_api_address, APP)
     Runner(args.runtime_api_address, args.secret_file.read_bytes(), app, args.home).serve_forever()

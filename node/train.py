@@ -57,6 +57,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     resumed_from: int = 0  # the step a checkpoint let this round start at
     padding: float = 0.0  # padded positions ÷ positions computed, over this run's steps
+    optimizer_state: dict = field(default_factory=dict)  # AdamW's, to go on from in the next round
 
 
 def encode(tokenizer: Any, messages: list[dict], max_length: int) -> tuple[list[int], list[int]]:
@@ -167,11 +168,14 @@ def train(
     keys: list[str] | None = None,
     on_step: Callable[[int, float, float], None] | None = None,
     checkpoint: Checkpoint | None = None,
+    optimizer_state: dict | None = None,
 ) -> TrainResult:
     """Run `config.steps` AdamW steps over shuffled records; returns the shard's new LoRA weights.
 
     With a `checkpoint` the loop saves itself when it is due and, when the checkpoint was loaded, starts
-    from its step: the result (weights, losses, tokens, examples) equals the uninterrupted run's."""
+    from its step: the result (weights, losses, tokens, examples) equals the uninterrupted run's.
+    `optimizer_state` (a `TrainResult.optimizer_state` of the same keys) makes AdamW go on with its
+    moments and step count instead of starting over: what a volunteer keeps between rounds."""
     micro = config.micro_batch or config.batch_size
     if config.batch_size % micro:
         raise ValueError(f"micro_batch {micro} does not divide batch_size {config.batch_size}")
@@ -185,6 +189,9 @@ def train(
     order: list[int] = []
     device = params[0].device  # a GPU volunteer's model lives on the GPU: its batches must too
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    if optimizer_state:
+        optimizer.load_state_dict(optimizer_state)  # its moments and step count, and its settings:
+        optimizer.param_groups[0]["lr"] = config.lr  # but this round's learning rate
     optimizer.zero_grad(set_to_none=True)  # a warm model may hold gradients of a round that failed mid-step
     set_checkpointing(model, config.gradient_checkpointing)
     model.train()
@@ -223,5 +230,5 @@ def train(
     return TrainResult(
         state=state, num_examples=seen, tokens=tokens, loss=float(np.mean(losses)),
         seconds=before + time.perf_counter() - start, losses=losses, resumed_from=first,
-        padding=1 - tokens_here / max(computed, 1),
+        padding=1 - tokens_here / max(computed, 1), optimizer_state=optimizer.state_dict(),
     )

@@ -21,7 +21,8 @@ import numpy as np
 
 PACKED = "packed"
 LAYOUT = "layout"
-DTYPES = frozenset({"<f4", "<f2", "<u2", "|i1", "|u1", "<i8", "<f8"})  # floats, bf16 bits, int8, bytes, counts
+# floats, bf16 bits, int8, bytes, counts
+DTYPES = frozenset({"<f4", "<f2", "<u2", "|i1", "|u1", "<i8", "<f8"})
 MAX_ARRAYS = 1_000_000
 
 
@@ -70,5 +71,6 @@ def _entries(layout: object) -> list[list]:
               and isinstance(entry[2], list) and all(isinstance(d, int) and d >= 0 for d in entry[2])
               and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in entry[3:]))
         if not ok:
-            raise ValueError(f"the packed layout entry {str(entry)[:80]} is malformed (or names an unknown dtype)")
+            raise ValueError(f"the packed layout entry {str(entry)[:80]} is malformed (or names an unknown "
+                             "dtype)")
     return layout

@@ -45,7 +45,8 @@ def from_bf16(x: np.ndarray) -> np.ndarray:
     return (x.astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
-def encode(tensors: dict[str, np.ndarray], reference: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
+def encode(tensors: dict[str, np.ndarray], reference: dict[str, np.ndarray],
+           dtype: str) -> dict[str, np.ndarray]:
     """The arrays a node sends for `tensors`, trained from `reference` (the tensors it was sent)."""
     if dtype not in DTYPES:
         raise ValueError(f"upload dtype {dtype!r} is unknown: use one of {', '.join(DTYPES)}")
@@ -64,12 +65,14 @@ def encode(tensors: dict[str, np.ndarray], reference: dict[str, np.ndarray], dty
     return wire
 
 
-def decode(wire: dict[str, np.ndarray], reference: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
+def decode(wire: dict[str, np.ndarray], reference: dict[str, np.ndarray],
+           dtype: str) -> dict[str, np.ndarray]:
     """float32 tensors from a reply; VerifyError (one line) when the arrays do not fit the encoding."""
     keys = sorted(k for k in wire if not k.startswith(SCALE))
     want = {"fp32": np.float32, "bf16": np.uint16, "int8": np.int8}.get(dtype)
     if want is None:
-        raise VerifyError(f"upload dtype {dtype!r} is unknown: set upload_dtype to one of {', '.join(DTYPES)}")
+        raise VerifyError(f"upload dtype {dtype!r} is unknown: "
+                          f"set upload_dtype to one of {', '.join(DTYPES)}")
     out: dict[str, np.ndarray] = {}
     for key in keys:
         x = wire[key]

@@ -16,6 +16,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from node import client_app
+from protocol.instruction import TrainInstruction
 from protocol.packed import pack, unpack
 from protocol.signing.keys import Identity
 from protocol.update import SCALE, decode, encode, update_digest
@@ -65,16 +66,17 @@ def train(msg: Message, context: Context) -> Message:
     attack = str(context.node_config.get("attack") or "")
     if not attack or reply.has_error():
         return reply
-    config = msg.content["config"]
+    instruction = TrainInstruction.from_config(dict(msg.content["config"]))
     wire = unpack({k: v.numpy() for k, v in reply.content["adapter"].items()})
     if attack == "wrongkey":
         signer = Identity.generate()
     else:
         sent = unpack({k: v.numpy() for k, v in msg.content["adapter"].items()})
-        rng = np.random.default_rng(int(config["round"]))
-        wire = poison_wire(attack, wire, sent, str(config.get("upload_dtype", "fp32")), rng)
+        rng = np.random.default_rng(instruction.round)
+        wire = poison_wire(attack, wire, sent, instruction.upload_dtype, rng)
         reply.content["adapter"] = ArrayRecord({k: Array(v) for k, v in pack(wire).items()})
         signer = client_app._settings(context).identity  # the key it registered: the signature verifies
-    digest = update_digest(str(config["campaign"]), int(config["round"]), wire)
-    reply.content["proof"] = ConfigRecord({"public_key": signer.public_hex, "signature": signer.sign(digest).hex()})
+    digest = update_digest(instruction.campaign, instruction.round, wire)
+    reply.content["proof"] = ConfigRecord({"public_key": signer.public_hex,
+                                           "signature": signer.sign(digest).hex()})
     return reply

@@ -1,8 +1,8 @@
 """A fake Kubo RPC daemon on loopback, faithful to the documented API where our client touches it.
 
 POST only (GET → 405, as Kubo); multipart uploads; `add` answers JSON lines {Name, Hash, Size} with CIDs
-from protocol.content.unixfs; `dag/import` answers {"Root": {"Cid": {"/": ...}, "PinErrorMsg": ""}}; refusals are
-HTTP 500 with {"Message", "Code": 0, "Type": "error"}. Also `serve_app`, to run any ASGI app in a thread.
+from protocol.content.unixfs; `dag/import` answers {"Root": {"Cid": {"/": ...}, "PinErrorMsg": ""}}; refusals
+are HTTP 500 with {"Message", "Code": 0, "Type": "error"}. Also `serve_app`, to run any ASGI app in a thread.
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ class FakeKubo:
         self.pins: set[str] = set()
         self.provided: set[str] = set()
         self.lie_about_root = lie_about_root
-        self.app = Starlette(routes=[Route("/api/v0/{command:path}", self.dispatch, methods=["GET", "POST", "PUT"])])
+        self.app = Starlette(routes=[Route("/api/v0/{command:path}", self.dispatch,
+                                           methods=["GET", "POST", "PUT"])])
 
     async def dispatch(self, request: Request) -> Response:
         if request.method != "POST":

@@ -1,7 +1,7 @@
 """Real servers and real CLI processes for the attack tests: a uvicorn index on loopback, `commons ...`.
 
-    >>> with serve_index(tmp_path / "index") as index:       # its own database and block store
-    ...     index.publish(folder_meta, alice)                 # signed, stored, registered as `commons publish` does
+    >>> with serve_index(tmp_path / "index") as index:  # its own database and block store
+    ...     index.publish(folder_meta, alice)           # signed, stored, registered as `commons publish` does
     ...     code, out, err = commons("pull", "name", "--index", index.url, cwd=tmp_path)
 
 Crafted DAGs (what an attacker builds by hand) come from `directory_node` and `file_node`: dag-pb blocks
@@ -44,7 +44,8 @@ def free_port() -> int:
 
 def commons(*args: str, cwd: Path, timeout: float = 60) -> tuple[int, str, str]:
     """The installed console script as a user runs it (COMMONS_HOME comes from the test's environment)."""
-    done = subprocess.run([COMMONS, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False)
+    done = subprocess.run([COMMONS, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          check=False)
     return done.returncode, done.stdout, done.stderr
 
 

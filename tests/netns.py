@@ -40,7 +40,8 @@ def netns_unavailable() -> str | None:
     bridge = ip("-n", probe, "link", "add", "br0", "type", "bridge", check=False)
     ip("netns", "del", probe, check=False)
     if bridge.returncode != 0:
-        return f"cannot create a bridge in a namespace ({bridge.stderr.strip()}): needs the bridge kernel module"
+        return (f"cannot create a bridge in a namespace ({bridge.stderr.strip()}): "
+                "needs the bridge kernel module")
     return None
 
 
@@ -83,12 +84,14 @@ class Lan:
             ip("-n", self.switch, "link", "set", switch_end, "master", "br0")
             ip("-n", self.switch, "link", "set", switch_end, "up")
 
-    def run(self, name: str, args: Sequence[str], check: bool = False, **kwargs) -> subprocess.CompletedProcess:
+    def run(self, name: str, args: Sequence[str], check: bool = False,
+            **kwargs) -> subprocess.CompletedProcess:
         return subprocess.run(["ip", "netns", "exec", self.ns(name), *args], check=check, **kwargs)
 
     def popen(self, name: str, args: Sequence[str], **kwargs) -> subprocess.Popen:
         """A process on host `name`, in its own session so `close()` can interrupt its whole tree."""
-        proc = subprocess.Popen(["ip", "netns", "exec", self.ns(name), *args], start_new_session=True, **kwargs)
+        proc = subprocess.Popen(["ip", "netns", "exec", self.ns(name), *args], start_new_session=True,
+                                **kwargs)
         self.procs.append(proc)
         return proc
 
@@ -97,8 +100,10 @@ class Lan:
         ip("-n", self.ns(name), "link", "set", "eth0", "down")
 
     def reachable(self, src: str, dst: str, port: int, timeout: float = 2.0) -> bool:
-        probe = f"import socket; socket.create_connection(({self.ip(dst)!r}, {port}), timeout={timeout}).close()"
-        done = self.run(src, [sys.executable, "-c", probe], capture_output=True, timeout=timeout + 10, check=False)
+        probe = (f"import socket; socket.create_connection(({self.ip(dst)!r}, {port}), "
+                 f"timeout={timeout}).close()")
+        done = self.run(src, [sys.executable, "-c", probe], capture_output=True, timeout=timeout + 10,
+                        check=False)
         return done.returncode == 0
 
     def close(self) -> None:

@@ -9,13 +9,9 @@ import numpy as np
 import pytest
 
 from coordinator import privacy
-from coordinator.aggregate import (
-    AggregateConfig,
-    Update,
-    aggregate,
-    capped_examples,
-    product_gap,
-)
+from coordinator.rules import AggregateConfig, Update, aggregate
+from coordinator.rules.exact import product_gap
+from coordinator.rules.toolkit import capped_examples
 from protocol.errors import CommonsError
 
 KEY = "base_model.model.model.layers.{}.self_attn.{}.lora_{}.weight"

@@ -11,7 +11,8 @@ import torch
 from bench import bench_gpu
 
 TINY = {"vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128, "rope_theta": 10_000.0, "tie_word_embeddings": True}
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+        "rope_theta": 10_000.0, "tie_word_embeddings": True}
 
 
 def test_without_cuda_the_benchmark_reports_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -25,16 +26,21 @@ def test_both_loops_train_the_same_tiny_model_and_report_consistent_figures() ->
     model = bench_gpu.build_model(TINY, "cpu", torch.float32)
     trainable, _total = model.get_nb_trainable_parameters()
     assert result["n_lora"] == trainable > 0
-    frozen = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)  # tied: embedding counted once
+    # tied: embedding counted once
+    frozen = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
     assert result["n_base"] == frozen and result["flops_per_token"] == 4 * frozen + 6 * trainable
     for arm in ("ours", "trainer"):
         figures = result[arm]
-        assert figures["tokens"] == shape.steps * shape.batch * shape.seq  # every token of every batch is real
+        # every token of every batch is real
+        assert figures["tokens"] == shape.steps * shape.batch * shape.seq
         assert figures["tokens_per_s"] == pytest.approx(figures["tokens"] / figures["seconds"], rel=0.01)
-        assert figures["tflops"] == pytest.approx(result["flops_per_token"] * figures["tokens_per_s"] / 1e12, abs=0.01)
-        assert figures["mfu"] == pytest.approx(figures["tflops"] / 1.0, abs=0.0051)  # tflops is rounded to 0.01, mfu to 1e-4
+        assert figures["tflops"] == pytest.approx(result["flops_per_token"] * figures["tokens_per_s"] / 1e12,
+                                                  abs=0.01)
+        # tflops is rounded to 0.01, mfu to 1e-4
+        assert figures["mfu"] == pytest.approx(figures["tflops"] / 1.0, abs=0.0051)
         assert figures["tflops_with_attention"] >= figures["tflops"]
-    assert result["ratio"] == pytest.approx(result["ours"]["tokens_per_s"] / result["trainer"]["tokens_per_s"], rel=0.01)
+    assert result["ratio"] == pytest.approx(
+        result["ours"]["tokens_per_s"] / result["trainer"]["tokens_per_s"], rel=0.01)
 
 
 def test_the_synthetic_batches_mask_the_prompt_and_are_identical_for_both_loops() -> None:
@@ -59,9 +65,11 @@ def test_peak_and_flop_formulas() -> None:
 
 def test_the_default_model_is_about_half_a_billion_parameters() -> None:
     c = bench_gpu.QWEN2_05B
-    d, f, layers, kv = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["num_key_value_heads"]
+    d, f, layers, kv = (c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"],
+                        c["num_key_value_heads"])
     head = d // c["num_attention_heads"]
-    per_layer = d * d * 2 + 2 * d * kv * head + 2 * kv * head + d + 3 * d * f + 2 * d  # q,o; k,v (+ biases); mlp; norms
+    # q,o; k,v (+ biases); mlp; norms
+    per_layer = d * d * 2 + 2 * d * kv * head + 2 * kv * head + d + 3 * d * f + 2 * d
     total = c["vocab_size"] * d + layers * per_layer + d
     assert 480e6 < total < 510e6
 

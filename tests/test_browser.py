@@ -35,7 +35,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     import uvicorn
 
     root = tmp_path_factory.mktemp("browser")
-    store, db, me = BlockStore(root / "blocks"), IndexDB(f"sqlite:///{root / 'index.db'}"), Identity.generate()
+    store, db, me = (BlockStore(root / "blocks"), IndexDB(f"sqlite:///{root / 'index.db'}"),
+                     Identity.generate())
     entries = [
         ("gsm8k-smollm2", {"eval": {"task": "gsm8k", "description": "grade-school maths",
                                     "accuracy_base": 0.2, "accuracy_adapter": 0.35,

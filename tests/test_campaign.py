@@ -22,18 +22,20 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_a_minimal_campaign_gets_sane_defaults_and_canonical_ids(tmp_path: Path) -> None:
     campaign = load(write(tmp_path, 'name = "x"\nbase_model = "smollm2"\neval_file = "test.jsonl"\n'))
     assert campaign.base_model == SMOLLM2_ID and campaign.base_revision == "gguf-q4_1"
-    assert campaign.rounds >= 1 and campaign.lora.r == 8 and campaign.eval_file == (tmp_path / "test.jsonl").resolve()
+    assert (campaign.rounds >= 1 and campaign.lora.r == 8
+            and campaign.eval_file == (tmp_path / "test.jsonl").resolve())
 
 
 def test_dump_round_trips(tmp_path: Path) -> None:
     (tmp_path / "test.jsonl").write_text("{}\n")
     cid = str(cid_for(RAW, b"records"))
-    original = Campaign(name="x", base_model="tiny", eval_file=tmp_path / "test.jsonl", rounds=3, aggregation="robust",
-                        datasets=[{"cid": cid, "name": "d", "license": "CC0-1.0"}])
+    original = Campaign(name="x", base_model="tiny", eval_file=tmp_path / "test.jsonl", rounds=3,
+                        aggregation="robust", datasets=[{"cid": cid, "name": "d", "license": "CC0-1.0"}])
     path = tmp_path / "d.toml"
     path.write_text(dump(original))
     again = load(path)
-    assert (again.rounds, again.aggregation, again.datasets, again.lora) == (3, "robust", original.datasets, original.lora)
+    assert ((again.rounds, again.aggregation, again.datasets, again.lora)
+            == (3, "robust", original.datasets, original.lora))
 
 
 @pytest.mark.parametrize(
@@ -41,9 +43,12 @@ def test_dump_round_trips(tmp_path: Path) -> None:
     [
         ('base_model = "m"\neval_file = "test.jsonl"\n', "needs `name = ...`"),
         ('name = "x"\nbase_model = "m"\neval_file = "nope.jsonl"\n', "does not exist"),
-        ('name = "x"\nbase_model = "m"\neval_file = "test.jsonl"\naggregation = "mean"\n', "use one of fedavg, exact, robust"),
-        ('name = "x"\nbase_model = "m"\neval_file = "test.jsonl"\nroundz = 2\n', "unknown key campaign.roundz"),
-        ('name = "x"\nbase_model = "m"\neval_file = "test.jsonl"\n[train]\nstep = 2\n', "unknown key train.step"),
+        ('name = "x"\nbase_model = "m"\neval_file = "test.jsonl"\naggregation = "mean"\n',
+         "use one of fedavg, exact, robust"),
+        ('name = "x"\nbase_model = "m"\neval_file = "test.jsonl"\nroundz = 2\n',
+         "unknown key campaign.roundz in the campaign file: did you mean rounds?"),
+        ('name = "x"\nbase_model = "m"\neval_file = "test.jsonl"\n[train]\nstep = 2\n',
+         "unknown key train.step in the campaign file: did you mean steps?"),
         ('name = "x"\nbase_model = "m"\neval_file = "test.jsonl"\nrounds = 0\n', "at least 1"),
         ('name = "x\nbase', "not valid TOML"),
     ],
@@ -69,7 +74,8 @@ def test_a_campaign_file_can_name_its_volunteers(tmp_path: Path) -> None:
                                      'volunteers = "keys/vols.txt"\n')
     campaign = load(tmp_path / "c.toml")
     assert campaign.closed and campaign.volunteers == str(tmp_path / "keys" / "vols.txt")
-    (tmp_path / "c.toml").write_text('name = "c"\nbase_model = "tiny"\neval_file = "test.jsonl"\nvolunteers = "no.txt"\n')
+    (tmp_path / "c.toml").write_text('name = "c"\nbase_model = "tiny"\neval_file = "test.jsonl"\n'
+                                     'volunteers = "no.txt"\n')
     with pytest.raises(CommonsError, match="volunteers = .*no.txt' does not exist: point it at the file"):
         load(tmp_path / "c.toml")
 
@@ -77,13 +83,16 @@ def test_a_campaign_file_can_name_its_volunteers(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("line", "said"),
     [
-        ('min_nodes = "two"', 'min_nodes = "two" in the campaign file must be a whole number, e.g. min_nodes = 1'),
+        ('min_nodes = "two"',
+         'min_nodes = "two" in the campaign file must be a whole number, e.g. min_nodes = 1'),
         ("rounds = 2.5", "rounds = 2.5 in the campaign file must be a whole number, e.g. rounds = 2"),
         ("rounds = true", "rounds = true in the campaign file must be a whole number"),
-        ('[train]\nlr = "0.002"', 'train.lr = "0.002" in the campaign file must be a number: write lr = 0.002 (no quotes)'),
+        ('[train]\nlr = "0.002"',
+         'train.lr = "0.002" in the campaign file must be a number: write lr = 0.002 (no quotes)'),
         ("[train]\nlr = 0", "train.lr = 0 in the campaign file must be above 0 and at most 1"),
         ("[lora]\nr = 0", "lora.r = 0 in the campaign file must be between 1 and 1024"),
-        ('[lora]\ntarget_modules = "q_proj"', "lora.target_modules = \"q_proj\" in the campaign file must be a list"),
+        ('[lora]\ntarget_modules = "q_proj"',
+         "lora.target_modules = \"q_proj\" in the campaign file must be a list"),
         ("publish_margin = 5", "publish_margin = 5 in the campaign file must be between -1 and 1"),
         ("node_wait = -1", "node_wait = -1 in the campaign file must be 0 or more"),
         ("min_coverage = 0", "min_coverage = 0 in the campaign file must be at least 1"),
@@ -98,15 +107,18 @@ def test_every_key_is_type_and_range_checked_in_one_line(tmp_path: Path, line: s
 
 
 def test_a_whole_number_is_accepted_where_a_number_is_asked(tmp_path: Path) -> None:
-    campaign = load(write(tmp_path, 'name = "x"\nbase_model = "tiny"\neval_file = "test.jsonl"\nround_timeout = 60\n'
-                                    "[train]\nlr = 1\n"))
+    campaign = load(write(tmp_path,
+                          'name = "x"\nbase_model = "tiny"\neval_file = "test.jsonl"\nround_timeout = 60\n'
+                          "[train]\nlr = 1\n"))
     assert campaign.round_timeout == 60.0 and isinstance(campaign.train.lr, float)
 
 
 def test_the_docs_placeholder_cid_is_refused_even_for_local_data(tmp_path: Path) -> None:
-    text = 'name = "x"\nbase_model = "tiny"\neval_file = "test.jsonl"\n[[datasets]]\ncid = "bafy..."\nname = "my-chats"\n'
-    with pytest.raises(CommonsError, match=r'^\[\[datasets\]\] entry 1 needs cid = a dataset CID \(what `commons data '
-                                           r'add` printed\); "bafy..." is not one$'):
+    text = ('name = "x"\nbase_model = "tiny"\neval_file = "test.jsonl"\n[[datasets]]\ncid = "bafy..."\n'
+            'name = "my-chats"\n')
+    with pytest.raises(CommonsError,
+                       match=r'^\[\[datasets\]\] entry 1 needs cid = a dataset CID \(what `commons data '
+                             r'add` printed\); "bafy..." is not one$'):
         load(write(tmp_path, text))
     with pytest.raises(CommonsError, match="unknown key licence in \\[\\[datasets\\]\\] entry 1"):
         load(write(tmp_path, text.replace('"bafy..."', f'"{cid_for(RAW, b"x")}"') + 'licence = "MIT"\n'))
@@ -114,7 +126,8 @@ def test_the_docs_placeholder_cid_is_refused_even_for_local_data(tmp_path: Path)
 
 def test_a_campaign_without_a_licence_is_published_under_the_default_it_names(tmp_path: Path) -> None:
     unnamed = load(write(tmp_path, 'name = "x"\nbase_model = "tiny"\neval_file = "test.jsonl"\n'))
-    named = load(write(tmp_path, 'name = "x"\nbase_model = "tiny"\neval_file = "test.jsonl"\nlicense = "MIT"\n'))
+    named = load(write(tmp_path,
+                       'name = "x"\nbase_model = "tiny"\neval_file = "test.jsonl"\nlicense = "MIT"\n'))
     assert (unnamed.license, unnamed.published_license()) == ("", "Apache-2.0")
     assert named.published_license() == "MIT"
 

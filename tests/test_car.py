@@ -37,7 +37,8 @@ def _planets(root: Path) -> Path:
 def test_header_is_the_dag_cbor_kubo_writes() -> None:
     cid = CID.decode(PLANETS_V0)
     expected = (
-        bytes.fromhex("a2") + bytes.fromhex("65") + b"roots" + bytes.fromhex("81 d82a 5823 00") + cid.to_bytes()
+        bytes.fromhex("a2") + bytes.fromhex("65") + b"roots" + bytes.fromhex("81 d82a 5823 00")
+        + cid.to_bytes()
         + bytes.fromhex("67") + b"version" + bytes.fromhex("01")
     )
     assert car.encode_header([PLANETS_V0]) == expected
@@ -59,7 +60,8 @@ def test_export_layout_is_dfs_sections(tmp_path: Path) -> None:
         raw = CID.decode(cid).to_bytes()
         expected += varint_encode(len(raw) + len(block)) + raw + block
     assert out.getvalue() == expected
-    mars, venus = "QmPrrHqJzto9m7SyiRzarwkqPcCSsKR2EB1AyqJfe8L8tN", "QmU5kp3BH3B8tnWUU2Pikdb2maksBNkb92FHRr56hyghh4"
+    mars, venus = ("QmPrrHqJzto9m7SyiRzarwkqPcCSsKR2EB1AyqJfe8L8tN",
+                   "QmU5kp3BH3B8tnWUU2Pikdb2maksBNkb92FHRr56hyghh4")
     assert [cid for cid, _ in store.dag(root)] == [PLANETS_V0, mars, venus]
 
 
@@ -154,7 +156,8 @@ def test_car_commands_round_trip_through_commons_home(tmp_path: Path, home: Path
 
 
 def test_car_export_of_absent_dag_names_the_fix(tmp_path: Path, home: Path) -> None:
-    result = CliRunner().invoke(car_group, ["export", PLANETS_V0, str(tmp_path / "x.car")], standalone_mode=False)
+    result = CliRunner().invoke(car_group, ["export", PLANETS_V0, str(tmp_path / "x.car")],
+                                standalone_mode=False)
     assert isinstance(result.exception, CommonsError)
     assert "commons pull" in str(result.exception)
     assert not (tmp_path / "x.car").exists()

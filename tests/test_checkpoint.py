@@ -11,7 +11,8 @@ from coordinator import checkpoint
 
 def test_round_trip_and_only_the_latest_weights_are_kept(tmp_path: Path) -> None:
     for round_ in (1, 2):
-        checkpoint.save(tmp_path, {"a": np.full((2, 3), round_, np.float32)}, {"round": round_, "fingerprint": "f"})
+        checkpoint.save(tmp_path, {"a": np.full((2, 3), round_, np.float32)},
+                        {"round": round_, "fingerprint": "f"})
     tensors, state = checkpoint.load(tmp_path, "f")
     assert state["round"] == 2 and np.all(tensors["a"] == 2)
     assert [p.name for p in tmp_path.glob("global-*")] == ["global-2.safetensors"]

@@ -18,6 +18,7 @@ from test_federation_e2e import read_events, write_campaign
 from commons.flower import _bin, _env, free_port
 from coordinator import closed
 from modeling.load import TINY_ID, local_path
+from node.flower_keys import supernode_key
 from protocol.errors import CommonsError
 from protocol.signing.keys import Identity
 
@@ -25,7 +26,7 @@ COMMONS = str(Path(sys.executable).parent / "commons")
 
 
 def flower_key(tmp_path: Path, name: str = "k") -> str:
-    _, public = closed.supernode_key(tmp_path / name)
+    _, public = supernode_key(tmp_path / name)
     return public.read_text().strip()
 
 
@@ -39,8 +40,10 @@ def test_volunteers_file_names_the_bad_line(tmp_path: Path) -> None:
     good = flower_key(tmp_path)
     with pytest.raises(CommonsError, match=r"^line 3 of vols.txt is not a Flower SuperNode public key .*"
                                            r"`commons node key` prints$"):
-        closed.parse_volunteers(f"# ok\n{good}\nssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9o"
-                                "kWi0dh2l9GKJl\n", "vols.txt")
+        closed.parse_volunteers(f"# ok\n{good}\n"
+                                "ssh-ed25519 "
+                                "AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl\n",
+                                "vols.txt")
 
 
 def test_volunteers_directory_reads_every_pub(tmp_path: Path) -> None:
@@ -65,7 +68,8 @@ def test_tls_is_created_once_and_reissued_only_for_new_names(tmp_path: Path) -> 
     assert done == "created" and oct(tls.key.stat().st_mode & 0o777) == "0o600"
     assert closed.ensure_tls(tmp_path, hosts)[1] == "reused" and tls.cert.read_bytes() == cert
     tls2, done = closed.ensure_tls(tmp_path, ("coord.example", *hosts))
-    assert done == "reissued" and tls2.ca.read_bytes() == ca and tls2.cert.read_bytes() != cert  # volunteers keep ca
+    # volunteers keep ca
+    assert done == "reissued" and tls2.ca.read_bytes() == ca and tls2.cert.read_bytes() != cert
 
 
 def test_admitted_keys_come_back_after_a_restart(tmp_path: Path) -> None:
@@ -78,18 +82,21 @@ def test_admitted_keys_come_back_after_a_restart(tmp_path: Path) -> None:
 
 def test_flower_registration_errors_become_one_line(tmp_path: Path) -> None:
     key = flower_key(tmp_path)
-    down = closed.register_error("Using SuperLink: commons (127.0.0.1:9092)\n\nConnection to the SuperLink is "
-                                 "unavailable. Please check your network connection.", key)
+    down = closed.register_error("Using SuperLink: commons (127.0.0.1:9092)\n\n"
+                                 "Connection to the SuperLink is unavailable. Please check your network "
+                                 "connection.", key)
     assert "\n" not in down and "does not answer" in down and down.endswith("is it running?")
-    assert closed.register_error("[code: 23] Public key already in use.", key).endswith("already registered with "
-                                                                                      "this coordinator: nothing to do")
+    assert closed.register_error("[code: 23] Public key already in use.", key).endswith(
+        "already registered with this coordinator: nothing to do")
 
 
-def test_the_admins_flwr_talks_to_the_loopback_superlink_with_tls_only_when_given_a_ca(tmp_path: Path) -> None:
+def test_the_admins_flwr_talks_to_the_loopback_superlink_with_tls_only_when_given_a_ca(
+        tmp_path: Path) -> None:
     from commons.flower import Network
 
     open_net = Network(tmp_path / "open", address="0.0.0.0:9092", control="127.0.0.1:40001")
-    assert 'address = "127.0.0.1:40001"\ninsecure = true' in (open_net.flwr_home() / "config.toml").read_text()
+    assert ('address = "127.0.0.1:40001"\ninsecure = true'
+            in (open_net.flwr_home() / "config.toml").read_text())
     tls = closed.make_tls(tmp_path / "tls")
     closed_net = Network(tmp_path / "closed", address="127.0.0.1:9092", control="127.0.0.1:40002", ca=tls.ca)
     config = (closed_net.flwr_home() / "config.toml").read_text()
@@ -119,7 +126,8 @@ def test_tls_without_ca_and_a_malformed_key_fail_with_one_line(tmp_path: Path) -
     line = one_line_error(commons(tmp_path, "coordinator", "admit", str(good)))
     assert line.startswith("error: no coordinator is running under")
     (tmp_path / "test.jsonl").write_text("")
-    (tmp_path / "c.toml").write_text('name = "c"\nbase_model = "tiny"\neval_file = "test.jsonl"\nlicense = "MIT"\n')
+    (tmp_path / "c.toml").write_text('name = "c"\nbase_model = "tiny"\neval_file = "test.jsonl"\n'
+                                     'license = "MIT"\n')
     line = one_line_error(commons(tmp_path, "coordinator", "start", "--campaign", str(tmp_path / "c.toml"),
                                   "--tls-host", "x.org"))
     assert "--tls-host only applies to closed campaigns: add --closed" in line
@@ -165,8 +173,8 @@ def test_closed_campaign_admits_registered_volunteers_and_refuses_a_stranger(tmp
     (tmp_path / "bob.pub").write_text(keys["bob"] + "\n")
     port, procs = free_port(), {}
     try:
-        procs["coord"] = spawn(coord, tmp_path / "coord.log", "coordinator", "start", "--campaign", str(campaign),
-                               "--host", "127.0.0.1",
+        procs["coord"] = spawn(coord, tmp_path / "coord.log", "coordinator", "start", "--campaign",
+                               str(campaign), "--host", "127.0.0.1",
                                "--port", str(port), "--json")
         body = wait_text(tmp_path / "coord.log", "volunteers registered", procs["coord"], 90)
         ca = coord / "coordinator" / "tls" / "ca.pem"
@@ -178,16 +186,18 @@ def test_closed_campaign_admits_registered_volunteers_and_refuses_a_stranger(tmp
         with pytest.raises(CommonsError, match="could not register"):
             closed.register(_bin("flwr"), strange, tmp_path / "stranger.pub", _env({}))
         marker, report = tmp_path / "pwned", tmp_path / "report.json"
-        assert not flwr_run(evil_app(tmp_path / "evil", marker, report, shadow=False), strange, tmp_path)["success"]
-        node = ["node", "start", "--coordinator", f"127.0.0.1:{port}", "--ca", str(ca), "--max-cpu-threads", "1"]
+        assert not flwr_run(evil_app(tmp_path / "evil", marker, report, shadow=False), strange,
+                            tmp_path)["success"]
+        node = ["node", "start", "--coordinator", f"127.0.0.1:{port}", "--ca", str(ca), "--max-cpu-threads",
+                "1"]
         admitted = commons(coord, "coordinator", "admit", str(tmp_path / "bob.pub"), "--json")
         assert admitted.returncode == 0, admitted.stderr
         assert json.loads(admitted.stdout)["fingerprint"] == closed.fingerprint(keys["bob"])
         for i, name in enumerate(homes):
             procs[name] = spawn(homes[name], tmp_path / f"{name}.log", *node, "--data", str(data[i]))
         again = one_line_error(commons(coord, "coordinator", "admit", str(tmp_path / "bob.pub")))
-        assert again == f"error: {closed.fingerprint(keys['bob'])} is already registered with this coordinator: " \
-                        "nothing to do"
+        assert again == (f"error: {closed.fingerprint(keys['bob'])} is already registered with this "
+                         "coordinator: nothing to do")
 
         assert procs["stranger"].wait(timeout=90) == 1
         procs["coord"].wait(timeout=240)
@@ -201,8 +211,8 @@ def test_closed_campaign_admits_registered_volunteers_and_refuses_a_stranger(tmp
     summary = json.loads((tmp_path / "coord.out").read_text().strip().splitlines()[-1])
     assert summary["published"] and summary["signature_valid"] and summary["adapter_cid"].startswith("Qm")
     refused = (tmp_path / "stranger.log").read_text().strip().splitlines()[-1]
-    assert refused.startswith(f"error: the coordinator 127.0.0.1:{port} refused this volunteer: its key is not "
-                              "registered; send the output of `commons node key`")
+    assert refused.startswith(f"error: the coordinator 127.0.0.1:{port} refused this volunteer: its key is "
+                              "not registered; send the output of `commons node key`")
     log = read_events(tmp_path)
     updated = {e["node"] for e in log if e["event"] == "update"}
     assert updated == {ids["alice"][:16], ids["bob"][:16]}

@@ -26,6 +26,7 @@ from test_federation_e2e import read_events, wait_for, write_campaign
 from commons.flower import Network, _bin, _env, free_port
 from coordinator import closed
 from coordinator.gate import allowed
+from node.flower_keys import supernode_key
 from node.runner import APP, read_bundle, refusal
 
 COMMONS = str(Path(sys.executable).parent / "commons")
@@ -65,7 +66,8 @@ def main(grid, context):
     while not nodes and time.time() < deadline:
         nodes = list(grid.get_node_ids())
         time.sleep(0.5)
-    out = [Message(RecordDict({{"config": ConfigRecord({{"want": "info"}})}}), dst_node_id=n, message_type="query")
+    out = [Message(RecordDict({{"config": ConfigRecord({{"want": "info"}})}}), dst_node_id=n,
+                   message_type="query")
            for n in nodes]
     replies = list(grid.send_and_receive(out, timeout=90))
     said = [r.error.reason if r.has_error() else sorted(r.content["info"].keys()) for r in replies]
@@ -104,7 +106,8 @@ def ran_outside_the_attackers_cli(marker: Path) -> list[list[str]]:
 
 def flwr_run(app: Path, flwr_home: Path, cwd: Path) -> dict:
     done = subprocess.run([_bin("flwr"), "run", str(app), "commons", "--format", "json"], capture_output=True,
-                          text=True, timeout=120, cwd=cwd, check=False, env=_env({"FLWR_HOME": str(flwr_home)}))
+                          text=True, timeout=120, cwd=cwd, check=False,
+                          env=_env({"FLWR_HOME": str(flwr_home)}))
     try:
         return json.loads(done.stdout)
     except json.JSONDecodeError:
@@ -120,13 +123,16 @@ def fab(pyproject: str, extra: dict[str, str] | None = None) -> bytes:
     return out.getvalue()
 
 
-OURS = '[tool.flwr.app.components]\nserverapp = "coordinator.server_app:app"\nclientapp = "node.client_app:app"\n'
+OURS = ('[tool.flwr.app.components]\nserverapp = "coordinator.server_app:app"\n'
+        'clientapp = "node.client_app:app"\n')
 
 
 def test_a_bundle_declaring_another_clientapp_is_refused_in_one_line() -> None:
-    why = refusal(fab(OURS.replace("node.client_app:app", "evil_client:app"), {"evil_client.py": "import os"}))
+    why = refusal(fab(OURS.replace("node.client_app:app", "evil_client:app"),
+                      {"evil_client.py": "import os"}))
     assert why is not None and "\n" not in why
-    assert "declares ClientApp 'evil_client:app'" in why and "only lora-commons' installed node.client_app:app" in why
+    assert ("declares ClientApp 'evil_client:app'" in why
+            and "only lora-commons' installed node.client_app:app" in why)
 
 
 def test_a_bundle_naming_our_app_passes_but_its_own_copy_is_only_listed_never_loaded() -> None:
@@ -158,11 +164,12 @@ def test_flower_internals_the_runner_relies_on_are_as_built_against() -> None:
     from flwr.supercore.constant import TaskType
     from flwr.supernode.runtime import run_clientapp
 
-    assert flwr.__version__.startswith("1.42."), f"node/runner.py is built against Flower 1.42, not {flwr.__version__}"
+    assert flwr.__version__.startswith("1.42."), (
+        f"node/runner.py is built against Flower 1.42, not {flwr.__version__}")
     assert list(inspect.signature(run_clientapp.pull_task_input).parameters) == ["client"]
     assert list(inspect.signature(run_clientapp.push_message).parameters) == ["client", "message", "context"]
-    assert list(inspect.signature(run_clientapp.push_task_output).parameters) == ["client", "context", "sub_status",
-                                                                                  "details"]
+    assert list(inspect.signature(run_clientapp.push_task_output).parameters) == ["client", "context",
+                                                                                  "sub_status", "details"]
     assert TaskType.CLIENT_APP == "flwr-clientapp"
     assert SubStatus.COMPLETED and ErrorCode.LOAD_CLIENT_APP_EXCEPTION
 
@@ -195,7 +202,8 @@ def wait_file(path: Path, timeout: float) -> str:
 
 @pytest.mark.slow  # about 90 s each on a loaded 2-core machine
 @pytest.mark.parametrize("closed_campaign", [False, True], ids=["open", "closed"])
-def test_a_malicious_coordinators_code_never_runs_on_a_volunteer(tmp_path: Path, closed_campaign: bool) -> None:
+def test_a_malicious_coordinators_code_never_runs_on_a_volunteer(tmp_path: Path,
+                                                                 closed_campaign: bool) -> None:
     campaign, data = write_campaign(tmp_path, 1, rounds=1, round_timeout=120)
     campaign.write_text(campaign.read_text().replace("min_nodes = 2", "min_nodes = 1"))
     marker = tmp_path / "pwned"
@@ -207,14 +215,15 @@ def test_a_malicious_coordinators_code_never_runs_on_a_volunteer(tmp_path: Path,
         net.start_superlink(env={"COMMONS_HOME": str(tmp_path / "coord")}, tls=tls)
         extra: tuple[str, ...] = ()
         if tls:
-            key = closed.supernode_key(volunteer)[1]  # what `commons node key` makes, admitted by this admin
+            key = supernode_key(volunteer)[1]  # what `commons node key` makes, admitted by this admin
             closed.register(_bin("flwr"), net.flwr_home(), key, _env({}))
             extra = ("--ca", str(tls.ca))
         procs.append(daemon(volunteer, net.address, data[0], *extra))
         for shadow in (False, True):
             report = tmp_path / f"report-{shadow}.json"
             app = evil_app(tmp_path / f"evil-{shadow}", marker, report, shadow)
-            assert flwr_run(app, net.flwr_home(), tmp_path).get("success"), "the coordinator's admin may submit"
+            assert flwr_run(app, net.flwr_home(), tmp_path).get("success"), (
+                "the coordinator's admin may submit")
             said = json.loads(wait_file(report, 150))
             assert len(said) == 1
             if shadow:  # our installed app answered the query; the bundle's copy was never imported
@@ -237,21 +246,23 @@ def test_a_malicious_coordinators_code_never_runs_on_a_volunteer(tmp_path: Path,
 @pytest.mark.slow  # about 60 s on a loaded 2-core machine
 def test_a_strangers_flwr_run_against_a_coordinator_is_refused(tmp_path: Path) -> None:
     campaign, data = write_campaign(tmp_path, 1, rounds=1, round_timeout=120)
-    campaign.write_text("publish_margin = -1.0\n" + campaign.read_text().replace("min_nodes = 2", "min_nodes = 1"))
+    campaign.write_text("publish_margin = -1.0\n"
+                        + campaign.read_text().replace("min_nodes = 2", "min_nodes = 1"))
     marker, report = tmp_path / "pwned", tmp_path / "report.json"
     port = free_port()
     coord = tmp_path / "coord"
     coord.mkdir()
     out = (tmp_path / "coord.log").open("w")
-    procs = [subprocess.Popen([COMMONS, "coordinator", "start", "--campaign", str(campaign), "--host", "127.0.0.1",
-                               "--port", str(port), "--wait-nodes", "1", "--json"], stdout=out, stderr=out,
-                              env={**os.environ, "COMMONS_HOME": str(coord)})]
+    procs = [subprocess.Popen([COMMONS, "coordinator", "start", "--campaign", str(campaign), "--host",
+                               "127.0.0.1", "--port", str(port), "--wait-nodes", "1", "--json"], stdout=out,
+                              stderr=out, env={**os.environ, "COMMONS_HOME": str(coord)})]
     try:
         procs.append(daemon(tmp_path / "volunteer", f"127.0.0.1:{port}", data[0]))
         stranger = tmp_path / "stranger"
         stranger.mkdir()
         (stranger / "config.toml").write_text(
-            f'[superlink]\ndefault = "commons"\n\n[superlink.commons]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+            f'[superlink]\ndefault = "commons"\n\n[superlink.commons]\naddress = "127.0.0.1:{port}"\n'
+            'insecure = true\n')
         wait_file(coord / "coordinator" / "running.json", 60)  # its SuperLink and gate are up
         reply = flwr_run(evil_app(tmp_path / "evil", marker, report, shadow=False), stranger, tmp_path)
         assert not reply.get("success"), reply

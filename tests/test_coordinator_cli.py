@@ -30,7 +30,8 @@ def capitals(tmp_path: Path, text: str) -> Path:
     """The user's own campaign file, next to its eval file."""
     data = write_demo_data(tmp_path / "data", 2, 12, 4)
     path = tmp_path / "capitals.toml"
-    path.write_text(f'name = "capitals"\nbase_model = "tiny"\neval_file = "{data["test"]}"\neval_size = 4\n{text}')
+    path.write_text(f'name = "capitals"\nbase_model = "tiny"\neval_file = "{data["test"]}"\neval_size = 4\n'
+                    f'{text}')
     return path
 
 
@@ -49,7 +50,8 @@ def processes_of(home: Path) -> list[int]:
 
 
 def test_a_mistyped_campaign_key_is_one_line_before_anything_starts(tmp_path: Path) -> None:
-    done = commons(tmp_path / "coord", "coordinator", "start", "--campaign", str(capitals(tmp_path, 'min_nodes = "two"\n')))
+    done = commons(tmp_path / "coord", "coordinator", "start", "--campaign",
+                   str(capitals(tmp_path, 'min_nodes = "two"\n')))
     assert done.returncode == 1 and done.stderr.strip().splitlines() == [
         'error: min_nodes = "two" in the campaign file must be a whole number, e.g. min_nodes = 1']
     assert "Port volunteers dial" in commons(tmp_path / "coord", "coordinator", "start", "--help").stdout
@@ -64,7 +66,8 @@ def test_index_serve_refuses_a_port_in_use_naming_port(tmp_path: Path) -> None:
         port = busy.getsockname()[1]
         done = commons(tmp_path / "home", "index", "serve", "--port", str(port))
     assert done.returncode == 1 and done.stderr.strip().splitlines() == [
-        f"error: port {port} on 127.0.0.1 is in use (another coordinator or index?): stop it or pass --port N"]
+        (f"error: port {port} on 127.0.0.1 is in use (another coordinator or index?): "
+         "stop it or pass --port N")]
 
 
 def test_base_path_prints_the_folder_plain_peft_loads_offline(tmp_path: Path) -> None:
@@ -86,18 +89,18 @@ def test_a_failed_campaign_starts_again_and_sigterm_stops_every_process(tmp_path
         f"error: the campaign failed: {failed}")
     # the user runs the same command again, patience raised: it starts (the old error is not read back)
     campaign.write_text(campaign.read_text().replace("node_wait = 2", "node_wait = 300"))
-    second = spawn(home, tmp_path / "second.log", "coordinator", "start", "--campaign", str(campaign), "--port",
-                   str(port))
+    second = spawn(home, tmp_path / "second.log", "coordinator", "start", "--campaign", str(campaign),
+                   "--port", str(port))
     said = wait_text(tmp_path / "second.log", "waiting for volunteers: 0 of 1 ready", second, 120)
     started = time.monotonic()
     second.send_signal(signal.SIGTERM)  # what `kill`, `timeout` and systemd send
     assert second.wait(timeout=60) == 130
     stopping = time.monotonic() - started
     lines = said.splitlines()
-    assert lines[0] == f"campaign capitals starts again from round 1 (it stopped: {failed}: start more nodes, " \
-                       "raise node_wait or lower min_nodes in the campaign file)"
-    assert lines[1].startswith("warning: the campaign file names no license: the adapter will be published under "
-                               "Apache-2.0; add license = ")
+    assert lines[0] == (f"campaign capitals starts again from round 1 (it stopped: {failed}: start more "
+                        "nodes, raise node_wait or lower min_nodes in the campaign file)")
+    assert lines[1].startswith("warning: the campaign file names no license: the adapter will be published "
+                               "under Apache-2.0; add license = ")
     assert f":{port}`" in lines[2] and "HOST" not in said  # a real address to dial, not a placeholder
     ensure_free("0.0.0.0", port)  # the port is free again
     deadline = time.monotonic() + 10  # a killed child may take a moment to be gone from /proc
@@ -110,16 +113,16 @@ def test_a_failed_campaign_starts_again_and_sigterm_stops_every_process(tmp_path
 def test_a_volunteer_pressing_ctrl_c_rejoins_and_the_coordinator_says_what_happens(tmp_path: Path) -> None:
     local_path(TINY_ID)
     campaign = capitals(tmp_path, 'license = "CC-BY-4.0"\nrounds = 2\nmin_nodes = 2\nround_timeout = 180\n'
-                                  "node_wait = 180\npublish_margin = -1.0\n[train]\nsteps = 10\nbatch_size = 2\n"
-                                  "max_length = 48\n")
+                                  "node_wait = 180\npublish_margin = -1.0\n[train]\nsteps = 10\n"
+                                  "batch_size = 2\nmax_length = 48\n")
     data = sorted((tmp_path / "data").glob("node*.jsonl"))
     port, procs = free_port(), {}
     coord = tmp_path / "coord"
     node = ["node", "start", "--coordinator", f"127.0.0.1:{port}", "--max-cpu-threads", "1", "--data"]
     events = coord / "campaigns" / "capitals" / "events.jsonl"
     try:
-        procs["coord"] = spawn(coord, tmp_path / "coord.log", "coordinator", "start", "--campaign", str(campaign),
-                               "--host", "127.0.0.1", "--port", str(port))
+        procs["coord"] = spawn(coord, tmp_path / "coord.log", "coordinator", "start", "--campaign",
+                               str(campaign), "--host", "127.0.0.1", "--port", str(port))
         wait_text(tmp_path / "coord.log", "rounds start once 2 volunteers can train", procs["coord"], 120)
         for name, file in zip(("alice", "bob"), data, strict=True):
             procs[name] = spawn(tmp_path / name, tmp_path / f"{name}.log", *node, str(file))
@@ -142,4 +145,5 @@ def test_a_volunteer_pressing_ctrl_c_rejoins_and_the_coordinator_says_what_happe
     assert [e["round"] for e in log if e["event"] == "rejoined"] == [1]
     assert [e["accepted"] for e in log if e["event"] == "round_end"] == [2, 2]
     assert out[1].startswith("published capitals v1 Qm") and "licence CC-BY-4.0" in out[0]
-    assert out[3].startswith("pull it:  commons pull capitals --index http://") and "HOST" not in said + "".join(out)
+    assert (out[3].startswith("pull it:  commons pull capitals --index http://")
+            and "HOST" not in said + "".join(out))

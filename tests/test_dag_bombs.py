@@ -54,7 +54,8 @@ def lying(store: BlockStore) -> CID:
     return file_node(store, [raw_leaf(store, os.urandom(CHUNK)) for _ in range(40)], filesize=10)
 
 
-BOMBS = {"repeating": (repeating, 4096), "wide": (wide, 175 * CHUNK), "deep": (deep, 10), "lying": (lying, 10)}
+BOMBS = {"repeating": (repeating, 4096), "wide": (wide, 175 * CHUNK), "deep": (deep, 10),
+         "lying": (lying, 10)}
 
 
 def signed_dag(store: BlockStore, who: Identity, name: str, data_name: str, data: CID, size: int,
@@ -62,13 +63,15 @@ def signed_dag(store: BlockStore, who: Identity, name: str, data_name: str, data
     """A directory whose model.sig really is signed by `who` and lists `data` with the claimed size."""
     config = b'{"base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"}'
     config_cid = unixfs.import_file(config, 0, store.put)
-    files = [{"name": "adapter_config.json", "size": len(config), "sha256": hashlib.sha256(config).hexdigest(),
+    files = [{"name": "adapter_config.json", "size": len(config),
+              "sha256": hashlib.sha256(config).hexdigest(),
               "cid": config_cid},
              {"name": data_name, "size": size, "sha256": "0" * 64, "cid": str(data)}]
     statement = build_statement(AdapterMeta(name=name, kind=kind), files)
     envelope = envelope_bytes(sign_envelope(canonical_json(statement), who))
     sig_cid = unixfs.import_file(envelope, 0, store.put)
-    entries = {"adapter_config.json": CID.decode(config_cid), data_name: data, SIGNATURE_FILE: CID.decode(sig_cid)}
+    entries = {"adapter_config.json": CID.decode(config_cid), data_name: data,
+               SIGNATURE_FILE: CID.decode(sig_cid)}
     return envelope, str(directory_node(store, entries))
 
 
@@ -83,7 +86,8 @@ def index(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.mark.parametrize("bomb", sorted(BOMBS))
-def test_pull_refuses_a_signed_dag_bomb_in_seconds_writing_nothing(index: LiveIndex, bomb: str, tmp_path: Path,
+def test_pull_refuses_a_signed_dag_bomb_in_seconds_writing_nothing(index: LiveIndex, bomb: str,
+                                                                   tmp_path: Path,
                                                                    isolated_home: Path) -> None:
     build, size = BOMBS[bomb]
     _, root = signed_dag(index.store, Identity.generate(), f"bomb-{bomb}", "adapter_model.safetensors",
@@ -96,17 +100,19 @@ def test_pull_refuses_a_signed_dag_bomb_in_seconds_writing_nothing(index: LiveIn
     assert "adapter_model.safetensors" in err and "refusing" in err, err
     assert elapsed < 15, elapsed
     assert not (tmp_path / "out").exists()
-    assert held_bytes(isolated_home / "blocks") < 2 * CHUNK  # no more than the manifest promised, and then some
+    # no more than the manifest promised, and then some
+    assert held_bytes(isolated_home / "blocks") < 2 * CHUNK
     print(f"{bomb}: refused in {elapsed:.2f}s, {held_bytes(isolated_home / 'blocks')} bytes of blocks kept")
 
 
 @pytest.mark.parametrize("bomb", sorted(BOMBS))
 def test_the_index_refuses_to_register_a_signed_dag_bomb(index: LiveIndex, bomb: str) -> None:
     build, size = BOMBS[bomb]
-    envelope, root = signed_dag(index.store, Identity.generate(), f"announced-{bomb}", "adapter_model.safetensors",
-                                build(index.store), size)
+    envelope, root = signed_dag(index.store, Identity.generate(), f"announced-{bomb}",
+                                "adapter_model.safetensors", build(index.store), size)
     start = time.monotonic()
-    reply = httpx.post(f"{index.url}/api/announce", json={"envelope": envelope.decode(), "cid": root}, timeout=60)
+    reply = httpx.post(f"{index.url}/api/announce", json={"envelope": envelope.decode(), "cid": root},
+                       timeout=60)
     assert reply.status_code == 403 and "adapter_model.safetensors" in reply.json()["detail"], reply.text
     assert time.monotonic() - start < 10
     assert httpx.get(f"{index.url}/api/resolve/announced-{bomb}").status_code == 404
@@ -118,8 +124,8 @@ def test_a_volunteer_refuses_a_dataset_bomb_before_caching_anything(index: LiveI
     from node.data import dataset_records
 
     build, size = BOMBS[bomb]
-    _, root = signed_dag(index.store, Identity.generate(), f"data-{bomb}", "data.jsonl", build(index.store), size,
-                         kind="dataset")
+    _, root = signed_dag(index.store, Identity.generate(), f"data-{bomb}", "data.jsonl", build(index.store),
+                         size, kind="dataset")
     start = time.monotonic()
     with pytest.raises(VerifyError, match="data.jsonl") as err:
         dataset_records(root, BlockStore(tmp_path / "blocks"), index.url, tmp_path / "datasets")
@@ -147,4 +153,5 @@ def test_pull_refuses_a_manifest_promising_more_than_the_disk_holds_before_fetch
     assert "terabytes promises 6442.5 GB of files and needs twice that" in err, err
     assert "free space or set COMMONS_HOME to a larger disk" in err
     assert not (tmp_path / "out").exists()
-    assert held_bytes(isolated_home / "blocks") < 2 * 1024 * 1024  # the folder and its 1 MB model.sig, no data
+    # the folder and its 1 MB model.sig, no data
+    assert held_bytes(isolated_home / "blocks") < 2 * 1024 * 1024

@@ -18,15 +18,16 @@ import uvicorn
 from commons.datasets import publish_dataset
 from commons.demo_task import LICENSE, SOURCE, write_demo_data
 from coordinator.campaign import Campaign, load
-from coordinator.rounds import train_config
+from coordinator.rounds import train_instruction
 from index.app import create_app
 from index.db import IndexDB
 from node.data import local_examples, node_slice, training_records
-from node.worker import NodeSettings
+from node.settings import NodeSettings
 from protocol.content import unixfs
 from protocol.content.blockstore import BlockStore
 from protocol.data.records import read_records
 from protocol.errors import CommonsError, VerifyError
+from protocol.instruction import TrainInstruction
 
 
 def free_port() -> int:
@@ -66,7 +67,8 @@ class Tampering(BlockStore):
 def publish(tmp_path: Path, files: int = 2, per_file: int = 5) -> tuple[list[str], list[dict]]:
     """Signed commons datasets in the test's COMMONS_HOME (the index's home): CIDs and all records."""
     data = write_demo_data(tmp_path / "raw", files, per_file, 2)
-    cids = [publish_dataset(f, LICENSE, SOURCE, name=f"shard-{i}")["cid"] for i, f in enumerate(data["train"])]
+    cids = [publish_dataset(f, LICENSE, SOURCE, name=f"shard-{i}")["cid"]
+            for i, f in enumerate(data["train"])]
     records = [r for f in data["train"] for r in read_records(f)]
     return cids, records
 
@@ -107,13 +109,13 @@ def test_nodes_fetch_from_a_real_index_into_empty_homes_and_split_the_records(tm
         c = campaign(tmp_path, cids, url)
         homes = [node(tmp_path, f"node{i}") for i in range(3)]
         assert all(local_examples(h) == 0 for h in homes)  # none has local data
-        got = [training_records(h, train_config(c, 1, [], (i, 3))) for i, h in enumerate(homes)]
+        got = [training_records(h, train_instruction(c, 1, [], (i, 3))) for i, h in enumerate(homes)]
     assert [len(g) for g in got] == [4, 3, 3]
     assert sorted(messages([r for g in got for r in g])) == sorted(messages(records))
     assert got[0][0]["messages"] == records[0]["messages"] and got[1][0]["messages"] == records[1]["messages"]
     for h in homes:  # the whole DAG, verified, now in each node's own block store
         assert all(not BlockStore(h.home / "blocks").missing(cid) for cid in cids)
-    again = training_records(homes[2], train_config(c, 2, [], (2, 3)))  # held locally now: no source needed
+    again = training_records(homes[2], train_instruction(c, 2, [], (2, 3)))  # held locally now: no source
     assert again == got[2]
 
 
@@ -123,7 +125,7 @@ def test_a_tampered_block_is_refused_and_never_stored(tmp_path: Path) -> None:
     files = {p: c for p, c, _ in unixfs.list_directory(lying.get, cids[0])}
     lying.victim = files["data.jsonl"]
     with serve(lying) as url, pytest.raises(VerifyError) as err:
-        training_records(node(tmp_path, "n"), train_config(campaign(tmp_path, cids, url), 1, [], (0, 1)))
+        training_records(node(tmp_path, "n"), train_instruction(campaign(tmp_path, cids, url), 1, [], (0, 1)))
     assert "does not hash to its CID" in str(err.value) and "\n" not in str(err.value)
     assert not BlockStore(tmp_path / "n" / "blocks").has(lying.victim)
 
@@ -136,13 +138,15 @@ def test_unknown_cid_unsigned_folder_and_missing_source_are_one_line_errors(tmp_
     single = store.add_path(tmp_path / "plain" / "data.jsonl")
     elsewhere = BlockStore(tmp_path / "elsewhere").add_path(tmp_path / "plain" / "data.jsonl", cid_version=1)
     with serve(store) as url:
-        cases = {elsewhere: "was not found at", unsigned: "is not a commons dataset", single: "is not a commons dataset"}
+        cases = {elsewhere: "was not found at", unsigned: "is not a commons dataset",
+                 single: "is not a commons dataset"}
         for i, (cid, fragment) in enumerate(cases.items()):
+            instruction = train_instruction(campaign(tmp_path, [cid], url), 1, [], (0, 1))
             with pytest.raises(CommonsError) as err:
-                training_records(node(tmp_path, f"n{i}"), train_config(campaign(tmp_path, [cid], url), 1, [], (0, 1)))
+                training_records(node(tmp_path, f"n{i}"), instruction)
             assert fragment in str(err.value) and "\n" not in str(err.value), str(err.value)
     with pytest.raises(CommonsError, match="sets no data_source"):
-        training_records(node(tmp_path, "n9"), train_config(campaign(tmp_path, [unsigned], ""), 1, [], (0, 1)))
+        training_records(node(tmp_path, "n9"), train_instruction(campaign(tmp_path, [unsigned], ""), 1, []))
 
 
 def test_campaign_data_fields_load_and_mistakes_are_one_line(tmp_path: Path) -> None:
@@ -150,12 +154,13 @@ def test_campaign_data_fields_load_and_mistakes_are_one_line(tmp_path: Path) -> 
     head = 'name = "x"\nbase_model = "tiny"\neval_file = "test.jsonl"\n'
     cid = "QmTz3oc4gdpRMKP2sdGUPZTAGRngqjsi99BPoztyP53JMM"
     path = tmp_path / "c.toml"
-    path.write_text(head + f'data = "campaign"\ndata_source = "http://index:8000"\n[[datasets]]\ncid = "{cid}"\n')
+    path.write_text(head + 'data = "campaign"\ndata_source = "http://index:8000"\n[[datasets]]\n'
+                           f'cid = "{cid}"\n')
     c = load(path)
-    config = train_config(c, 3, ["k"], (1, 4))
+    config = train_instruction(c, 3, ["k"], (1, 4)).to_config()
     assert (config["data"], json.loads(config["datasets"]), config["data_slot"], config["data_slots"],
             config["data_source"]) == ("campaign", [cid], 1, 4, "http://index:8000")
-    assert train_config(load(tmp_path / "c.toml"), 1, [])["data"] == "campaign"
+    assert train_instruction(load(tmp_path / "c.toml"), 1, []).to_config()["data"] == "campaign"
     for text, fragment in [('data = "shared"\n', "use one of local, campaign"),
                            ('data = "campaign"\n', "needs at least one [[datasets]]"),
                            ('data = "campaign"\n[[datasets]]\ncid = "nope"\n', "needs cid = a dataset CID"),
@@ -165,15 +170,19 @@ def test_campaign_data_fields_load_and_mistakes_are_one_line(tmp_path: Path) -> 
             load(path)
         assert fragment in str(err.value) and "\n" not in str(err.value)
     path.write_text(head)
-    local = train_config(load(path), 1, [])
+    local = train_instruction(load(path), 1, []).to_config()
     assert local["data"] == "local" and "datasets" not in local
 
 
 def test_local_mode_still_reads_the_nodes_own_file(tmp_path: Path) -> None:
     data = write_demo_data(tmp_path / "raw", 1, 4, 1)
     settings = NodeSettings(home=tmp_path / "n", data=data["train"][0])
-    assert len(training_records(settings, {"data": "local"})) == 4 == local_examples(settings)
-    assert len(training_records(settings, {})) == 4  # an older coordinator sends no `data` key
+    wire = {"campaign": "c", "round": 1, "base_model": "tiny", "base_revision": "main", "lora": "{}",
+            "steps": 1, "batch_size": 1, "lr": 0.1, "max_length": 8}
+    local = TrainInstruction.from_config({**wire, "data": "local"})
+    assert len(training_records(settings, local)) == 4 == local_examples(settings)
+    older = TrainInstruction.from_config(wire)  # an older coordinator sends no `data` key
+    assert len(training_records(settings, older)) == 4
     assert os.environ["COMMONS_HOME"]  # the index home, separate from every node's home
 
 
@@ -191,7 +200,8 @@ def test_a_campaign_with_campaign_data_trains_each_node_on_its_slice(tmp_path: P
             f'name = "life"\nbase_model = "tiny"\neval_file = "{decoys["test"]}"\nrounds = 1\nmin_nodes = 2\n'
             f'eval_size = 1\nround_timeout = 120\nnode_wait = 120\ndata = "campaign"\ndata_source = "{url}"\n'
             "[train]\nsteps = 1\nbatch_size = 2\nmax_length = 48\n"
-            + "".join(f'[[datasets]]\ncid = "{c}"\nname = "shard-{i}"\nlicense = "{LICENSE}"\n' for i, c in enumerate(cids))
+            + "".join(f'[[datasets]]\ncid = "{c}"\nname = "shard-{i}"\nlicense = "{LICENSE}"\n'
+                      for i, c in enumerate(cids))
         )
         net = TestNetwork(tmp_path / "net")
         try:

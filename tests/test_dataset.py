@@ -19,14 +19,16 @@ def chat(user: str, assistant: str) -> dict:
 
 
 def write_jsonl(path: Path, items: list[object]) -> Path:
-    path.write_text("".join((i if isinstance(i, str) else json.dumps(i)) + "\n" for i in items), encoding="utf-8")
+    path.write_text("".join((i if isinstance(i, str) else json.dumps(i)) + "\n" for i in items),
+                    encoding="utf-8")
     return path
 
 
 def test_native_and_sharegpt_records_are_normalized_scrubbed_and_deduplicated(tmp_path: Path) -> None:
     src = write_jsonl(tmp_path / "chats.jsonl", [
         chat("What is 2+2? Mail me at ann@example.org", "4"),
-        {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Capital of France?"},
+        {"conversations": [{"from": "system", "value": "Be brief."},
+                           {"from": "human", "value": "Capital of France?"},
                            {"from": "gpt", "value": "Paris."}]},
         chat("what is 2+2?   mail me at ANN@example.org", "4"),  # same up to case/space after scrubbing
         "",
@@ -47,12 +49,14 @@ def test_native_and_sharegpt_records_are_normalized_scrubbed_and_deduplicated(tm
     ('["a list"]', "chats.jsonl:2: expected a JSON object"),
     ('{"text": "hi"}', "chats.jsonl:2: no 'messages' (chat) or 'conversations' (ShareGPT) key"),
     ('{"messages": []}', "chats.jsonl:2: 'messages' must be a non-empty list"),
-    ('{"messages": [{"role": "bot", "content": "x"}]}', "chats.jsonl:2: messages[0].role is 'bot'; use one of"),
+    ('{"messages": [{"role": "bot", "content": "x"}]}',
+     "chats.jsonl:2: messages[0].role is 'bot'; use one of"),
     ('{"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}]}',
      "chats.jsonl:2: messages[0].content must be a non-empty string"),
     ('{"messages": [{"role": "user", "content": "only a question"}]}',
      "needs at least one 'user' and one 'assistant' message"),
-    ('{"conversations": [{"from": "alien", "value": "x"}]}', "chats.jsonl:2: conversations[0].from is 'alien'"),
+    ('{"conversations": [{"from": "alien", "value": "x"}]}',
+     "chats.jsonl:2: conversations[0].from is 'alien'"),
     ('{"conversations": [{"value": "x"}]}', "conversations[0] must be an object with 'from' and 'value'"),
 ])
 def test_bad_lines_fail_with_one_line_naming_the_line(tmp_path: Path, line: str, message: str) -> None:
@@ -64,7 +68,8 @@ def test_bad_lines_fail_with_one_line_naming_the_line(tmp_path: Path, line: str,
 
 def test_sharegpt_json_array_file_and_licence_and_source_checks(tmp_path: Path) -> None:
     src = tmp_path / "dump.json"
-    src.write_text(json.dumps([{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}]))
+    src.write_text(json.dumps([{"conversations": [{"from": "human", "value": "hi"},
+                                                  {"from": "gpt", "value": "yo"}]}]))
     records, report = prepare(src, "LicenseRef-internal", "a dump", ME)
     assert report.sharegpt == 1 and records[0]["license"] == "LicenseRef-internal"
     with pytest.raises(CommonsError, match="unknown licence 'CC-BY'; use an SPDX id"):
@@ -76,7 +81,8 @@ def test_sharegpt_json_array_file_and_licence_and_source_checks(tmp_path: Path) 
     empty = write_jsonl(tmp_path / "empty.jsonl", [""])
     with pytest.raises(CommonsError, match="holds no records"):
         prepare(empty, "MIT", "x", ME)
-    assert fingerprint([{"role": "user", "content": "A  b"}]) == fingerprint([{"role": "user", "content": "a b"}])
+    assert (fingerprint([{"role": "user", "content": "A  b"}])
+            == fingerprint([{"role": "user", "content": "a b"}]))
 
 
 @pytest.fixture
@@ -118,12 +124,14 @@ def test_data_add_signs_stores_and_registers_the_dataset(tmp_path: Path, cli_hom
     assert again.exit_code == 0 and again.stdout.strip() == out["cid"]  # same records: same dataset
 
     write_jsonl(src, [chat("a new question", "a new answer")])
-    v2 = json.loads(_run(["add", str(src), "--license", "CC-BY-4.0", "--source", "my notes", "--json"]).stdout)
+    v2 = json.loads(_run(["add", str(src), "--license", "CC-BY-4.0", "--source", "my notes",
+                          "--json"]).stdout)
     assert v2["version"] == 2 and IndexDB().resolve("my-chats")["meta"]["previous"] == out["cid"]
 
 
 def test_data_add_review_publishes_only_accepted_records(tmp_path: Path, cli_home: Path) -> None:
-    src = write_jsonl(tmp_path / "mine.jsonl", [chat("keep me", "ok"), chat("drop me, I'm jo@example.com", "ok")])
+    src = write_jsonl(tmp_path / "mine.jsonl",
+                      [chat("keep me", "ok"), chat("drop me, I'm jo@example.com", "ok")])
     result = _run(["add", str(src), "--license", "CC0-1.0", "--source", "me", "--review", "--json"],
                   input="y\nn\n")
     assert result.exit_code == 0, result.output

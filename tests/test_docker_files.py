@@ -32,7 +32,8 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 VERSION = PYPROJECT["project"]["version"]
 BIN = Path(sys.executable).parent
 SCHEMA_CHECK = [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec"]
-SECRETISH = re.compile(r"(PASSWORD|PASSWD|SECRET|TOKEN|PRIVATE|API_?KEY|ACCESS_?KEY|CREDENTIAL)", re.IGNORECASE)
+SECRETISH = re.compile(r"(PASSWORD|PASSWD|SECRET|TOKEN|PRIVATE|API_?KEY|ACCESS_?KEY|CREDENTIAL)",
+                       re.IGNORECASE)
 
 
 def tool(name: str) -> str | None:
@@ -128,7 +129,8 @@ def test_final_stage_is_non_root_with_healthcheck_and_first_start_init(dockerfil
     users = [rest for word, rest in stage if word == "USER"]
     assert users, f"{dockerfile.name}: final stage runs as root (no USER)"
     uid = users[-1].split(":")[0]
-    assert uid.isdigit() and int(uid) != 0, f"{dockerfile.name}: USER {users[-1]} must be a numeric non-root uid"
+    assert uid.isdigit() and int(uid) != 0, (
+        f"{dockerfile.name}: USER {users[-1]} must be a numeric non-root uid")
     health = [rest for word, rest in stage if word == "HEALTHCHECK"]
     assert health and "CMD" in health[-1] and "NONE" not in health[-1]
     assert 'ENTRYPOINT ["commons-entrypoint"]' in {f"{w} {r}" for w, r in stage}
@@ -146,7 +148,8 @@ def test_torch_pin_matches_the_project(dockerfile: Path) -> None:
     if makefile.exists() and "torch==" in makefile.read_text():
         assert f"torch=={pins[0]}" in makefile.read_text(), "Makefile and Dockerfiles install different torch"
     cpu_index = "download.pytorch.org/whl/cpu" in text
-    assert cpu_index == (dockerfile.name != "Dockerfile.node"), "only the GPU image takes torch from PyPI (CUDA)"
+    assert cpu_index == (dockerfile.name != "Dockerfile.node"), (
+        "only the GPU image takes torch from PyPI (CUDA)")
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
@@ -184,7 +187,8 @@ def test_no_secrets_baked_into_images(dockerfile: Path) -> None:
 
 def test_dockerignore_keeps_venv_caches_git_and_keys_out() -> None:
     lines = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
-    for needed in [".venv/", ".git/", "**/__pycache__/", ".pytest_cache/", ".ruff_cache/", "**/*.key", ".env"]:
+    for needed in [".venv/", ".git/", "**/__pycache__/", ".pytest_cache/", ".ruff_cache/", "**/*.key",
+                   ".env"]:
         assert needed in lines, f".dockerignore lacks {needed}"
 
 
@@ -260,7 +264,8 @@ def test_compose_brings_up_the_network() -> None:
         assert command[command.index("--coordinator") + 1] == "coordinator:9092"
         assert svc["depends_on"]["coordinator"]["condition"] == "service_healthy"
         data = command[command.index("--data") + 1]
-        assert data.startswith("/campaign/") and (DOCKER / "campaign" / data.removeprefix("/campaign/")).is_file()
+        assert (data.startswith("/campaign/")
+                and (DOCKER / "campaign" / data.removeprefix("/campaign/")).is_file())
         shards.add(data)
     assert len(shards) == 3, "each volunteer trains on its own slice"
     assert services["coordinator"]["ports"] == ["9092:9092"]
@@ -307,7 +312,8 @@ def test_images_are_pinned_and_ours_carry_the_project_version() -> None:
         repo, _, tag = image.rpartition(":")
         assert repo and tag and tag != "latest" and re.match(r"v?\d+\.\d+\.\d+", tag), f"{name}: {image}"
         if "build" in svc:
-            assert repo.startswith("lora-commons/") and tag == VERSION, f"{name}: {image} should be :{VERSION}"
+            assert repo.startswith("lora-commons/") and tag == VERSION, (
+                f"{name}: {image} should be :{VERSION}")
             assert (ROOT / svc["build"]["dockerfile"]).exists()
 
 
@@ -358,7 +364,8 @@ def test_shipped_campaign_loads_and_its_data_parses() -> None:
     default = re.search(r"\$\{COMMONS_CAMPAIGN_DIR:-([^}]+)\}", volume).group(1)
     folder = (DOCKER / default).resolve()
     campaign = load(folder / "campaign.toml")
-    assert campaign.eval_file == folder / "test.jsonl" and len(read_records(campaign.eval_file)) >= campaign.eval_size
+    assert (campaign.eval_file == folder / "test.jsonl"
+            and len(read_records(campaign.eval_file)) >= campaign.eval_size)
     assert campaign.min_nodes == 2, "the two default volunteers must be enough to run it"
     for shard in ("node0.jsonl", "node1.jsonl", "node2.jsonl"):
         assert read_records(folder / shard)
@@ -402,7 +409,8 @@ def stop(proc: subprocess.Popen) -> None:
 def test_healthcheck_passes_against_the_real_service_and_fails_without(service: str, tmp_path: Path) -> None:
     port = str(free_port())
     result = healthy(service, "--port", port)
-    assert result.returncode == 1 and result.stderr.startswith("unhealthy: ") and len(result.stderr.splitlines()) == 1
+    assert (result.returncode == 1 and result.stderr.startswith("unhealthy: ")
+            and len(result.stderr.splitlines()) == 1)
     if service == "index":
         args = [tool("commons") or "commons", "index", "serve", "--host", "127.0.0.1", "--port", port]
     else:  # the SuperLink `commons coordinator start` runs, on the port the check probes

@@ -67,8 +67,9 @@ class Docker:
             log = self.root / f"dockerd-{driver}.log"
             # niced: the containers inherit it, and the machine is shared
             args = ["nice", "-n", "10", "dockerd", "--storage-driver", driver, "--iptables=false",
-                    "--bridge=none", "--host", self.env["DOCKER_HOST"], "--data-root", str(self.root / "data"),
-                    "--exec-root", str(self.exec_root), "--pidfile", str(self.root / "dockerd.pid")]
+                    "--bridge=none", "--host", self.env["DOCKER_HOST"], "--data-root",
+                    str(self.root / "data"), "--exec-root", str(self.exec_root), "--pidfile",
+                    str(self.root / "dockerd.pid")]
             self.proc = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT,
                                          start_new_session=True)
             deadline = time.monotonic() + 60
@@ -143,12 +144,13 @@ class Docker:
 
 
 def write_campaign(folder: Path) -> None:
-    """One round of the tiny model, started once all three volunteers are connected; published whatever it scores."""
+    """One round of the tiny model, started once all three volunteers are connected;
+    published whatever it scores."""
     data = write_demo_data(folder, VOLUNTEERS, 24, 8)
     (folder / "campaign.toml").write_text(
         f'name = "{CAMPAIGN}"\nbase_model = "tiny"\neval_file = "{data["test"].name}"\neval_size = 8\n'
-        f'license = "Apache-2.0"\nrounds = 1\nmin_nodes = {VOLUNTEERS}\nround_timeout = 600\nnode_wait = 600\n'
-        'publish_margin = -1.0\n[train]\nsteps = 4\nbatch_size = 2\nmax_length = 48\n')
+        f'license = "Apache-2.0"\nrounds = 1\nmin_nodes = {VOLUNTEERS}\nround_timeout = 600\n'
+        'node_wait = 600\npublish_margin = -1.0\n[train]\nsteps = 4\nbatch_size = 2\nmax_length = 48\n')
     # the containers run as uid 10001: the bind-mounted folder must be theirs to read
     folder.chmod(0o755)
     for path in folder.iterdir():
@@ -185,15 +187,17 @@ def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
                          "--campaign", "/campaign/campaign.toml", "--host", "127.0.0.1", "--port", str(gate),
                          "--wait-nodes", str(VOLUNTEERS), "--json")
         daemon.wait_healthy(["coordinator"], timeout=300)
-        daemon.container("index", "index", "coordinator-home", "commons", "index", "serve", "--host", "127.0.0.1",
-                         "--port", str(index))
+        daemon.container("index", "index", "coordinator-home", "commons", "index", "serve", "--host",
+                         "127.0.0.1", "--port", str(index))
         volunteers = [f"volunteer-{i}" for i in range(VOLUNTEERS)]
         for i, name in enumerate(volunteers):
             daemon.container(name, "node-cpu", f"{name}-home", "commons", "node", "start", "--coordinator",
-                             f"127.0.0.1:{gate}", "--data", f"/campaign/node{i}.jsonl", "--max-cpu-threads", "1")
+                             f"127.0.0.1:{gate}", "--data", f"/campaign/node{i}.jsonl", "--max-cpu-threads",
+                             "1")
         # the campaign waits for all three, so each is seen healthy before the coordinator can finish
         daemon.wait_healthy(["index", "coordinator", *volunteers], timeout=600)
-        healthy = {name: daemon.state(name)["Health"]["Status"] for name in ["index", "coordinator", *volunteers]}
+        healthy = {name: daemon.state(name)["Health"]["Status"]
+                   for name in ["index", "coordinator", *volunteers]}
         code = daemon.wait_exit("coordinator", timeout=1200, others=volunteers)
         said = daemon.run("logs", "coordinator").stdout.strip().splitlines()
         assert code == 0 and said, daemon.logs("coordinator")
@@ -206,8 +210,8 @@ def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
 
 
 def test_every_container_reports_healthy_by_its_images_own_check(network: dict) -> None:
-    assert network["healthy"] == dict.fromkeys(["index", "coordinator", "volunteer-0", "volunteer-1", "volunteer-2"],
-                                               "healthy")
+    assert network["healthy"] == dict.fromkeys(
+        ["index", "coordinator", "volunteer-0", "volunteer-1", "volunteer-2"], "healthy")
 
 
 def test_three_volunteer_containers_train_one_round_and_the_coordinator_publishes(network: dict) -> None:
@@ -229,7 +233,8 @@ def test_commons_pull_on_the_host_gets_the_adapter_byte_identical(network: dict,
     assert "model.sig" in got and "adapter_model.safetensors" in got
 
 
-def test_the_index_keeps_its_database_and_blocks_when_restarted_and_replaced(network: dict, tmp_path: Path) -> None:
+def test_the_index_keeps_its_database_and_blocks_when_restarted_and_replaced(network: dict,
+                                                                             tmp_path: Path) -> None:
     daemon, cid = network["daemon"], network["summary"]["adapter_cid"]
     command = json.loads(daemon.run("inspect", "--format", "{{json .Config.Cmd}}", "index").stdout)
     daemon.run("restart", "index")

@@ -37,7 +37,8 @@ def write_campaign(root: Path, nodes: int, rounds: int, round_timeout: float) ->
     data = write_demo_data(root / "data", nodes, 12, 4)
     path = root / "campaign.toml"
     path.write_text(
-        f'name = "life"\nbase_model = "tiny"\neval_file = "{data["test"]}"\nrounds = {rounds}\nmin_nodes = 2\n'
+        f'name = "life"\nbase_model = "tiny"\neval_file = "{data["test"]}"\nrounds = {rounds}\n'
+        'min_nodes = 2\n'
         f"eval_size = 4\nround_timeout = {round_timeout}\nnode_wait = 120\n"
         "[train]\nsteps = 1\nbatch_size = 2\nmax_length = 48\n"
     )
@@ -52,7 +53,8 @@ def start(net: Network, root: Path, data: list[Path], attack: dict[int, str] | N
         home = root / f"node{i}"
         (home / "logs").mkdir(parents=True, exist_ok=True)
         cfg = {"home": str(home), "data": str(file), "threads": 1, "attack": (attack or {}).get(i, "")}
-        procs.append(net.start_supernode(f"node{i}", net.address, cfg, env={**env, "COMMONS_HOME": str(home)}))
+        procs.append(net.start_supernode(f"node{i}", net.address, cfg,
+                                         env={**env, "COMMONS_HOME": str(home)}))
     return procs
 
 
@@ -82,8 +84,9 @@ def volunteer(root: Path, i: int, data: Path, address: str) -> subprocess.Popen:
     home = root / f"node{i}"
     env = {**os.environ, "COMMONS_HOME": str(home), "PYTHONPATH": str(TESTS)}
     out = (root / f"node{i}.out").open("ab")
-    return subprocess.Popen([str(Path(sys.executable).parent / "commons"), "node", "start", "--coordinator", address, "--data",
-                             str(data), "--max-cpu-threads", "1"], env=env, stdout=out, stderr=out)
+    return subprocess.Popen([str(Path(sys.executable).parent / "commons"), "node", "start", "--coordinator",
+                             address, "--data", str(data), "--max-cpu-threads", "1"], env=env, stdout=out,
+                            stderr=out)
 
 
 @pytest.mark.slow  # about 2 minutes on a loaded 2-core machine
@@ -129,7 +132,8 @@ def test_coordinator_killed_with_9_resumes_and_the_volunteers_reconnect(tmp_path
 
 @pytest.mark.slow  # about 90 s: the dead node costs one round_timeout
 def test_a_node_killed_mid_round_is_covered_and_a_forger_is_refused(tmp_path: Path) -> None:
-    campaign, data = write_campaign(tmp_path, 4, rounds=1, round_timeout=40)  # > the ~25 s an honest node needs
+    # > the ~25 s an honest node needs
+    campaign, data = write_campaign(tmp_path, 4, rounds=1, round_timeout=40)
     keys = [Identity.load_or_create(tmp_path / f"node{i}" / "identity" / "ed25519.key").public_hex[:16]
             for i in range(4)]
     net = TestNetwork(tmp_path / "net")

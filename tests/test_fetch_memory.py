@@ -104,8 +104,8 @@ def test_a_gateway_that_streams_forever_costs_one_block_and_is_skipped() -> None
         return StreamingResponse(chunks(), media_type="application/vnd.ipld.raw")
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(Starlette(routes=[Route("/ipfs/{cid}", endless)]), host="127.0.0.1",
-                                           port=port, log_level="error"))
+    server = uvicorn.Server(uvicorn.Config(Starlette(routes=[Route("/ipfs/{cid}", endless)]),
+                                           host="127.0.0.1", port=port, log_level="error"))
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
         time.sleep(0.02)

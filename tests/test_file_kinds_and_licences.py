@@ -25,7 +25,8 @@ def test_a_protocol_0_pickle_without_a_suffix_is_refused_at_signing(tmp_path: Pa
     folder.mkdir()
     (folder / "adapter_config.json").write_text("{}")
     (folder / "weights").write_bytes(SNEAKY)
-    with pytest.raises(CommonsError, match="'weights' is not a kind of file an adapter or dataset holds") as err:
+    with pytest.raises(CommonsError,
+                       match="'weights' is not a kind of file an adapter or dataset holds") as err:
         sign_directory(folder, AdapterMeta(name="sneaky"), Identity.generate())
     assert "\n" not in str(err.value)
 
@@ -37,7 +38,8 @@ def test_a_signed_manifest_listing_a_suffixless_pickle_is_refused_by_pull_before
         envelope, root = signed_dag(index.store, Identity.generate(), "sneaky", "weights", blob, len(SNEAKY))
         with pytest.raises(VerifyError, match="'weights' is not a kind of file"):
             verify_envelope(envelope)
-        code, _, err = commons("pull", root, "--index", index.url, "--out", str(tmp_path / "out"), cwd=tmp_path)
+        code, _, err = commons("pull", root, "--index", index.url, "--out", str(tmp_path / "out"),
+                               cwd=tmp_path)
     assert code == 1 and "'weights' is not a kind of file" in err and "Traceback" not in err, err
     assert not (tmp_path / "out").exists()
     assert not BlockStore(isolated_home / "blocks").has(str(blob))  # refused before it was fetched
@@ -57,8 +59,9 @@ def test_spdx_expressions_are_accepted_in_canonical_form(given: str, canonical: 
 
 
 @pytest.mark.parametrize(("given", "fragment"), [
-    ("MIT AND", "ends too early"), ("MIT AND AND MIT", "'AND' is not a licence id"), ("(MIT", "ends too early"),
-    ("MIT OR CC-BY", "unknown licence 'CC-BY'"), ("MIT MIT", "'MIT' is left over"),
+    ("MIT AND", "ends too early"), ("MIT AND AND MIT", "'AND' is not a licence id"),
+    ("(MIT", "ends too early"), ("MIT OR CC-BY", "unknown licence 'CC-BY'"),
+    ("MIT MIT", "'MIT' is left over"),
 ])
 def test_malformed_expressions_are_one_line_errors(given: str, fragment: str) -> None:
     from protocol.data.dataset import check_license
@@ -72,7 +75,8 @@ def test_a_dataset_record_carries_the_expression(tmp_path: Path) -> None:
     from protocol.data.dataset import prepare
 
     src = tmp_path / "chats.jsonl"
-    src.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}))
+    src.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                            {"role": "assistant", "content": "yo"}]}))
     records, _ = prepare(src, "cc-by-4.0 and mit", "my notes", "aa" * 32)
     assert records[0]["license"] == "CC-BY-4.0 AND MIT"
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -113,19 +114,19 @@ def test_real_cpu_load_of_other_processes_is_seen() -> None:
 def test_training_pauses_for_a_busy_machine_and_finishes_after(tmp_path: Path, monkeypatch) -> None:
     from commons.demo_task import write_demo_data
     from coordinator import campaign as campaigns
-    from coordinator.rounds import train_config
+    from coordinator.rounds import train_instruction
     from modeling.load import load_base
     from modeling.lora import get_state, wrap
-    from node.worker import NodeSettings, train_round
+    from node.settings import NodeSettings
+    from node.worker import train_round
 
     data = write_demo_data(tmp_path / "data", 1, 16, 4)
     (tmp_path / "c.toml").write_text(f'name = "idle"\nbase_model = "tiny"\neval_file = "{data["test"]}"\n'
                                      "[train]\nsteps = 6\nbatch_size = 2\nmax_length = 48\n")
     campaign = campaigns.load(tmp_path / "c.toml")
-    config = train_config(campaign, 1, [])
-    config.pop("keys")
+    config = replace(train_instruction(campaign, 1, []), keys=None)  # the whole adapter
     base, _ = load_base("tiny", campaign.base_revision)
-    tensors = get_state(wrap(base, json.loads(config["lora"])))
+    tensors = get_state(wrap(base, dict(config.lora)))
     home = tmp_path / "node"
     home.mkdir()
     settings = NodeSettings(home=home, data=data["train"][0], threads=1, idle_only=True)

@@ -24,7 +24,8 @@ def index(tmp_path: Path):
 
 
 def announce(index: LiveIndex, envelope: bytes, cid: str) -> httpx.Response:
-    return httpx.post(f"{index.url}/api/announce", json={"envelope": envelope.decode(), "cid": cid}, timeout=30)
+    return httpx.post(f"{index.url}/api/announce", json={"envelope": envelope.decode(), "cid": cid},
+                      timeout=30)
 
 
 def resolved(index: LiveIndex, ref: str) -> str | None:
@@ -48,7 +49,8 @@ def test_a_front_runner_binds_nothing_and_the_publisher_is_listed(index: LiveInd
     # mallory saw model.sig (it is public) and announces it first, with CIDs of her choosing
     _, hers = make_entry(tmp_path / "m", sample_meta("mallory-lora"), mallory, index.store)
     refused = announce(index, envelope, hers)  # a DAG the index holds: it does not carry this envelope
-    assert refused.status_code == 403 and "differs from the envelope" in refused.json()["detail"], refused.text
+    assert (refused.status_code == 403
+            and "differs from the envelope" in refused.json()["detail"]), refused.text
     unknown = "QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG"  # a DAG the index does not hold: it waits
     waiting = announce(index, envelope, unknown)
     assert waiting.status_code == 202 and waiting.json()["status"] == "pending", waiting.text
@@ -59,7 +61,8 @@ def test_a_front_runner_binds_nothing_and_the_publisher_is_listed(index: LiveInd
     rewrapped = str(directory_node(index.store, entries))  # live_index writes Tsize 0 where Kubo writes sizes
     assert rewrapped != cid
     copy = announce(index, envelope, rewrapped)
-    assert copy.status_code == 403 and "is not the DAG `ipfs add -r` makes" in copy.json()["detail"], copy.text
+    assert (copy.status_code == 403
+            and "is not the DAG `ipfs add -r` makes" in copy.json()["detail"]), copy.text
     # alice announces her own CID: listed, whoever came first
     listed = announce(index, envelope, cid)
     assert listed.status_code == 201 and listed.json()["status"] == "listed", listed.text
@@ -67,7 +70,8 @@ def test_a_front_runner_binds_nothing_and_the_publisher_is_listed(index: LiveInd
     assert announce(index, envelope, unknown).status_code == 409  # the version is bound now, to the right CID
 
 
-def test_an_announcement_before_its_blocks_is_listed_once_they_arrive(index: LiveIndex, tmp_path: Path) -> None:
+def test_an_announcement_before_its_blocks_is_listed_once_they_arrive(index: LiveIndex,
+                                                                      tmp_path: Path) -> None:
     alice = Identity.generate()
     mine = BlockStore(tmp_path / "alice")
     envelope, cid = make_entry(tmp_path / "a", sample_meta("early-bird"), alice, mine)
@@ -98,9 +102,11 @@ def test_oversized_integers_are_answered_4xx_not_500(index: LiveIndex, tmp_path:
     envelope, cid = make_entry(tmp_path / "a", sample_meta("numbers"), Identity.generate(), index.store)
     assert announce(index, envelope, cid).status_code == 201
     huge = str(10**30)
-    for url in [f"/api/adapters?offset={huge}", f"/api/adapters?max_size={huge}", f"/api/adapters/numbers?version={huge}",
-                f"/api/resolve/numbers@{huge}", f"/api/resolve/numbers@v{huge}", f"/adapters/numbers?version={huge}",
-                f"/datasets/numbers?version={huge}", f"/api/adapters?limit={huge}", "/api/resolve/numbers@0"]:
+    for url in [f"/api/adapters?offset={huge}", f"/api/adapters?max_size={huge}",
+                f"/api/adapters/numbers?version={huge}",
+                f"/api/resolve/numbers@{huge}", f"/api/resolve/numbers@v{huge}",
+                f"/adapters/numbers?version={huge}", f"/datasets/numbers?version={huge}",
+                f"/api/adapters?limit={huge}", "/api/resolve/numbers@0"]:
         reply = httpx.get(index.url + url, timeout=30)
         assert 400 <= reply.status_code < 500, (url, reply.status_code, reply.text[:200])
 
@@ -124,7 +130,8 @@ def _serve_cli(home: Path, *extra: str) -> tuple[subprocess.Popen, str]:
 
 def _writes(url: str, count: int) -> list[int]:
     with httpx.Client(timeout=10) as client:  # every write claims another address
-        return [client.post(f"{url}/api/announce", json={}, headers={"X-Forwarded-For": f"10.0.{i // 250}.{i % 250}"}
+        return [client.post(f"{url}/api/announce", json={},
+                            headers={"X-Forwarded-For": f"10.0.{i // 250}.{i % 250}"}
                             ).status_code for i in range(count)]
 
 

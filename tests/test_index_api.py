@@ -17,6 +17,7 @@ from index.db import IndexDB
 from index.sample import make_entry, sample_meta
 from protocol.content.blockstore import BlockStore
 from protocol.content.car import read_car
+from protocol.signing.bundle import payload_of, sign_bundle
 from protocol.signing.keys import Identity
 from protocol.signing.manifest import SIGNATURE_FILE
 
@@ -68,10 +69,10 @@ def test_announce_in_every_envelope_encoding_then_resolve(env: Env) -> None:
 def test_announce_refusals_are_clear_one_line_4xx(env: Env) -> None:
     good, cid = env.make("target")
     doc = json.loads(good)
-    unsigned = {**doc, "signatures": []}
+    unsigned = {**doc, "dsseEnvelope": {**doc["dsseEnvelope"], "signatures": []}}
     r = env.announce(unsigned, cid)
     assert r.status_code == 403 and "signature" in _one_line(r).lower()
-    forged = {**doc, "signatures": [{**doc["signatures"][0], "keyid": Identity.generate().public_hex}]}
+    forged = sign_bundle(payload_of(doc), Identity.generate())  # another key signs the same statement
     r = env.announce(forged, cid)
     assert r.status_code == 403, r.text
     _one_line(r)
@@ -147,7 +148,8 @@ def test_pages_escape_hostile_text_and_show_provenance(env: Env) -> None:
                     datasets=[{"cid": "QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG", "name": XSS,
                                "license": "CC-BY-NC-4.0"}],
                     eval={"task": XSS, "description": XSS, "accuracy_base": 0.2, "accuracy_adapter": 0.3,
-                          "curve": [{"round": 0, "loss": 2.0, "accuracy": "<script>"}, {"round": 1, "loss": 1.0}]})
+                          "curve": [{"round": 0, "loss": 2.0, "accuracy": "<script>"},
+                                    {"round": 1, "loss": 1.0}]})
     assert env.announce(json.loads(e), c).status_code == 201
     for url in ["/", "/?q=xss", "/adapters/xss-test", "/?q=" + XSS, "/leaderboard", "/stats"]:
         html = env.client.get(url).text
@@ -191,7 +193,8 @@ def test_presence_counts_live_nodes_and_refuses_stale_or_forged(env: Env) -> Non
 
 def test_write_rate_limit_and_body_size_limit(tmp_path: Path) -> None:
     env = Env(tmp_path, write_rate=0.01, write_burst=3, max_body=4096)
-    codes = [env.client.post("/api/announce", json={"envelope": "x", "cid": "y"}).status_code for _ in range(5)]
+    codes = [env.client.post("/api/announce", json={"envelope": "x", "cid": "y"}).status_code
+             for _ in range(5)]
     assert codes[:3] == [400, 400, 400] and codes[3:] == [429, 429]
     r = env.client.post("/api/announce", json={})
     assert "retry in" in _one_line(r) and int(r.headers["retry-after"]) >= 1
@@ -238,7 +241,8 @@ def test_serve_cli_help_and_unusable_database_is_one_line_error(tmp_path: Path,
 
 def test_signed_but_odd_metadata_still_renders(env: Env) -> None:
     """A valid signature says who published it, not that its free-form fields are well-formed."""
-    e, c = env.make("odd", eval={"curve": "not a list", "accuracy_base": "high", "task": ["a"], "description": 7},
+    e, c = env.make("odd",
+                    eval={"curve": "not a list", "accuracy_base": "high", "task": ["a"], "description": 7},
                     ledger=[{"node": 123, "rounds": "two", "tokens": "many"}, {"tokens": 5}],
                     datasets=[{"weird": True}], contributors=[])
     assert env.announce(json.loads(e), c).status_code == 201

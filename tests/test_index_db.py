@@ -152,9 +152,10 @@ def test_another_signer_cannot_publish_under_a_taken_name(db: IndexDB, pub: Publ
 def test_forged_and_malformed_envelopes_store_nothing(db: IndexDB, pub: Publisher) -> None:
     env, cid = pub.make("forged")
     doc = json.loads(env)
-    payload = json.loads(base64.b64decode(doc["payload"]))
+    payload = json.loads(base64.b64decode(doc["dsseEnvelope"]["payload"]))
     payload["predicate"]["commons"]["license"] = "MIT"  # tamper after signing
-    doc["payload"] = base64.b64encode(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).decode()
+    doc["dsseEnvelope"]["payload"] = base64.b64encode(json.dumps(payload, sort_keys=True,
+                                                                 separators=(",", ":")).encode()).decode()
     with pytest.raises(VerifyError):
         db.register(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode(), cid)
     with pytest.raises(VerifyError):
@@ -179,7 +180,8 @@ def test_search_full_text_filters_and_hostile_queries(db: IndexDB, pub: Publishe
     assert names(task="code") == ["python-coder", "sql-helper"]
     assert names(task="code", q="sql") == ["sql-helper"]
     assert names(q="") == ["gsm8k-smollm2", "python-coder", "sql-helper"]
-    for hostile in ["' OR 1=1 --", '"unbalanced', "NEAR(a b", "x* AND", "%", "_", "\\", "; DROP TABLE entries"]:
+    for hostile in ["' OR 1=1 --", '"unbalanced', "NEAR(a b", "x* AND", "%", "_", "\\",
+                    "; DROP TABLE entries"]:
         assert db.search(q=hostile) == [] or all("drop" not in e["name"] for e in db.search(q=hostile))
     assert len(db.search()) == 3  # nothing was dropped
     assert db.search(limit=1, q="") and len(db.search(limit=1)) == 1
@@ -189,7 +191,8 @@ def test_stats_leaderboard_and_presence(db: IndexDB, pub: Publisher) -> None:
     db.register(*pub.make("a", campaign="c1"))
     db.register(*pub.make("b", campaign="c2", rounds=5,
                           ledger=[{"node": "cc" * 32, "rounds": 5, "tokens": 1_000_000}]))
-    db.register(*pub.make("data-1", kind="dataset", campaign="", eval={}, ledger=[], contributors=["dd" * 32]))
+    db.register(*pub.make("data-1", kind="dataset", campaign="", eval={}, ledger=[],
+                          contributors=["dd" * 32]))
     db.record_presence("ee" * 32)
     db.record_presence("ff" * 32, seen_at=time.time() - 3600)  # gone an hour ago
     s = db.stats()

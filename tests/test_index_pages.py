@@ -20,5 +20,6 @@ def test_the_home_page_of_an_index_with_one_adapter_says_1_adapter(tmp_path: Pat
     envelope, cid = env.make("capitals", rounds=1)
     assert env.announce(json.loads(envelope), cid).status_code == 201
     home = env.client.get("/").text
-    assert "1 adapter · 0 datasets · " in home and "· 1 federated round</p>" in home and "1 adapters" not in home
+    assert ("1 adapter · 0 datasets · " in home and "· 1 federated round</p>" in home
+            and "1 adapters" not in home)
     assert "1 adapters" not in env.client.get("/stats").text

@@ -12,7 +12,8 @@ from index.ratelimit import TokenBucket
 def test_licence_conflicts() -> None:
     nc = [{"name": "chats", "license": "CC-BY-NC-4.0"}]
     assert conflicts("Apache-2.0", nc) == [
-        "dataset chats is CC-BY-NC-4.0 (non-commercial) but the adapter is Apache-2.0, which allows commercial use"]
+        ("dataset chats is CC-BY-NC-4.0 (non-commercial) but the adapter is Apache-2.0, which allows "
+         "commercial use")]
     assert conflicts("CC-BY-NC-4.0", nc) == []
     assert "no derivatives" in conflicts("CC-BY-NC-ND-4.0", [{"name": "d", "license": "CC-BY-ND-4.0"}])[0]
     assert "share-alike" in conflicts("MIT", [{"name": "wiki", "license": "CC-BY-SA-4.0"}])[0]

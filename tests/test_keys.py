@@ -14,9 +14,12 @@ from protocol.content.multiformats import b58decode
 from protocol.errors import CommonsError, VerifyError
 from protocol.signing.keys import (
     Identity,
+    P256Key,
     default_key_path,
+    p256_path,
     peer_id_from_public_key,
     rotate,
+    verify_p256,
     verify_signature,
 )
 from protocol.signing.manifest import AdapterMeta, sign_directory, verify_directory
@@ -69,6 +72,42 @@ def test_unsafe_or_broken_key_files_are_refused(home: Path) -> None:
         Identity.load(home / "nope.key")
 
 
+def test_p256_key_is_made_beside_the_identity_on_first_use_with_mode_0600(home: Path) -> None:
+    me = Identity.load_or_create()
+    path = home / "identity" / "ed25519.p256.pem"
+    assert p256_path(me.path) == path and not path.exists()
+    der = me.p256.public_der
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert path.read_text().startswith("-----BEGIN PRIVATE KEY-----")
+    assert Identity.load().p256.public_der == der  # loaded, not made again
+    assert verify_p256(der, b"data", me.p256.sign(b"data"))
+    assert not verify_p256(der, b"datA", me.p256.sign(b"data"))
+    assert not verify_p256(Identity.generate().p256.public_der, b"data", me.p256.sign(b"data"))
+    assert not verify_p256(der[:-1], b"data", me.p256.sign(b"data")) and not verify_p256(der, b"data", b"")
+
+
+def test_unsafe_or_broken_p256_key_files_are_refused(home: Path) -> None:
+    path = p256_path(Identity.load_or_create().path)
+    P256Key.generate().save(path)
+    path.chmod(0o644)
+    with pytest.raises(CommonsError, match=r"readable by other users; run `chmod 600 .*ed25519.p256.pem`"):
+        P256Key.load(path)
+    path.chmod(0o600)
+    path.write_text("-----BEGIN PRIVATE KEY-----\nnope\n-----END PRIVATE KEY-----\n")
+    with pytest.raises(CommonsError, match="is not an unencrypted P-256 key"):
+        P256Key.load(path)
+    with pytest.raises(CommonsError, match="already exists"):
+        P256Key.generate().save(path)
+
+
+def test_an_identity_used_in_memory_keeps_its_p256_key_when_saved(tmp_path: Path) -> None:
+    me = Identity.generate()
+    der = me.p256.public_der
+    me.save(tmp_path / "me.key")
+    assert (tmp_path / "me.p256.pem").exists()
+    assert Identity.load(tmp_path / "me.key").p256.public_der == der
+
+
 def test_peer_id_is_the_libp2p_encoding_of_the_same_key() -> None:
     me = Identity.generate()
     peer = me.peer_id()
@@ -100,8 +139,11 @@ def test_rotate_archives_revokes_and_repins(home: Path, tmp_path: Path) -> None:
     sign_directory(adapter, AdapterMeta(name="mine"), old)
     verify_directory(adapter)  # pins "mine" to the old key
 
+    old_p256 = old.p256.public_der
     was, new, archive = rotate()
     assert was.public_hex == old.public_hex != new.public_hex
+    assert Identity.load(archive).p256.public_der == old_p256  # archived with the key that vouched for it
+    assert Identity.load().p256.public_der != old_p256
     assert Identity.load().public_hex == new.public_hex
     assert Identity.load(archive).public_hex == old.public_hex
     assert old.public_hex in (trust_dir() / "revoked_keys").read_text()
@@ -126,6 +168,10 @@ def test_cli_show_export_rotate(home: Path) -> None:
 
     public = runner.invoke(keys_group, ["export"])
     assert public.stdout.strip() == me.public_hex and public.stderr == ""
+    pem = runner.invoke(keys_group, ["export", "--pem"])
+    assert pem.exit_code == 0 and pem.stdout.encode() == me.p256.public_pem()
+    assert pem.stdout.startswith("-----BEGIN PUBLIC KEY-----")
+    assert runner.invoke(keys_group, ["export", "--pem", "--secret"]).exit_code == 2
     secret = runner.invoke(keys_group, ["export", "--secret"])
     assert secret.stdout.strip() == me.secret_seed.hex()
     assert "warning: this is your SECRET key" in secret.stderr

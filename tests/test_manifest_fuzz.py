@@ -1,8 +1,8 @@
-"""The verifier never crashes, refuses any mutation of a valid envelope and 100 % of a forgery corpus.
+"""The verifier never crashes, refuses any mutation of a valid bundle and 100 % of a forgery corpus.
 
-(a) any input (random bytes, random JSON, random fields inside a validly signed envelope) gives either
-    Verified or VerifyError, never another exception;
-(b) every single change to a valid envelope (any byte, any field, key order, duplicate keys) is refused;
+(a) any input (random bytes, random JSON, random fields inside a validly signed bundle or bare envelope)
+    gives either Verified or VerifyError, never another exception;
+(b) every single change to a valid bundle (any byte, any field, key order, duplicate keys) is refused;
 (c) a generated corpus of tampered files, forged envelopes and policy violations is refused, each with
     one line (no newline, under 200 characters) naming the expected reason.
 """
@@ -24,11 +24,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
 from protocol.errors import VerifyError
+from protocol.signing.bundle import KeyBinding, payload_of, sign_bundle
 from protocol.signing.dsse import canonical_json, sign_envelope
 from protocol.signing.keys import Identity
 from protocol.signing.manifest import (
@@ -41,6 +43,7 @@ from protocol.signing.manifest import (
 )
 from protocol.signing.trust import TrustPolicy
 
+P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 json_leaves = (
@@ -60,7 +63,7 @@ json_values = st.recursive(
 @dataclass
 class Base:
     directory: Path
-    envelope: bytes
+    envelope: bytes  # model.sig: the bundle
     statement: dict
     alice: Identity
     mallory: Identity
@@ -99,7 +102,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Base:
     other = make_adapter(root / "other")
     sign_directory(other, AdapterMeta(name="demo", version=4), alice)
     envelope = (directory / SIGNATURE_FILE).read_bytes()
-    statement = json.loads(base64.b64decode(json.loads(envelope)["payload"]))
+    statement = json.loads(payload_of(json.loads(envelope)))
     return Base(directory, envelope, statement, alice, mallory, (other / SIGNATURE_FILE).read_bytes())
 
 
@@ -145,7 +148,13 @@ def replaced(value: Any, path: tuple, new: Any) -> Any:
 
 
 def signed_payload(statement: Any, identity: Identity) -> bytes:
-    return canonical_json(sign_envelope(canonical_json(statement), identity))
+    return canonical_json(sign_bundle(canonical_json(statement), identity))
+
+
+DSSE = ("dsseEnvelope",)
+PAYLOAD = (*DSSE, "payload")
+SIG = (*DSSE, "signatures", 0, "sig")
+HINT = ("verificationMaterial", "publicKey", "hint")
 
 
 def test_valid_envelope_is_accepted(base: Base) -> None:
@@ -181,6 +190,7 @@ def test_random_statement_in_a_validly_signed_envelope_never_crashes(
     base: Base, payload: Any, payload_type: str
 ) -> None:
     outcome(canonical_json(sign_envelope(canonical_json(payload), base.alice, payload_type)))
+    outcome(canonical_json(sign_bundle(canonical_json(payload), base.alice)))
 
 
 @FAST
@@ -204,17 +214,15 @@ def test_every_byte_of_the_envelope_matters(base: Base) -> None:
 
 def test_every_byte_of_the_payload_and_signature_matters(base: Base) -> None:
     envelope = json.loads(base.envelope)
-    payload = base64.b64decode(envelope["payload"])
+    payload = payload_of(envelope)
     for position in range(len(payload)):
         flipped = payload[:position] + bytes([payload[position] ^ 0x04]) + payload[position + 1 :]
-        refused(canonical_json(replaced(envelope, ("payload",), base64.b64encode(flipped).decode())))
-    sig = base64.b64decode(envelope["signatures"][0]["sig"])
+        refused(canonical_json(replaced(envelope, PAYLOAD, base64.b64encode(flipped).decode())))
+    sig = base64.b64decode(envelope["dsseEnvelope"]["signatures"][0]["sig"])
     for bit in range(len(sig) * 8):
         flipped = bytearray(sig)
         flipped[bit // 8] ^= 1 << (bit % 8)
-        refused(
-            canonical_json(replaced(envelope, ("signatures", 0, "sig"), base64.b64encode(flipped).decode()))
-        )
+        refused(canonical_json(replaced(envelope, SIG, base64.b64encode(flipped).decode())))
 
 
 @FAST
@@ -237,12 +245,12 @@ def test_any_changed_statement_field_without_resigning_is_refused(
     statement = replaced(base.statement, path, value)
     payload = canonical_json(statement)
     if payload != canonical_json(base.statement):
-        refused(canonical_json(replaced(envelope, ("payload",), base64.b64encode(payload).decode())))
+        refused(canonical_json(replaced(envelope, PAYLOAD, base64.b64encode(payload).decode())))
 
 
 @FAST
 @given(
-    st.permutations(["payload", "payloadType", "signatures"]),
+    st.permutations(["dsseEnvelope", "mediaType", "verificationMaterial"]),
     st.permutations(["_type", "predicate", "predicateType", "subject"]),
 )
 def test_reordered_keys_are_refused(
@@ -257,27 +265,31 @@ def test_reordered_keys_are_refused(
     reordered = {k: base.statement[k] for k in statement_order}
     payload = json.dumps(reordered, separators=(",", ":"), ensure_ascii=False).encode()
     if payload != canonical_json(base.statement):  # validly signed by alice, but not canonical
-        refused(canonical_json(sign_envelope(payload, base.alice)))
+        refused(canonical_json(sign_bundle(payload, base.alice)))
 
 
 def test_duplicate_keys_whitespace_and_alternative_base64_are_refused(base: Base) -> None:
     envelope = json.loads(base.envelope)
+    dsse = envelope["dsseEnvelope"]
+    material = envelope["verificationMaterial"]
+    values = {**envelope, **material, **material["publicKey"], **dsse, **dsse["signatures"][0]}
     text = base.envelope.decode()
-    for key in ("payload", "payloadType", "signatures", "keyid", "sig"):
-        value = json.dumps(envelope[key] if key in envelope else envelope["signatures"][0][key])
+    for key in ("dsseEnvelope", "mediaType", "verificationMaterial", "publicKey", "hint", "tlogEntries",
+                "payload", "payloadType", "signatures", "keyid", "sig"):
+        value = json.dumps(values[key])
         marker = f'"{key}":'
         at = text.index(marker)
         refused((text[:at] + f"{marker}{value}," + text[at:]).encode())
     for position in [i for i, c in enumerate(text) if c in "{}[],:"]:
         refused((text[:position] + " " + text[position:]).encode())
     refused(text.encode() + b"\n")
-    raw = base64.b64decode(envelope["payload"])
+    raw = payload_of(envelope)
     for alternative in (
         base64.urlsafe_b64encode(raw).decode().rstrip("="),
         base64.b64encode(raw).decode() + "==",
     ):
-        if alternative != envelope["payload"]:
-            refused(canonical_json(replaced(envelope, ("payload",), alternative)))
+        if alternative != dsse["payload"]:
+            refused(canonical_json(replaced(envelope, PAYLOAD, alternative)))
 
 
 # --- (c) a corpus of tampered, forged and disallowed adapters -----------------------------------------------
@@ -286,6 +298,7 @@ def test_duplicate_keys_whitespace_and_alternative_base64_are_refused(base: Base
 Case = tuple[str, str, Callable[[Path, Base], TrustPolicy | None], tuple[str, ...]]
 TAMPERED = ("was modified after signing", "not a valid safetensors file")
 ENVELOPE = ("model.sig", "signature check failed")
+NO_KEY = "names no P-256 key"  # the key is found before anything else in the statement is read
 FILES = ["README.md", "adapter_config.json", "adapter_model.safetensors", "eval/curve.json"]
 
 
@@ -319,7 +332,9 @@ def _statement(
         statement = copy.deepcopy(base.statement)
         change(statement)
         identity = base.alice if signer == "alice" else base.mallory
-        (directory / SIGNATURE_FILE).write_bytes(canonical_json(sign_envelope(encode(statement), identity)))
+        if signer != "alice":  # a forger vouches for her own P-256 key: what the pin then refuses
+            statement["predicate"]["commons"]["signer"] = KeyBinding.of(identity).to_dict()
+        (directory / SIGNATURE_FILE).write_bytes(canonical_json(sign_bundle(encode(statement), identity)))
 
     return run
 
@@ -329,7 +344,7 @@ def _unsigned_statement_change(change: Callable[[dict], None]) -> Callable[[Base
         statement = copy.deepcopy(base.statement)
         change(statement)
         envelope = json.loads(base.envelope)
-        envelope["payload"] = base64.b64encode(canonical_json(statement)).decode()
+        envelope["dsseEnvelope"]["payload"] = base64.b64encode(canonical_json(statement)).decode()
         return canonical_json(envelope)
 
     return make
@@ -445,6 +460,12 @@ def file_cases() -> list[Case]:
     return cases
 
 
+def _high_s(der: bytes) -> bytes:
+    """The same ECDSA signature as (r, n - s): valid for plain ECDSA, refused here (one form each)."""
+    r, s = decode_dss_signature(der)
+    return encode_dss_signature(r, P256_ORDER - s)
+
+
 def envelope_cases(envelope_size: int) -> list[Case]:
     cases: list[Case] = []
     for step in range(80):
@@ -483,43 +504,61 @@ def envelope_cases(envelope_size: int) -> list[Case]:
     def envelope(b: Base) -> dict:
         return json.loads(b.envelope)
 
+    def sig_envelope(b: Base) -> dict:
+        return envelope(b)["dsseEnvelope"]
+
     def sig(b: Base) -> dict:
-        return envelope(b)["signatures"][0]
+        return sig_envelope(b)["signatures"][0]
+
+    def other(b: Base) -> dict:
+        return json.loads(b.other_envelope)["dsseEnvelope"]
 
     forged: dict[str, Callable[[Base], bytes]] = {
         "keyid swapped to mallory": lambda b: canonical_json(
-            replaced(envelope(b), ("signatures", 0, "keyid"), b.mallory.public_hex)
+            replaced(envelope(b), (*DSSE, "signatures", 0, "keyid"), b.mallory.public_hex)
+        ),
+        "hint of mallory's key": lambda b: canonical_json(
+            replaced(envelope(b), HINT, hashlib.sha256(b.mallory.p256.public_pem()).hexdigest())
+        ),
+        "uppercase hint": lambda b: canonical_json(
+            replaced(envelope(b), HINT, envelope(b)["verificationMaterial"]["publicKey"]["hint"].upper())
+        ),
+        "a tlog entry": lambda b: canonical_json(
+            replaced(envelope(b), ("verificationMaterial", "tlogEntries"), [{}])
+        ),
+        "older bundle media type": lambda b: canonical_json(
+            replaced(envelope(b), ("mediaType",), "application/vnd.dev.sigstore.bundle+json;version=0.2")
+        ),
+        "bare inner envelope": lambda b: canonical_json(sig_envelope(b)),
+        "high-S twin of the signature": lambda b: canonical_json(
+            replaced(envelope(b), SIG, base64.b64encode(_high_s(base64.b64decode(sig(b)["sig"]))).decode())
         ),
         "signature from another manifest": lambda b: canonical_json(
-            replaced(envelope(b), ("signatures",), json.loads(b.other_envelope)["signatures"])
+            replaced(envelope(b), (*DSSE, "signatures"), other(b)["signatures"])
         ),
         "payload from another manifest": lambda b: canonical_json(
-            replaced(envelope(b), ("payload",), json.loads(b.other_envelope)["payload"])
+            replaced(envelope(b), PAYLOAD, other(b)["payload"])
         ),
         "second signature": lambda b: canonical_json(
-            replaced(envelope(b), ("signatures",), [sig(b), sig(b)])
+            replaced(envelope(b), (*DSSE, "signatures"), [sig(b), sig(b)])
         ),
-        "no signature": lambda b: canonical_json(replaced(envelope(b), ("signatures",), [])),
+        "no signature": lambda b: canonical_json(replaced(envelope(b), (*DSSE, "signatures"), [])),
         "payloadType text/plain": lambda b: canonical_json(
-            replaced(envelope(b), ("payloadType",), "text/plain")
+            replaced(envelope(b), (*DSSE, "payloadType"), "text/plain")
         ),
         "payloadType missing": lambda b: canonical_json(
-            {k: v for k, v in envelope(b).items() if k != "payloadType"}
+            replaced(envelope(b), DSSE, {k: v for k, v in sig_envelope(b).items() if k != "payloadType"})
         ),
-        "extra envelope field": lambda b: canonical_json(envelope(b) | {"zzz": 1}),
+        "extra bundle field": lambda b: canonical_json(envelope(b) | {"zzz": 1}),
+        "extra envelope field": lambda b: canonical_json(
+            replaced(envelope(b), DSSE, sig_envelope(b) | {"zzz": 1})
+        ),
         "MIME-wrapped payload": lambda b: canonical_json(
-            replaced(
-                envelope(b),
-                ("payload",),
-                base64.encodebytes(base64.b64decode(envelope(b)["payload"])).decode(),
-            )
+            replaced(envelope(b), PAYLOAD, base64.encodebytes(payload_of(envelope(b))).decode())
         ),
         "pretty envelope": lambda b: json.dumps(envelope(b), indent=1).encode(),
         "duplicate payload key": lambda b: b.envelope.replace(b'{"payload":', b'{"payload":"","payload":', 1),
         "duplicate sig key": lambda b: b.envelope.replace(b'{"keyid":', b'{"sig":"","keyid":', 1),
-        "uppercase keyid": lambda b: canonical_json(
-            replaced(envelope(b), ("signatures", 0, "keyid"), sig(b)["keyid"].upper())
-        ),
     }
     for label, make in forged.items():
         cases.append(("envelope", label, _write_sig(make), ENVELOPE))
@@ -738,13 +777,13 @@ def policy_cases() -> list[Case]:
                 ("must be",),
             )
         )
-    for field in [*wrong_types, "files"]:
+    for field in [*wrong_types, "files", "signer"]:
         cases.append(
             (
                 "policy",
                 f"missing commons.{field}",
                 _statement(_delete(("predicate", "commons", field))),
-                ("missing the field",),
+                ("missing the field", NO_KEY),
             )
         )
     for path in [
@@ -761,7 +800,7 @@ def policy_cases() -> list[Case]:
                 "policy",
                 f"missing {'/'.join(map(str, path))}",
                 _statement(_delete(path)),
-                ("missing the field",),
+                ("missing the field", NO_KEY),
             )
         )
     for path in [(), ("predicate",), ("predicate", "commons"), ("subject", 0)]:
@@ -821,7 +860,7 @@ def policy_cases() -> list[Case]:
             "policy",
             "commons is a list",
             _statement(_set(("predicate", "commons"), [1])),
-            ("commons must be a JSON object",),
+            ("commons must be a JSON object", NO_KEY),
         )
     )
     return cases

@@ -1,10 +1,11 @@
 """Five machines on a private LAN (network namespaces): a campaign survives a volunteer losing its link.
 
-coordinator (SuperLink + ServerApp) ← volunteer-a, volunteer-b (SuperNodes, real Flower processes); volunteer-b's
-link is cut while it trains round 1, the round closes on its timeout with volunteer-a's update alone, round 2
-runs, the coordinator signs and publishes. The index host fetches the adapter's blocks from the coordinator
-over libp2p (`commons p2p pull`, its own COMMONS_HOME), serves it, and the coordinator announces it over HTTP;
-a developer machine then `commons pull`s it by name through that index only. See docs/multihost.md.
+coordinator (SuperLink + ServerApp) ← volunteer-a, volunteer-b (SuperNodes, real Flower processes);
+volunteer-b's link is cut while it trains round 1, the round closes on its timeout with volunteer-a's update
+alone, round 2 runs, the coordinator signs and publishes. The index host fetches the adapter's blocks from the
+coordinator over libp2p (`commons p2p pull`, its own COMMONS_HOME), serves it, and the coordinator announces
+it over HTTP; a developer machine then `commons pull`s it by name through that index only. See
+docs/multihost.md.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def env_for(home: Path) -> dict[str, str]:
     return {**os.environ, "COMMONS_HOME": str(home), "PYTHONUNBUFFERED": "1"}
 
 
-def wait_until(check, timeout: float, what: str, alive: subprocess.Popen | None = None, log: Path | None = None):
+def wait_until(check, timeout: float, what: str, alive: subprocess.Popen | None = None,
+               log: Path | None = None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = check()
@@ -73,8 +75,8 @@ def net():
 def write_campaign(folder: Path) -> tuple[Path, list[Path]]:
     data = write_demo_data(folder / "data", nodes=2, per_node=48, test_size=16)
     campaign = Campaign(
-        name=NAME, base_model=TINY_ID, eval_file=data["test"], rounds=2, min_nodes=1, round_timeout=ROUND_TIMEOUT,
-        node_wait=90.0, eval_size=8, task="date normalization", datasets=[],
+        name=NAME, base_model=TINY_ID, eval_file=data["test"], rounds=2, min_nodes=1,
+        round_timeout=ROUND_TIMEOUT, node_wait=90.0, eval_size=8, task="date normalization", datasets=[],
         lora=LoraSpec(r=4, alpha=8), train=TrainSpec(steps=4, batch_size=4, lr=2e-3, max_length=64),
     )
     path = folder / "campaign.toml"
@@ -88,7 +90,8 @@ def start_logged(net: Lan, host: str, args: list[str], home: Path, **kwargs) -> 
     return proc, log
 
 
-def test_campaign_survives_a_cut_volunteer_and_the_adapter_travels_to_a_developer(net: Lan, tmp_path: Path) -> None:
+def test_campaign_survives_a_cut_volunteer_and_the_adapter_travels_to_a_developer(net: Lan,
+                                                                                  tmp_path: Path) -> None:
     started = time.monotonic()
     local_path(TINY_ID)  # build the tiny model once in the shared cache, not in three racing processes
     homes = {host: tmp_path / host for host in HOSTS}
@@ -107,8 +110,9 @@ def test_campaign_survives_a_cut_volunteer_and_the_adapter_travels_to_a_develope
 
     # unplug volunteer-b while it trains round 1: its update cannot have been sent yet
     status_b = homes["volunteer-b"] / "status.json"
-    wait_until(lambda: (read_json(status_b) or {}).get("state") == "training" and read_json(status_b)["round"] == 1,
-               150, "volunteer-b to start training round 1", coordinator, coordinator_log)
+    wait_until(lambda: (read_json(status_b) or {}).get("state") == "training"
+               and read_json(status_b)["round"] == 1, 150, "volunteer-b to start training round 1",
+               coordinator, coordinator_log)
     net.cut("volunteer-b")
     assert not net.reachable("volunteer-b", "coordinator", FLOWER_PORT)
     assert net.reachable("volunteer-a", "coordinator", FLOWER_PORT)
@@ -124,45 +128,54 @@ def test_campaign_survives_a_cut_volunteer_and_the_adapter_travels_to_a_develope
     key_b = Identity.load_or_create(homes["volunteer-b"] / "identity" / "ed25519.key").public_hex
     log = events(homes["coordinator"])
     assert [e["nodes"] for e in log if e["event"] == "round_start"] == [2, 1]  # round 2 goes to who answers
-    assert [(e["round"], e["node"]) for e in log if e["event"] == "update"] == [(1, key_a[:16]), (2, key_a[:16])]
+    assert ([(e["round"], e["node"]) for e in log if e["event"] == "update"]
+            == [(1, key_a[:16]), (2, key_a[:16])])
     assert [(e["round"], e["accepted"]) for e in log if e["event"] == "round_end"] == [(1, 1), (2, 1)]
     result = read_json(homes["coordinator"] / "campaigns" / NAME / "result.json")
     assert result["contributors"] == [key_a] and key_b not in json.dumps(result)
 
     # the index host fetches the blocks from the coordinator over libp2p into its own store
-    seeder = net.popen("coordinator", [COMMONS, "p2p", "serve", "--listen", f"/ip4/{net.ip('coordinator')}/tcp/{P2P_PORT}",
-                                       "--json"], env=env_for(homes["coordinator"]), stdout=subprocess.PIPE,
+    seeder = net.popen("coordinator",
+                       [COMMONS, "p2p", "serve", "--listen", f"/ip4/{net.ip('coordinator')}/tcp/{P2P_PORT}",
+                        "--json"], env=env_for(homes["coordinator"]), stdout=subprocess.PIPE,
                        stderr=subprocess.DEVNULL, text=True)
     info = json.loads(seeder.stdout.readline())
     peer = next(a for a in info["addrs"] if a.startswith(f"/ip4/{net.ip('coordinator')}/"))
-    fetched = net.run("index", [COMMONS, "p2p", "pull", cid, "--peer", peer, "--json"], env=env_for(homes["index"]),
-                      capture_output=True, text=True, timeout=120, check=False)
+    fetched = net.run("index", [COMMONS, "p2p", "pull", cid, "--peer", peer, "--json"],
+                      env=env_for(homes["index"]), capture_output=True, text=True, timeout=120, check=False)
     assert fetched.returncode == 0, fetched.stderr[-2000:]
     assert json.loads(fetched.stdout)["root"] == cid
 
-    index, index_log = start_logged(net, "index", ["index", "serve", "--host", net.ip("index"), "--port", str(INDEX_PORT)],
+    index, index_log = start_logged(net, "index",
+                                    ["index", "serve", "--host", net.ip("index"), "--port", str(INDEX_PORT)],
                                     homes["index"], stdout=subprocess.DEVNULL)
-    wait_until(lambda: net.reachable("developer", "index", INDEX_PORT), 60, "the index to listen", index, index_log)
+    wait_until(lambda: net.reachable("developer", "index", INDEX_PORT), 60, "the index to listen", index,
+               index_log)
     index_url = f"http://{net.ip('index')}:{INDEX_PORT}"
 
     # the coordinator announces the signed adapter to the index across the LAN
     envelope = (Path(result["adapter_dir"]) / "model.sig").read_text()
     body = tmp_path / "announce.json"
     body.write_text(json.dumps({"envelope": envelope, "cid": cid}))
-    announced = net.run("coordinator", ["curl", "-sS", "--fail-with-body", "-H", "content-type: application/json",
+    announced = net.run("coordinator",
+                        ["curl", "-sS", "--fail-with-body", "-H", "content-type: application/json",
                                         "--data-binary", f"@{body}", f"{index_url}/api/announce"],
                         capture_output=True, text=True, timeout=60)
     assert announced.returncode == 0, announced.stdout + announced.stderr
     assert json.loads(announced.stdout)["cid"] == cid
 
     # a developer machine that knows only the index pulls it by name, verified block by block and signature
-    pulled = net.run("developer", [COMMONS, "pull", NAME, "--index", index_url, "--json"], env=env_for(homes["developer"]),
-                     capture_output=True, text=True, timeout=120, check=False)
+    pulled = net.run("developer", [COMMONS, "pull", NAME, "--index", index_url, "--json"],
+                     env=env_for(homes["developer"]), capture_output=True, text=True, timeout=120,
+                     check=False)
     assert pulled.returncode == 0, pulled.stderr[-2000:]
     report = json.loads(pulled.stdout)
     assert report["cid"] == cid
     published = Path(result["adapter_dir"])
     got = Path(report["path"])
-    assert {p.name: p.read_bytes() for p in got.iterdir()} == {p.name: p.read_bytes() for p in published.iterdir()}
-    assert {"adapter_config.json", "adapter_model.safetensors", "model.sig"} <= {p.name for p in got.iterdir()}
-    print(f"multi-host netns test: {time.monotonic() - started:.0f}s")  # shown with -s; the runtime the docs quote
+    assert {p.name: p.read_bytes() for p in got.iterdir()} == {p.name: p.read_bytes()
+                                                               for p in published.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors",
+            "model.sig"} <= {p.name for p in got.iterdir()}
+    # shown with -s; the runtime the docs quote
+    print(f"multi-host netns test: {time.monotonic() - started:.0f}s")

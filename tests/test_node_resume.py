@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from coordinator.campaign import parse
 from modeling.load import load_base
 from modeling.lora import get_state, wrap
 from node import resume, worker
+from node.settings import NodeSettings
 from protocol.data.records import read_records
 from protocol.signing.keys import Identity
 
@@ -46,12 +48,12 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tensors = {k: (v + rng.normal(0, 0.02, v.shape)).astype(np.float32) for k, v in tensors.items()}
     keys = sorted(k for k in tensors if ".layers.0." in k)
     return {"campaign": campaign, "tensors": tensors, "keys": keys, "data": data["train"][0],
-            "config": rounds.train_config(campaign, 1, keys)}
+            "config": rounds.train_instruction(campaign, 1, keys)}
 
 
-def settings(tmp_path: Path, name: str, data: Path) -> worker.NodeSettings:
+def settings(tmp_path: Path, name: str, data: Path) -> NodeSettings:
     (tmp_path / name).mkdir(parents=True, exist_ok=True)
-    return worker.NodeSettings(home=tmp_path / name, data=data, threads=1)
+    return NodeSettings(home=tmp_path / name, data=data, threads=1)
 
 
 def crash_at(monkeypatch: pytest.MonkeyPatch, step: int) -> list[dict]:
@@ -60,7 +62,7 @@ def crash_at(monkeypatch: pytest.MonkeyPatch, step: int) -> list[dict]:
     seen: list[dict] = []
     real = worker.status
 
-    def status(s: worker.NodeSettings, **fields: Any) -> None:
+    def status(s: NodeSettings, **fields: Any) -> None:
         seen.append(fields)
         real(s, **fields)
         if fields.get("state") == "training" and fields.get("step") == step and not any(
@@ -82,19 +84,19 @@ def test_a_round_resumed_after_a_crash_ends_exactly_where_the_straight_run_does(
 ) -> None:
     monkeypatch.setenv("COMMONS_RESUME_SECONDS", "0")  # a checkpoint after every step
     straight = settings(tmp_path, "straight", work["data"])
-    wire, metrics, _ = worker.train_round(straight, dict(work["config"]), work["tensors"])
+    wire, metrics, _ = worker.train_round(straight, work["config"], work["tensors"])
     assert resume_files(straight.home) == []  # removed once the update is made
     assert metrics["resumed_from"] == 0
 
     node = settings(tmp_path, "crashy", work["data"])
     statuses = crash_at(monkeypatch, CRASH_AT)
     with pytest.raises(Crash):
-        worker.train_round(node, dict(work["config"]), work["tensors"])
+        worker.train_round(node, work["config"], work["tensors"])
     [saved] = resume_files(node.home)
     assert saved.suffix == ".pt"
 
     with caplog.at_level(logging.INFO, logger="commons.node"):
-        wire2, metrics2, proof2 = worker.train_round(node, dict(work["config"]), work["tensors"])
+        wire2, metrics2, proof2 = worker.train_round(node, work["config"], work["tensors"])
     assert f"round 1: resuming at step {CRASH_AT} of {STEPS} from checkpoint" in caplog.text
     assert set(wire2) == set(work["keys"])
     for key in wire:
@@ -105,7 +107,8 @@ def test_a_round_resumed_after_a_crash_ends_exactly_where_the_straight_run_does(
     assert metrics2["num_examples"] == STEPS * 2 and metrics2["resumed_from"] == CRASH_AT
     assert proof2["public_key"] == Identity.load_or_create(node.home / "identity" / "ed25519.key").public_hex
     after = [s for s in statuses[statuses.index({"crashed": True}) + 1:]]
-    assert after[0] == {"state": "resuming", "round": 1, "step": CRASH_AT, "steps": STEPS, "resumed_from": CRASH_AT}
+    assert after[0] == {"state": "resuming", "round": 1, "step": CRASH_AT, "steps": STEPS,
+                        "resumed_from": CRASH_AT}
     assert [s["step"] for s in after if s.get("state") == "training"] == list(range(CRASH_AT + 1, STEPS + 1))
     assert resume_files(node.home) == []
 
@@ -116,36 +119,36 @@ def test_a_checkpoint_is_only_reused_for_exactly_the_same_work(work: dict, tmp_p
     node = settings(tmp_path, "node", work["data"])
     crash_at(monkeypatch, 2)
     with pytest.raises(Crash):
-        worker.train_round(node, dict(work["config"]), work["tensors"])
+        worker.train_round(node, work["config"], work["tensors"])
     records = read_records(work["data"])
-    same = resume.open_checkpoint(node.home, dict(work["config"]), work["tensors"], records)
+    same = resume.open_checkpoint(node.home, work["config"], work["tensors"], records)
     assert same.step == 2
 
     other_keys = sorted(k for k in work["tensors"] if ".layers.1." in k)
     other_tensors = {**work["tensors"], work["keys"][0]: work["tensors"][work["keys"][0]] + 1e-3}
     config = work["config"]
     different = {
-        "other keys": ({**config, "keys": json.dumps(other_keys)}, work["tensors"], records),
-        "other global tensors": (dict(config), other_tensors, records),
-        "other local data": (dict(config), work["tensors"], records[1:]),
-        "other training config": ({**config, "lr": 0.5}, work["tensors"], records),
+        "other keys": (replace(config, keys=tuple(other_keys)), work["tensors"], records),
+        "other global tensors": (config, other_tensors, records),
+        "other local data": (config, work["tensors"], records[1:]),
+        "other training config": (replace(config, lr=0.5), work["tensors"], records),
     }
     for why, (cfg, tensors, recs) in different.items():
         assert resume.open_checkpoint(node.home, cfg, tensors, recs).state is None, why
     assert resume_files(node.home) == [same.path]  # the same round's work is never pruned
 
-    later = resume.open_checkpoint(node.home, {**config, "round": 2}, work["tensors"], records)
+    later = resume.open_checkpoint(node.home, replace(config, round=2), work["tensors"], records)
     assert later.state is None and resume_files(node.home) == []  # an earlier round's file is stale
 
 
 def test_a_torn_checkpoint_starts_the_round_over(work: dict, tmp_path: Path) -> None:
     node = settings(tmp_path, "node", work["data"])
     records = read_records(work["data"])
-    ckpt = resume.open_checkpoint(node.home, dict(work["config"]), work["tensors"], records)
+    ckpt = resume.open_checkpoint(node.home, work["config"], work["tensors"], records)
     ckpt.path.parent.mkdir(parents=True)
     ckpt.path.write_bytes(b"PK\x03\x04 not a whole file")
-    assert resume.open_checkpoint(node.home, dict(work["config"]), work["tensors"], records).state is None
-    _, metrics, _ = worker.train_round(node, dict(work["config"]), work["tensors"])
+    assert resume.open_checkpoint(node.home, work["config"], work["tensors"], records).state is None
+    _, metrics, _ = worker.train_round(node, work["config"], work["tensors"])
     assert metrics["resumed_from"] == 0 and metrics["num_examples"] == STEPS * 2
 
 
@@ -193,7 +196,8 @@ def test_a_node_that_reconnects_mid_round_is_sent_its_own_shard_again(tmp_path: 
     result = runner.run(grid, campaign, home)
     log = events(home)
     key = Identity.load_or_create(tmp_path / "node1" / "identity" / "ed25519.key").public_hex
-    assert [(e["round"], e["node"], e["node_id"]) for e in log if e["event"] == "rejoined"] == [(1, key[:16], 200)]
+    assert [(e["round"], e["node"], e["node_id"]) for e in log
+            if e["event"] == "rejoined"] == [(1, key[:16], 200)]
     assert not any(e["event"] == "reassigned" for e in log)  # its span was not handed to anyone else
     assert [(i, keys) for i, group, keys in grid.sent if group == "1.rejoin1"] == [(2, grid.died_with)]
     assert [(e["round"], e["accepted"]) for e in log if e["event"] == "round_end"] == [(1, 2), (2, 2)]
@@ -234,7 +238,8 @@ def test_a_volunteer_killed_mid_round_rejoins_and_resumes_from_its_checkpoint(tm
         net.submit({"campaign": str(campaign), "home": str(tmp_path / "coord")})
         deadline = time.monotonic() + 120
         while not mid_round():
-            assert time.monotonic() < deadline, f"node1 never checkpointed; events: {read_events(tmp_path)[-3:]}"
+            assert time.monotonic() < deadline, (
+                f"node1 never checkpointed; events: {read_events(tmp_path)[-3:]}")
             time.sleep(0.1)
         os.killpg(victim.pid, signal.SIGKILL)  # the SuperNode and the ClientApp training under it
         node(1, "node1-again")  # the volunteer restarts it: same home, same key, a new Flower node id
@@ -243,13 +248,15 @@ def test_a_volunteer_killed_mid_round_rejoins_and_resumes_from_its_checkpoint(tm
         net.close()
     rejoined = [e for e in log if e["event"] == "rejoined"]
     assert [(e["round"], e["node"]) for e in rejoined] == [(1, key[:16])]
-    resumed = [line for line in (homes[1] / "logs" / "node.log").read_text().splitlines() if "resuming" in line]
+    resumed = [line for line in (homes[1] / "logs" / "node.log").read_text().splitlines()
+               if "resuming" in line]
     assert len(resumed) == 1, resumed
     step = int(resumed[0].split("resuming at step ")[1].split(" ")[0])
     assert 5 <= step < steps and f"of {steps} from checkpoint" in resumed[0]
     updates = [e for e in log if e["event"] == "update" and e["node"] == key[:16]]
     assert [(e["group"], e["resumed_from"]) for e in updates] == [("1.rejoin1", step)]
     end = next(e for e in log if e["event"] == "round_end")
-    assert end["accepted"] == 2 and not end["rejected_nodes"] and not any(e["event"] == "reassigned" for e in log)
+    assert (end["accepted"] == 2 and not end["rejected_nodes"]
+            and not any(e["event"] == "reassigned" for e in log))
     assert resume_files(homes[1]) == []  # removed once the update was made
     print(f"rejoin test: {time.monotonic() - started:.0f}s")

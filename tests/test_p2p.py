@@ -50,8 +50,8 @@ class Seeder:
     """`python -m protocol.p2p serve` in its own process (so it can be killed -9)."""
 
     def __init__(self, tmp: Path, add: Path, rate_limit: float | None = None) -> None:
-        cmd = [sys.executable, "-m", "protocol.p2p", "serve", "--store", str(tmp / "store"), "--add", str(add),
-               "--listen", "/ip4/127.0.0.1/tcp/0"]
+        cmd = [sys.executable, "-m", "protocol.p2p", "serve", "--store", str(tmp / "store"), "--add",
+               str(add), "--listen", "/ip4/127.0.0.1/tcp/0"]
         if rate_limit:
             cmd += ["--rate-limit", str(rate_limit)]
         env = {**os.environ, "COMMONS_HOME": str(tmp / "home")}
@@ -319,7 +319,8 @@ def test_gossip_delivers_verified_announcements_and_drops_forgeries(tmp_path):
                     nursery.start_soon(listen)
                     await a.gossip.pubsub.subscribe(TOPIC_ADAPTERS)
                     await a.gossip.pubsub.wait_for_subscription(b.host.get_id(), TOPIC_ADAPTERS, 10)
-                    await trio.sleep(2)  # two 1 s heartbeats: b joins a's mesh, so a loaded CI box loses nothing
+                    # two 1 s heartbeats: b joins a's mesh, so a loaded CI box loses nothing
+                    await trio.sleep(2)
                     wire = await a.gossip.publish(body)
                     await a.gossip.pubsub.publish(TOPIC_ADAPTERS, json.dumps(forged).encode())
                     await a.gossip.pubsub.publish(TOPIC_ADAPTERS, wire)  # replay of the same signed bytes
@@ -346,7 +347,8 @@ def test_cli_pull_json_and_errors(tmp_path, payload, seeders):
     for command in ([], ["serve"], ["pull"], ["watch"], ["kubo-push"], ["pin"]):
         assert runner.invoke(p2p_group, [*command, "--help"]).exit_code == 0
     a = seeders("a")
-    result = runner.invoke(p2p_group, ["pull", a.root, "--peer", a.addr, "--out", str(tmp_path / "o.bin"), "--json"])
+    result = runner.invoke(p2p_group,
+                           ["pull", a.root, "--peer", a.addr, "--out", str(tmp_path / "o.bin"), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout.strip().splitlines()[-1])["blocks"] == 22
     assert (tmp_path / "o.bin").read_bytes() == payload.read_bytes()

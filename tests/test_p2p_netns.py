@@ -66,8 +66,8 @@ def test_publish_in_one_namespace_pull_in_another(tmp_path, namespaces):
     payload.write_bytes(os.urandom(3 * 1024 * 1024 + 7))
     env = {**os.environ, "COMMONS_HOME": str(tmp_path / "home")}
     seeder = subprocess.Popen(
-        ["ip", "netns", "exec", NS_A, sys.executable, "-m", "protocol.p2p", "serve", "--store", str(tmp_path / "a"),
-         "--add", str(payload), "--listen", f"/ip4/{ADDR_A}/tcp/4051"],
+        ["ip", "netns", "exec", NS_A, sys.executable, "-m", "protocol.p2p", "serve", "--store",
+         str(tmp_path / "a"), "--add", str(payload), "--listen", f"/ip4/{ADDR_A}/tcp/4051"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     try:
@@ -77,7 +77,8 @@ def test_publish_in_one_namespace_pull_in_another(tmp_path, namespaces):
         addr = next(a for a in info["addrs"] if a.startswith(f"/ip4/{ADDR_A}/"))
         pull = subprocess.run(
             ["ip", "netns", "exec", NS_B, sys.executable, "-m", "protocol.p2p", "pull", info["roots"][0],
-             "--store", str(tmp_path / "b"), "--peer", addr, "--out", str(tmp_path / "out.bin"), "--no-progress"],
+             "--store", str(tmp_path / "b"), "--peer", addr, "--out", str(tmp_path / "out.bin"),
+             "--no-progress"],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
         )
         assert pull.returncode == 0, pull.stderr[-2000:]

@@ -114,7 +114,8 @@ def test_publish_announce_index_ingests_and_a_fresh_home_pulls_by_name(tmp_path,
     done = subprocess.run(
         [*CLI, "publish", str(folder), "--name", "wire-lora", "--license", "Apache-2.0", "--announce",
          "--bootstrap", index.addr, "--p2p-listen", "/ip4/127.0.0.1/tcp/0", "--seed-seconds", "40", "--json"],
-        cwd=ROOT, env={**os.environ, "COMMONS_HOME": str(publisher)}, capture_output=True, timeout=90, check=False)
+        cwd=ROOT, env={**os.environ, "COMMONS_HOME": str(publisher)}, capture_output=True, timeout=90,
+        check=False)
     elapsed = time.monotonic() - start
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     out = json.loads(done.stdout)
@@ -152,13 +153,15 @@ def test_unreachable_peer_is_one_line_error_and_p2p_announce_recovers(tmp_path, 
     folder = make_adapter(tmp_path / "adapter", size=1000)
     home = tmp_path / "h"
     dead = f"/ip4/127.0.0.1/tcp/{_free_port()}/p2p/{Identity.generate().peer_id()}"
-    done = subprocess.run([*CLI, "publish", str(folder), "--name", "lonely", "--license", "MIT", "--bootstrap", dead,
-                           "--p2p-listen", "/ip4/127.0.0.1/tcp/0", "--seed-seconds", "5"],
+    done = subprocess.run([*CLI, "publish", str(folder), "--name", "lonely", "--license", "MIT",
+                           "--bootstrap", dead, "--p2p-listen", "/ip4/127.0.0.1/tcp/0", "--seed-seconds",
+                           "5"],
                           cwd=ROOT, env={**os.environ, "COMMONS_HOME": str(home)}, capture_output=True,
                           timeout=60, check=False)
     err = done.stderr.decode().strip().splitlines()
     assert done.returncode == 1, err
-    assert err[-1].startswith("error: lonely v1 is published locally but not announced: no peer reachable"), err
+    assert err[-1].startswith("error: lonely v1 is published locally but not announced: "
+                              "no peer reachable"), err
     assert "commons p2p announce lonely@1" in err[-1] and "Traceback" not in done.stderr.decode()
 
     monkeypatch.setenv("COMMONS_HOME", str(home))
@@ -191,11 +194,12 @@ def test_a_seeding_node_in_the_background_is_counted_live_by_the_index(tmp_path,
 
 
 def _tampered(envelope: bytes) -> str:
-    """The same DSSE envelope with its signed statement edited (licence swapped): the signature breaks."""
+    """The same bundle with its signed statement edited (licence swapped): the signature breaks."""
     env = json.loads(envelope)
-    statement = base64.b64decode(env["payload"]).replace(b"Apache-2.0", b"MIT")
-    return json.dumps({**env, "payload": base64.b64encode(statement).decode()}, sort_keys=True,
-                      separators=(",", ":"))
+    inner = env["dsseEnvelope"]
+    statement = base64.b64decode(inner["payload"]).replace(b"Apache-2.0", b"MIT")
+    tampered = {**inner, "payload": base64.b64encode(statement).decode()}
+    return json.dumps({**env, "dsseEnvelope": tampered}, sort_keys=True, separators=(",", ":"))
 
 
 def test_forged_tampered_squatting_and_replayed_announcements_are_dropped(tmp_path, index):
@@ -236,7 +240,8 @@ def test_forged_tampered_squatting_and_replayed_announcements_are_dropped(tmp_pa
                                                           node.addrs))  # signed, but not her name
             await node.gossip.publish(AdapterAnnouncement(other_cid, "alice-two", 1, _tampered(other_env),
                                                           node.addrs))
-            await trio.to_thread.run_sync(index.wait, lambda s: count(s, "rejected") >= count(before, "rejected") + 2
+            await trio.to_thread.run_sync(index.wait,
+                                          lambda s: count(s, "rejected") >= count(before, "rejected") + 2
                                           and count(s, "invalid") >= count(before, "invalid") + 2
                                           and count(s, "replayed") >= count(before, "replayed") + 1)
 
@@ -268,8 +273,8 @@ def test_without_the_index_http_api_names_resolve_over_libp2p(tmp_path, index, m
     try:
         folder = make_adapter(tmp_path / "adapter", size=300_000)
         done = subprocess.run(
-            [*CLI, "publish", str(folder), "--name", "echo-lora", "--license", "MIT", "--bootstrap", index.addr,
-             "--p2p-listen", "/ip4/127.0.0.1/tcp/0", "--seed-seconds", "30", "--json"],
+            [*CLI, "publish", str(folder), "--name", "echo-lora", "--license", "MIT", "--bootstrap",
+             index.addr, "--p2p-listen", "/ip4/127.0.0.1/tcp/0", "--seed-seconds", "30", "--json"],
             cwd=ROOT, env={**os.environ, "COMMONS_HOME": str(tmp_path / "publisher")}, capture_output=True,
             timeout=60, check=False)
         assert done.returncode == 0, done.stderr.decode()[-2000:]
@@ -306,7 +311,8 @@ def test_resolve_answers_and_flags_are_checked(tmp_path, monkeypatch):
     from protocol.p2p.resolve import check_answer
 
     folder = make_adapter(tmp_path / "adapter", size=1000)
-    sign_directory(folder, meta_from_folder(folder, "real-lora", "MIT", version=2, previous=None), Identity.generate())
+    sign_directory(folder, meta_from_folder(folder, "real-lora", "MIT", version=2, previous=None),
+                   Identity.generate())
     cid = BlockStore(tmp_path / "s").add_path(folder)
     answer = canonical({"cid": cid, "envelope": (folder / SIGNATURE_FILE).read_text()})
     assert check_answer(answer, "real-lora", 2)[0] == cid
@@ -320,7 +326,8 @@ def test_resolve_answers_and_flags_are_checked(tmp_path, monkeypatch):
     runner = CliRunner()
     monkeypatch.setenv("COMMONS_HOME", str(tmp_path / "home"))
     with pytest.raises(CommonsError, match="--bootstrap needs --p2p-listen"):
-        runner.invoke(cli, ["index", "serve", "--bootstrap", "/ip4/127.0.0.1/tcp/1/p2p/x"], catch_exceptions=False)
+        runner.invoke(cli, ["index", "serve", "--bootstrap", "/ip4/127.0.0.1/tcp/1/p2p/x"],
+                      catch_exceptions=False)
     with pytest.raises(CommonsError, match="--announce needs a peer: pass --bootstrap"):
         runner.invoke(cli, ["publish", str(folder), "--name", "real-lora", "--license", "MIT", "--announce"],
                       catch_exceptions=False)

@@ -33,12 +33,14 @@ def test_every_upload_encoding_round_trips(dtype: str) -> None:
     trained = {k: v + np.float32(0.01) for k, v in sent.items()}
     wire = encode(trained, sent, dtype)
     back = unpack(pack(wire))
-    assert {k: (v.dtype, v.shape) for k, v in back.items()} == {k: (v.dtype, v.shape) for k, v in wire.items()}
+    assert ({k: (v.dtype, v.shape) for k, v in back.items()}
+            == {k: (v.dtype, v.shape) for k, v in wire.items()})
     assert all(np.array_equal(back[k], wire[k]) for k in wire)
 
 
 def test_scalars_and_empty_arrays_survive() -> None:
-    odd = {"a": np.float32(3.5).reshape(()), "b": np.zeros((0, 4), np.float32), "c": np.arange(3, dtype=np.int8)}
+    odd = {"a": np.float32(3.5).reshape(()), "b": np.zeros((0, 4), np.float32),
+           "c": np.arange(3, dtype=np.int8)}
     back = unpack(pack(odd))
     assert back["a"].shape == () and float(back["a"]) == 3.5 and back["b"].shape == (0, 4)
     assert back["c"].tolist() == [0, 1, 2]
@@ -50,7 +52,8 @@ def test_a_record_of_separate_arrays_is_read_as_it_is() -> None:
 
 
 def forged(layout: object, buffer: bytes = b"\0" * 16) -> dict[str, np.ndarray]:
-    return {PACKED: np.frombuffer(buffer, np.uint8), LAYOUT: np.frombuffer(json.dumps(layout).encode(), np.uint8)}
+    return {PACKED: np.frombuffer(buffer, np.uint8),
+            LAYOUT: np.frombuffer(json.dumps(layout).encode(), np.uint8)}
 
 
 @pytest.mark.parametrize("layout, says", [

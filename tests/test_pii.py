@@ -193,7 +193,8 @@ def test_url_credentials_and_spaced_phone_numbers() -> None:
 
 
 def test_private_key_block_removed_whole() -> None:
-    text = "here:\n-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----\nok"
+    text = ("here:\n-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n"
+            "-----END OPENSSH PRIVATE KEY-----\nok")
     assert scrub(text).text == "here:\n[PRIVATE_KEY]\nok"
 
 
@@ -285,7 +286,8 @@ def test_data_review_prints_what_kinds_were_removed(tmp_path: Path, monkeypatch:
 def test_importing_the_scrubber_loads_no_detector_library_and_no_torch(tmp_path: Path) -> None:
     heavy = ("torch", "phonenumbers", "stdnum", "detect_secrets", "pyap")
     code = f"import sys, protocol.data.pii; print([m for m in {heavy!r} if m in sys.modules])"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=tmp_path)
     assert out.stdout.strip() == "[]"
 
 

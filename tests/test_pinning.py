@@ -34,7 +34,8 @@ class FakePinningService:
 
     def _auth(self, request: Request) -> JSONResponse | None:
         if request.headers.get("authorization") != f"Bearer {TOKEN}":
-            return JSONResponse({"error": {"reason": "UNAUTHORIZED", "details": "Access token is invalid"}}, 401)
+            return JSONResponse({"error": {"reason": "UNAUTHORIZED", "details": "Access token is invalid"}},
+                                401)
         return None
 
     async def pins_root(self, request: Request) -> Response:
@@ -45,8 +46,10 @@ class FakePinningService:
             if "cid" not in body:
                 return JSONResponse({"error": {"reason": "BAD_REQUEST", "details": "cid is required"}}, 400)
             requestid = f"req-{next(self.ids)}"
-            self.pins[requestid] = {"requestid": requestid, "status": "queued", "created": "2026-01-01T00:00:00Z",
-                                    "pin": {k: body[k] for k in ("cid", "name", "origins", "meta") if k in body},
+            self.pins[requestid] = {"requestid": requestid, "status": "queued",
+                                    "created": "2026-01-01T00:00:00Z",
+                                    "pin": {k: body[k] for k in ("cid", "name", "origins", "meta")
+                                            if k in body},
                                     "delegates": ["/ip4/203.0.113.1/tcp/4001/p2p/QmService"], "info": {}}
             return JSONResponse(self.pins[requestid], 202)
         cid = request.query_params.get("cid")
@@ -95,10 +98,12 @@ def test_failed_pin_and_bad_token_are_one_line_errors(service):
         status = client.add(UNREACHABLE)
         with pytest.raises(CommonsError, match=r"failed to pin .*no provider found for the CID.*origin"):
             client.wait(status.requestid, sleep=lambda s: None)
-        with pytest.raises(CommonsError, match=r"refused status of req-404 \(HTTP 404: NOT_FOUND: no such pin"):
+        with pytest.raises(CommonsError,
+                           match=r"refused status of req-404 \(HTTP 404: NOT_FOUND: no such pin"):
             client.get("req-404")
-    with pytest.raises(CommonsError, match=r"refused the token \(401 UNAUTHORIZED: Access token is invalid\): "
-                                           r"check --pinning-token"):
+    with pytest.raises(CommonsError,
+                       match=r"refused the token \(401 UNAUTHORIZED: Access token is invalid\): "
+                             r"check --pinning-token"):
         PinningClient(service.url, "wrong").add(GOOD)
     with pytest.raises(CommonsError, match="no pinning service token"):
         PinningClient(service.url, "")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from coordinator.aggregate import AggregateConfig, Update, aggregate
+from coordinator.rules import AggregateConfig, Update, aggregate
 
 D, R, LAYERS, NOISE = 24, 4, 2, 0.3
 ROUNDS, LOCAL_STEPS, LR = 30, 5, 0.5
@@ -118,7 +118,7 @@ def test_naive_fedavg_fails_under_the_same_attack(problem: dict, honest: float, 
 
 
 def test_nan_node_is_refused_even_by_fedavg(problem: dict, honest: float) -> None:
-    # NaN would poison the model for everyone, so every rule rejects it (see coordinator.aggregate)
+    # NaN would poison the model for everyone, so every rule rejects it (see coordinator.rules.toolkit)
     attacked = run(problem, "fedavg", "nan")
     assert np.isfinite(attacked) and attacked == pytest.approx(honest, rel=0.02)
 

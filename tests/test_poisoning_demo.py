@@ -1,10 +1,10 @@
 """One poisoned volunteer out of four on the real demo task (dates -> ISO 8601) with real LoRA training.
 
 Four volunteers hold non-IID demo data (node i sees date style family i mod 3); each round every node
-runs the node's own `node.worker.train_round` (PEFT + AdamW) from the global adapter with the config
-`coordinator.rounds.train_config` builds, the coordinator plans with `coordinator.rounds.plan_round`,
-decodes the replies as `check_reply` does and aggregates with `coordinator.plan.aggregate_sharded` under
-the runner's own `aggregate_config`. Node 3 is the attacker (`tests/attack_client_app.poison`).
+runs the node's own `node.worker.train_round` (PEFT + AdamW) from the global adapter with the instruction
+`coordinator.rounds.train_instruction` builds, the coordinator plans with `coordinator.rounds.plan_round`,
+decodes the replies as `check_reply` does and aggregates with `coordinator.rules.sharded.aggregate_sharded`
+under the runner's own `aggregate_config`. Node 3 is the attacker (`tests/attack_client_app.poison`).
 The eval is the held-out token cross-entropy of the answers on the demo test split (exact match stays 0
 on a model this small, so it says nothing).
 
@@ -28,10 +28,11 @@ from attack_client_app import poison
 from conftest import MODEL_CACHE
 
 from commons.demo_task import write_demo_data
-from coordinator.aggregate import Update
 from coordinator.campaign import Campaign, LoraSpec, TrainSpec
-from coordinator.plan import aggregate_sharded, shard_keys
-from coordinator.rounds import plan_round, train_config
+from coordinator.plan import shard_keys
+from coordinator.rounds import plan_round, train_instruction
+from coordinator.rules import Update
+from coordinator.rules.sharded import aggregate_sharded
 from coordinator.runner import aggregate_config
 from modeling.load import load_base
 from modeling.lora import get_state, set_state, wrap
@@ -94,13 +95,14 @@ def world(tmp_path_factory: pytest.TempPathFactory):
         torch.set_num_threads(1)  # the box is shared; one thread is also the deterministic choice
         model_dir = build_model(root / "model")
         data = write_demo_data(root / "data", NODES, PER_NODE, TEST_SIZE)
-        campaign = Campaign(name="poison", base_model=str(model_dir), eval_file=data["test"], base_revision="",
-                            rounds=ROUNDS, lora=LoraSpec(r=8, alpha=16), train=TRAIN)
+        campaign = Campaign(name="poison", base_model=str(model_dir), eval_file=data["test"],
+                            base_revision="", rounds=ROUNDS, lora=LoraSpec(r=8, alpha=16), train=TRAIN)
         settings = [worker.NodeSettings(home=root / f"node{i}", data=path, threads=1)
                     for i, path in enumerate(data["train"])]
         for s in settings:
             s.home.mkdir(parents=True)
-            (s.home / "config.toml").write_text("[node_limits]\nallow_local_base = true\n")  # the scaled tiny model
+            # the scaled tiny model
+            (s.home / "config.toml").write_text("[node_limits]\nallow_local_base = true\n")
         base, tokenizer = load_base(str(model_dir))
         eval_model = wrap(base, {**campaign.lora.__dict__})
         examples = [encode(tokenizer, r["messages"], TRAIN.max_length) for r in read_records(data["test"])]
@@ -123,13 +125,14 @@ def train_node(w: World, i: int, round_: int, keys: list[str], g: Tensors) -> Up
     """Node i's verified, decoded update, or None when its training failed (the node drops out)."""
     key = (i, round_, tuple(keys), digest(g))
     if key not in w.memo:
-        config = train_config(w.campaign, round_, keys)
+        config = train_instruction(w.campaign, round_, keys)
         try:
             wire, metrics, proof = worker.train_round(w.settings[i], config, g)
             digest_sent = update_digest(w.campaign.name, round_, wire)
-            assert verify_signature(bytes.fromhex(proof["public_key"]), digest_sent, bytes.fromhex(proof["signature"]))
+            assert verify_signature(bytes.fromhex(proof["public_key"]), digest_sent,
+                                    bytes.fromhex(proof["signature"]))
             sent = {k: g[k] for k in keys}
-            w.memo[key] = Update(f"node{i}", decode(wire, sent, config["upload_dtype"]), metrics["num_examples"])
+            w.memo[key] = Update(f"node{i}", decode(wire, sent, config.upload_dtype), metrics["num_examples"])
         except FloatingPointError:  # a global adapter wrecked by a naive rule makes training diverge
             w.memo[key] = None
     return w.memo[key]
@@ -181,7 +184,8 @@ def record(w: World, attack: str, rule: str, loss: float) -> float:
 
 
 def print_table(w: World) -> None:
-    rules = [r for r in ("fedavg", "robust", "auto/cov2", "auto/cov3", "mean") if any(x == r for _, x in w.results)]
+    rules = [r for r in ("fedavg", "robust", "auto/cov2", "auto/cov3", "mean")
+             if any(x == r for _, x in w.results)]
     print(f"\nheld-out answer loss after {ROUNDS} rounds; node {ATTACKER} of {NODES} malicious "
           "(honest-only: nodes 0-2 alone; auto/*: node 3 planned for but silent)")
     print(f"{'attack':<12}" + "".join(f"{r:>11}" for r in rules))
@@ -235,7 +239,8 @@ def test_naive_fedavg_visibly_fails_the_same_test(world: World, honest_fedavg: f
     assert not math.isfinite(loss) or loss > 1.10 * honest_fedavg
 
 
-def test_nan_kills_a_textbook_mean_but_every_rule_of_ours_refuses_it(world: World, honest_fedavg: float) -> None:
+def test_nan_kills_a_textbook_mean_but_every_rule_of_ours_refuses_it(world: World,
+                                                                     honest_fedavg: float) -> None:
     assert math.isnan(record(world, "nan", "mean", run(world, "mean", "nan")[0]))
     loss, reports = run(world, "fedavg", "nan")
     assert record(world, "nan", "fedavg", loss) == pytest.approx(honest_fedavg, rel=1e-6)

@@ -18,9 +18,9 @@ from safetensors.numpy import load_file
 from test_federation_e2e import TestNetwork, ended, start, wait_for
 
 from commons.demo_task import write_demo_data
-from coordinator.aggregate import Update, aggregate
 from coordinator.campaign import load
-from coordinator.rounds import train_config
+from coordinator.rounds import train_instruction
+from coordinator.rules import Update, aggregate
 from modeling.load import load_base
 from modeling.lora import get_state, wrap
 from node import worker
@@ -35,8 +35,8 @@ def write_campaign(root: Path) -> tuple[Path, list[Path]]:
     data = write_demo_data(root / "data", 4, 8, 4)
     path = root / "campaign.toml"
     path.write_text(
-        f'name = "life"\nbase_model = "tiny"\neval_file = "{data["test"]}"\nrounds = {ROUNDS}\nmin_nodes = 4\n'
-        'eval_size = 4\nround_timeout = 120\nnode_wait = 120\nupload_dtype = "int8"\n'
+        f'name = "life"\nbase_model = "tiny"\neval_file = "{data["test"]}"\nrounds = {ROUNDS}\n'
+        'min_nodes = 4\neval_size = 4\nround_timeout = 120\nnode_wait = 120\nupload_dtype = "int8"\n'
         "[train]\nsteps = 2\nbatch_size = 2\nmax_length = 48\n"
     )
     return path, data["train"]
@@ -53,7 +53,7 @@ def honest_reference(campaign_file: Path, data: list[Path], root: Path) -> dict[
         for i in range(3):
             home = root / f"ref{i}"
             home.mkdir(parents=True, exist_ok=True)
-            config = train_config(campaign, round_, keys)
+            config = train_instruction(campaign, round_, keys)
             wire, metrics, _ = worker.train_round(worker.NodeSettings(home, data[i], threads=1), config, g)
             updates.append(Update(f"n{i}", decode(wire, g, campaign.upload_dtype), metrics["num_examples"]))
         g, _ = aggregate(g, updates, "fedavg")
@@ -69,7 +69,8 @@ def test_the_attacker_re_encodes_its_poison_in_the_campaigns_upload_dtype(dtype:
     rng = np.random.default_rng(0)
     sent = {"a.lora_A.weight": rng.normal(size=(4, 16)).astype(np.float32),
             "a.lora_B.weight": rng.normal(size=(16, 4)).astype(np.float32)}
-    wire = encode({k: v + np.float32(0.01) * rng.normal(size=v.shape).astype(np.float32) for k, v in sent.items()},
+    wire = encode({k: v + np.float32(0.01) * rng.normal(size=v.shape).astype(np.float32)
+                   for k, v in sent.items()},
                   sent, dtype)
     honest = decode(wire, sent, dtype)
     scaled = poison_wire("scale50", wire, sent, dtype, rng)

@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordinator.aggregate import AggregateConfig, Update, aggregate
 from coordinator.campaign import load
-from coordinator.plan import Plan, Shard, aggregate_sharded, layers_from_keys
+from coordinator.plan import Plan, Shard, layers_from_keys
 from coordinator.privacy import DPConfig, epsilon
+from coordinator.rules import AggregateConfig, Update, aggregate
+from coordinator.rules.sharded import aggregate_sharded
 from protocol.errors import CommonsError
 
 KEY = "base_model.model.model.layers.{}.self_attn.q_proj.lora_{}.weight"
@@ -55,7 +56,8 @@ def test_clipping_is_joint_across_a_nodes_parts() -> None:
         Update("d", moved(g, layer_keys(1), 0.0), 10),
     ]
     dp = DPConfig(clip=clip, noise_multiplier=1e-9, rounds=1)
-    new, report = aggregate_sharded(g, updates, plan_over_two_parts(), "fedavg", AggregateConfig(dp=dp, seed=1))
+    new, report = aggregate_sharded(g, updates, plan_over_two_parts(), "fedavg",
+                                    AggregateConfig(dp=dp, seed=1))
     factor = 1.0 / np.sqrt(2 * 0.9**2)  # the joint norm is sqrt(2)·0.9·C: scaled down to C
     assert report.clipped["a"] == pytest.approx(factor, rel=1e-5)
     a_move = 0.9 * clip / per_layer * factor
@@ -75,7 +77,8 @@ def test_a_node_with_non_finite_values_is_rejected_in_every_part() -> None:
     updates = [Update("a", bad, 10), Update("b", moved(g, layer_keys(0), 0.1), 10),
                Update("c", moved(g, layer_keys(1), 0.1), 10), Update("d", moved(g, layer_keys(1), 0.1), 10)]
     dp = DPConfig(clip=1.0, noise_multiplier=1e-9)
-    new, report = aggregate_sharded(g, updates, plan_over_two_parts(), "robust", AggregateConfig(dp=dp, seed=0))
+    new, report = aggregate_sharded(g, updates, plan_over_two_parts(), "robust",
+                                    AggregateConfig(dp=dp, seed=0))
     assert "NaN" in report.rejected["a"] and "a" not in report.accepted
     assert all(np.isfinite(v).all() for v in new.values())
 

@@ -12,8 +12,9 @@ from commons.processes import descendants, stop
 
 
 def test_a_grandchild_in_its_own_session_is_found_and_stopped(tmp_path: Path) -> None:
-    code = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], " \
-           "start_new_session=True); time.sleep(60)"
+    code = ("import subprocess, sys, time; "
+            "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
+            "start_new_session=True); time.sleep(60)")
     parent = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path)
     deadline = time.monotonic() + 20
     while len(descendants([parent.pid])) < 1 and time.monotonic() < deadline:
@@ -23,4 +24,5 @@ def test_a_grandchild_in_its_own_session_is_found_and_stopped(tmp_path: Path) ->
     parent.kill()
     parent.wait()
     stop(below, grace=5)
-    assert not Path(f"/proc/{below[0]}").exists() or "Z" in Path(f"/proc/{below[0]}/stat").read_text().split(")")[-1][:3]
+    assert (not Path(f"/proc/{below[0]}").exists()
+            or "Z" in Path(f"/proc/{below[0]}/stat").read_text().split(")")[-1][:3])

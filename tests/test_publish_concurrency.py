@@ -1,4 +1,5 @@
-"""Several `commons publish` processes at once, into one fresh home: each gets its own version, no traceback."""
+"""Several `commons publish` processes at once, into one fresh home: each gets its own version,
+no traceback."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ def test_concurrent_publishes_of_one_name_each_get_a_version(tmp_path: Path, iso
     folders = []
     for i in range(4):
         folder = tmp_path / f"adapter-{i}"
-        write_adapter_files(folder, AdapterMeta(name="race", base_model="HuggingFaceTB/SmolLM2-135M-Instruct"))
+        write_adapter_files(folder,
+                            AdapterMeta(name="race", base_model="HuggingFaceTB/SmolLM2-135M-Instruct"))
         (folder / "README.md").write_text(f"run {i}\n")  # different content: four different versions
         folders.append(folder)
     procs = [subprocess.Popen([COMMONS, "publish", str(f), "--name", "race", "--license", "MIT", "--json"],

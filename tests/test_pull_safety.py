@@ -104,7 +104,8 @@ def _wrapped(index: LiveIndex, cid: str, extra: dict[str, str]) -> str:
     return str(directory_node(store, tree(directory_entries(store, cid), extra)))
 
 
-def test_a_signed_adapter_wrapped_with_unsigned_entries_is_refused_and_nothing_is_written(index, alice, tmp_path):
+def test_a_signed_adapter_wrapped_with_unsigned_entries_is_refused_and_nothing_is_written(index, alice,
+                                                                                          tmp_path):
     envelope, cid = index.publish("wrapped", alice, register=False)
     hook = "[core]\n\tfsmonitor = touch /tmp/pwned-by-commons\n"
     for extra in ({".git/config": hook}, {".env": "TOKEN=x"}, {"run_me.py": "import os"}):
@@ -115,7 +116,8 @@ def test_a_signed_adapter_wrapped_with_unsigned_entries_is_refused_and_nothing_i
         assert not out.exists()
         reply = httpx.post(f"{index.url}/api/announce", json={"envelope": envelope.decode(), "cid": bad})
         assert reply.status_code == 403 and "not covered by model.sig" in reply.json()["detail"], reply.text
-    assert httpx.post(f"{index.url}/api/announce", json={"envelope": envelope.decode(), "cid": cid}).status_code == 201
+    assert httpx.post(f"{index.url}/api/announce",
+                      json={"envelope": envelope.decode(), "cid": cid}).status_code == 201
 
 
 # --- 6: the printed snippet, and older versions on purpose --------------------------------------------
@@ -126,7 +128,8 @@ def test_the_printed_snippet_escapes_the_signed_base_model(index, alice, tmp_pat
     from protocol.signing.manifest import AdapterMeta
 
     sneaky = 'x", "y"); __import__("os").system("id"); ("'
-    envelope, cid = make_entry(tmp_path / "sneaky", AdapterMeta(name="sneaky", base_model=sneaky), alice, index.store)
+    envelope, cid = make_entry(tmp_path / "sneaky", AdapterMeta(name="sneaky", base_model=sneaky), alice,
+                               index.store)
     index.db.register(envelope, cid)
     code, out, err = pull(index, "sneaky", tmp_path / "got", tmp_path)
     assert code == 0, err

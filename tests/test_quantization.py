@@ -3,7 +3,6 @@ the adapter that stays plain PEFT, and how each node trained, recorded from its 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from modeling.quantization import TrainedAs, from_pretrained_kwargs
 from node import hardware, worker
 from node.train import TrainConfig, train
 from protocol.errors import CommonsError
+from protocol.instruction import TrainInstruction
 
 SPEC = {"r": 4, "alpha": 8}
 
@@ -87,8 +87,8 @@ def test_a_node_refuses_a_round_its_memory_plan_cannot_finish(tmp_path: Path, mo
     monkeypatch.setattr(hardware, "detect", lambda *a: {"device": "cpu", "vram_gb": None, "cpu_cores": 2,
                                                          "ram_gb": 8.0, "ram_free_gb": 0.5, "bf16": False})
     settings = worker.NodeSettings(home=tmp_path, data=tmp_path / "train.jsonl")
-    config = {"campaign": "c", "round": 1, "base_model": "tiny", "base_revision": "main",
-              "lora": json.dumps(SPEC), "steps": 1, "batch_size": 8, "lr": 0.01, "max_length": 128}
+    config = TrainInstruction(campaign="c", round=1, base_model="tiny", base_revision="main", lora=SPEC,
+                              steps=1, batch_size=8, lr=0.01, max_length=128)
     with pytest.raises(CommonsError, match=r"^needs \d+\.\d GB, 0\.5 GB free: "):
         worker.train_round(settings, config, {})
 

@@ -18,9 +18,10 @@ from safetensors.numpy import load_file
 from commons.demo_task import write_demo_data
 from coordinator import rounds, runner
 from coordinator.campaign import parse
-from coordinator.residual import PREFIX
+from coordinator.rules.exact import PREFIX
 from node import client_app
 from protocol.errors import CommonsError
+from protocol.instruction import TrainInstruction
 from protocol.signing.keys import Identity
 
 GPU = {"device": "cuda", "gpu": "test", "vram_gb": 24.0, "cpu_cores": 8, "ram_gb": 64.0, "bf16": True}
@@ -36,7 +37,8 @@ class LocalGrid:
     "dead@R" (never answers train messages from round R on), "wrongkey" (signs with another key),
     "nan" (sends NaN), "ctrlc@R" (stopped when round R's work arrives, back under a new Flower id a few
     looks later), "late" (connects a few looks after the start); `caps[i]` replaces the hardware report;
-    `crash_at` raises at that round. A ClientApp that raises is answered for as Flower does: an error reply."""
+    `crash_at` raises at that round. A ClientApp that raises is answered for as Flower does:
+    an error reply."""
 
     def __init__(self, root: Path, data: list[Path], behave: list[str], caps: list[dict] | None = None,
                  crash_at: int | None = None) -> None:
@@ -74,16 +76,18 @@ class LocalGrid:
         i = self.ids.index(msg.metadata.dst_node_id)
         ctx = Context(1, msg.metadata.dst_node_id, {"home": str(self.homes[i]), "data": str(self.data[i])},
                       RecordDict(), {})
+        if msg.metadata.message_type == "query.ended":
+            return client_app.ended(msg, ctx)
         if msg.metadata.message_type == "query":
             reply = client_app.query(msg, ctx)
             if self.caps:
                 reply.content["info"]["capability"] = json.dumps(self.caps[i])
             return reply
-        config = msg.content["config"]
-        round_, behave = int(config["round"]), self.behave[i]
+        instruction = TrainInstruction.from_config(dict(msg.content["config"]))
+        round_, behave = instruction.round, self.behave[i]
         if self.crash_at == round_:
             raise Crash(f"coordinator killed in round {round_}")
-        self.sent.append((i, msg.metadata.group_id, json.loads(str(config["keys"]))))
+        self.sent.append((i, msg.metadata.group_id, list(instruction.keys or ())))
         if behave.startswith("dead@") and round_ >= int(behave[5:]):
             return None
         if behave.startswith("ctrlc@") and round_ >= int(behave[6:]):
@@ -98,13 +102,13 @@ class LocalGrid:
             wire = unpack({k: v.numpy() for k, v in reply.content["adapter"].items()})
             wire[min(wire)][...] = np.nan
             reply.content["adapter"] = ArrayRecord({k: Array(v) for k, v in pack(wire).items()})
-            self._resign(reply, self.homes[i] / "identity" / "ed25519.key", round_, config)
+            self._resign(reply, self.homes[i] / "identity" / "ed25519.key", round_, instruction.campaign)
         if behave == "wrongkey":
-            self._resign(reply, None, round_, config)
+            self._resign(reply, None, round_, instruction.campaign)
         return reply
 
     @staticmethod
-    def _resign(reply: Message, key: Path | None, round_: int, config: Any) -> None:
+    def _resign(reply: Message, key: Path | None, round_: int, campaign: str) -> None:
         from protocol.update import update_digest
 
         identity = Identity.load_or_create(key) if key else Identity.generate()
@@ -113,7 +117,7 @@ class LocalGrid:
         wire = unpack({k: v.numpy() for k, v in reply.content["adapter"].items()})
         proof = reply.content["proof"]
         proof["public_key"] = identity.public_hex
-        proof["signature"] = identity.sign(update_digest(str(config["campaign"]), round_, wire)).hex()
+        proof["signature"] = identity.sign(update_digest(campaign, round_, wire)).hex()
 
 
 def setup(tmp_path: Path, nodes: int, **fields: Any):
@@ -145,7 +149,8 @@ def test_shards_are_sized_to_hardware_and_cover_every_layer(tmp_path: Path) -> N
     asked = {i: len(keys) for i, group, keys in grid.sent if group == "1"}
     total = len(final_tensors(home))
     assert asked[1] == total and asked[0] + asked[2] == total and 0 < asked[0] < total
-    uploads = {e["node"]: e["upload_bytes"] for e in events(home) if e["event"] == "update" and e["round"] == 1}
+    uploads = {e["node"]: e["upload_bytes"]
+               for e in events(home) if e["event"] == "update" and e["round"] == 1}
     assert uploads[gpu] == max(uploads.values()) and min(uploads.values()) <= uploads[gpu] / 2 + 64
     b = [v for k, v in final_tensors(home).items() if "lora_B" in k]
     assert all(np.abs(x).sum() > 0 for x in b)  # every layer trained
@@ -157,7 +162,8 @@ def test_a_node_that_drops_mid_round_has_its_span_retrained_by_its_lane_neighbou
     campaign, data, home = setup(tmp_path, 3, rounds=1, round_timeout=1.0, min_coverage=2)
     first = LocalGrid(tmp_path / "probe", data, ["honest"] * 3)
     plan = rounds.plan_round(campaign, sorted(final_keys(tmp_path, campaign)),
-                             rounds.capabilities(rounds.query_nodes(first, first.ids, 1), lambda *a, **k: None))
+                             rounds.capabilities(rounds.query_nodes(first, first.ids, 1),
+                                                 lambda *a, **k: None))
     lanes: dict[int, list[str]] = {}
     for s in plan.shards:
         lanes.setdefault(s.lane, []).append(s.node_id)
@@ -231,7 +237,8 @@ def test_central_dp_is_accounted_in_the_manifest_eval(tmp_path: Path) -> None:
                                  dp={"noise_multiplier": 1.0, "clip": 1.0})
     result = runner.run(LocalGrid(tmp_path, data, ["honest"] * 2), campaign, home)
     end = next(e for e in events(home) if e["event"] == "round_end")
-    assert end["dp"]["epsilon"] > 0 and end["dp"]["delta"] == 1e-5 and result["dp"]["epsilon"] == end["dp"]["epsilon"]
+    assert (end["dp"]["epsilon"] > 0 and end["dp"]["delta"] == 1e-5
+            and result["dp"]["epsilon"] == end["dp"]["epsilon"])
 
 
 @pytest.mark.parametrize(
@@ -264,14 +271,16 @@ def quick_polls(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(rounds, "POLL_SECONDS", 0.01)
 
 
-def test_a_volunteer_with_a_malformed_data_line_is_left_out_with_its_reason(tmp_path: Path, quick_polls: None) -> None:
+def test_a_volunteer_with_a_malformed_data_line_is_left_out_with_its_reason(tmp_path: Path,
+                                                                            quick_polls: None) -> None:
     campaign, data, home = setup(tmp_path, 3, rounds=1)
     lines = data[2].read_text().splitlines()
     data[2].write_text("\n".join([*lines[:2], "{not json", *lines[2:]]) + "\n")  # line 3 of its file
     result = runner.run(LocalGrid(tmp_path, data, ["honest"] * 3), campaign, home)
     log = events(home)
     ignored = [e for e in log if e["event"] == "node_ignored"]
-    said = f"{data[2]}:3: not JSON (Expecting property name enclosed in double quotes); fix or remove the line"
+    said = (f"{data[2]}:3: not JSON (Expecting property name enclosed in double quotes); "
+            "fix or remove the line")
     assert [e["reason"] for e in ignored] == [said]
     assert next(e for e in log if e["event"] == "round_start")["nodes"] == 2
     assert result["rounds"] == 1 and len(result["ledger"]) == 2
@@ -283,8 +292,9 @@ def test_a_campaign_waits_for_volunteers_within_its_patience(tmp_path: Path, qui
     waits = [(e["have"], e["want"]) for e in events(home) if e["event"] == "waiting_for_nodes"]
     assert waits == [(1, 2)] and len(result["ledger"]) == 2
     campaign, data, home = setup(tmp_path / "alone", 1, rounds=1, node_wait=0.05)
-    with pytest.raises(CommonsError, match=r"^round 1: only 1 of min_nodes=2 volunteers could train after waiting 0s "
-                                           r"\(1 connected\): start more nodes, raise node_wait or lower min_nodes"):
+    with pytest.raises(CommonsError,
+                       match=r"^round 1: only 1 of min_nodes=2 volunteers could train after waiting 0s "
+                             r"\(1 connected\): start more nodes, raise node_wait or lower min_nodes"):
         runner.run(LocalGrid(tmp_path / "alone", data, ["honest"]), campaign, home)
 
 
@@ -293,8 +303,8 @@ def test_a_volunteer_stopped_mid_round_is_waited_for_and_rejoins(tmp_path: Path,
     grid = LocalGrid(tmp_path, data, ["ctrlc@1", "honest"])
     result = runner.run(grid, campaign, home)
     log = events(home)
-    assert [e["event"] for e in log if e["event"] in ("waiting_for_rejoin", "rejoined")] == ["waiting_for_rejoin",
-                                                                                          "rejoined"]
+    assert ([e["event"] for e in log if e["event"] in ("waiting_for_rejoin", "rejoined")]
+            == ["waiting_for_rejoin", "rejoined"])
     assert [e["accepted"] for e in log if e["event"] == "round_end"] == [2, 2]
     assert all(e["rounds"] == 2 for e in result["ledger"]) and grid.ids[0] == 200  # trained under its new id
 
@@ -318,15 +328,28 @@ def test_the_best_evaluated_round_is_published_and_early_stop_ends_the_campaign(
     assert next(e for e in events(home) if e["event"] == "early_stop")["best_round"] == 1
     meta = verify_directory(Path(result["adapter_dir"]), TrustPolicy(), record=False).meta
     assert meta.eval["published_round"] == 1 and meta.rounds == 1 and meta.eval["accuracy_adapter"] == 0.45
-    assert meta.eval["published_because"] == ("round 1 scored best on the held-out set (45.0%); the last round, 2, "
-                                              "scored 35.0%")
+    assert meta.eval["published_because"] == ("round 1 scored best on the held-out set (45.0%); the last "
+                                              "round, 2, scored 35.0%")
     assert meta.eval["n"] == 4  # the eval file holds 4 records, not eval_size = 64
-    # the base pinned exactly: the local conversion's weights, which `commons base path tiny` prints the folder of
+    # the base pinned exactly: the local conversion's weights,
+    # which `commons base path tiny` prints the folder of
     assert meta.base_revision == f"sha256:{weights_sha256(local_path(TINY_ID))}"
     assert json.loads((Path(result["adapter_dir"]) / "adapter_config.json").read_text())["revision"] is None
-    assert meta.eval["coverage"]["achieved"] == 2 and "min_coverage = 3 but only 2" in meta.eval["coverage"]["note"]
+    assert (meta.eval["coverage"]["achieved"] == 2
+            and "min_coverage = 3 but only 2" in meta.eval["coverage"]["note"])
     best = load_file(str(home / "campaigns" / "t" / "checkpoint" / "best-1.safetensors"))
     last = final_tensors(home)
     adapter = load_file(str(Path(result["adapter_dir"]) / "adapter_model.safetensors"))
     key = next(k for k in best if "lora_B" in k)
     assert np.array_equal(adapter[key], best[key]) and not np.array_equal(adapter[key], last[key])
+
+
+def test_the_volunteers_are_told_how_the_campaign_ended(tmp_path: Path) -> None:
+    campaign, data, home = setup(tmp_path, 2, rounds=1, shards="none", publish_margin=-1.0)
+    grid = LocalGrid(tmp_path, data, ["honest"] * 2)
+    result = runner.run(grid, campaign, home)
+    for node_home in grid.homes:
+        status = json.loads((node_home / "status.json").read_text())
+        assert status["state"] == "ended" and status["campaign"] == "t"
+        assert status["outcome"] == f"published t v{result['version']} ({result['adapter_cid'][:12]}…)"
+    assert events(home)[-1]["event"] == "campaign_end"

@@ -41,7 +41,8 @@ def test_a_shard_trains_only_its_own_keys(tiny) -> None:
     model = wrap(base, {"r": 4, "alpha": 8})
     before = get_state(model)
     shard = sorted(k for k in before if ".layers.0." in k)
-    result = train(model, tokenizer, make_records(4, ["numeric"], seed=3), TrainConfig(steps=3, batch_size=4, lr=1e-2), keys=shard)
+    result = train(model, tokenizer, make_records(4, ["numeric"], seed=3),
+                   TrainConfig(steps=3, batch_size=4, lr=1e-2), keys=shard)
     after = get_state(model)
     assert set(result.state) == set(shard)
     assert any(not np.array_equal(before[k], after[k]) for k in shard)

@@ -67,8 +67,10 @@ MOONS = {
 def test_published_directory_vectors(tmp_path: Path) -> None:
     planets = _tree(tmp_path / "planets", PLANETS)
     assert unixfs.import_directory(planets) == "QmWSgS32xQEcXMeqd3YPJLrNBLSdsfYCep2U7CFkyrjXwY"
-    assert unixfs.import_directory(planets, 1) == "bafybeih7e5dmkyk25up5vxug4q3hrg2fxbzf23dfrac2fns5h7z4aa7ioi"
-    assert unixfs.import_directory(_tree(tmp_path / "moons", MOONS)) == "QmVKvomp91nMih5j6hYBA8KjbiaYvEetU2Q7KvtZkLe9nQ"
+    assert unixfs.import_directory(planets, 1) == (
+        "bafybeih7e5dmkyk25up5vxug4q3hrg2fxbzf23dfrac2fns5h7z4aa7ioi")
+    assert unixfs.import_directory(_tree(tmp_path / "moons", MOONS)) == (
+        "QmVKvomp91nMih5j6hYBA8KjbiaYvEetU2Q7KvtZkLe9nQ")
     nested = _tree(tmp_path / "cur", {"hey": b"Hey\n", "hello/world": b"World\n"})
     assert unixfs.import_directory(nested) == "QmZQWnfcqJ6hNkkPvrY9Q5X39GP3jUnUbAV4AbmbbR3Cb1"
     (tmp_path / "empty").mkdir()

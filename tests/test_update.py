@@ -19,8 +19,10 @@ def pair() -> tuple[dict, dict]:
     return sent, trained
 
 
-@pytest.mark.parametrize(("dtype", "size", "tolerance"), [("fp32", 1.0, 0.0), ("bf16", 0.5, 4e-3), ("int8", 0.25, 9e-3)])
-def test_round_trip_error_is_relative_to_the_delta_and_bytes_shrink(pair, dtype: str, size: float, tolerance: float) -> None:
+@pytest.mark.parametrize(("dtype", "size", "tolerance"),
+                         [("fp32", 1.0, 0.0), ("bf16", 0.5, 4e-3), ("int8", 0.25, 9e-3)])
+def test_round_trip_error_is_relative_to_the_delta_and_bytes_shrink(pair, dtype: str, size: float,
+                                                                    tolerance: float) -> None:
     sent, trained = pair
     wire = encode(trained, sent, dtype)
     back = decode(wire, sent, dtype)
@@ -52,7 +54,8 @@ def test_the_signature_covers_the_encoded_bytes(pair) -> None:
 @pytest.mark.parametrize(
     ("mutate", "fragment"),
     [
-        (lambda w: {**w, "m.lora_A.weight": w["m.lora_A.weight"].astype(np.int16)}, "campaign asked for int8"),
+        (lambda w: {**w, "m.lora_A.weight": w["m.lora_A.weight"].astype(np.int16)},
+         "campaign asked for int8"),
         (lambda w: {k: v for k, v in w.items() if k != "scale:m.lora_A.weight"}, "without its int8 scale"),
         (lambda w: {**w, "m.lora_A.weight": w["m.lora_A.weight"][:4]}, "does not match the tensors"),
     ],

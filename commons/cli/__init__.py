@@ -11,8 +11,8 @@ from protocol.errors import CommonsError
 
 # Each module exposes `commands`: a list of click commands/groups added to the top level.
 COMMAND_MODULES = [
-    "init", "cid", "car", "keys", "sign", "publish", "pull", "index", "data", "node", "coordinator", "demo", "p2p",
-    "base",
+    "init", "cid", "car", "keys", "sign", "publish", "pull", "index", "data", "node", "coordinator", "demo",
+    "p2p", "base",
 ]
 
 

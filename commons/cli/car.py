@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Iterator
@@ -11,6 +10,7 @@ from typing import Any
 
 import click
 
+from commons.cli.output import emit
 from protocol.content import car as carfile
 from protocol.content.blockstore import BlockStore
 from protocol.content.multiformats import CID
@@ -54,10 +54,8 @@ def export_command(cid: str, out: Path, as_json: bool) -> None:
 
         carfile.write_car(fh, [cid], counted())
     os.replace(tmp, out)
-    if as_json:
-        click.echo(json.dumps({"cid": cid, "path": str(out), "blocks": blocks, "bytes": size}))
-    else:
-        click.echo(f"exported {cid} ({blocks} blocks) to {out}")
+    emit(as_json, {"cid": cid, "path": str(out), "blocks": blocks, "bytes": size},
+         f"exported {cid} ({blocks} blocks) to {out}")
 
 
 @car_group.command("import")
@@ -76,12 +74,13 @@ def import_command(path: Path, as_json: bool) -> None:
             count += 1
             bar.update(1)
     complete = {root: not store.missing(root) for root in roots}
-    if as_json:
-        click.echo(json.dumps({"roots": roots, "blocks": count, "complete": complete}))
-        return
-    for root in roots:
-        note = "" if complete[root] else " (incomplete: some blocks were not in the file)"
-        click.echo(f"{root}{note}")
+
+    def text() -> None:
+        for root in roots:
+            note = "" if complete[root] else " (incomplete: some blocks were not in the file)"
+            click.echo(f"{root}{note}")
+
+    emit(as_json, {"roots": roots, "blocks": count, "complete": complete}, text)
 
 
 commands = [car_group]

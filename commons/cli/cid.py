@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Any
 
 import click
 
+from commons.cli.output import emit
 from protocol.content import unixfs
 from protocol.errors import CommonsError
 
@@ -56,10 +56,7 @@ def cid_command(path: Path, cid_version: int, as_json: bool) -> None:
     finally:
         if bar:
             bar.close()
-    if as_json:
-        click.echo(json.dumps({"cid": cid, "path": str(path), "cid_version": cid_version, "size": size}))
-    else:
-        click.echo(cid)
+    emit(as_json, {"cid": cid, "path": str(path), "cid_version": cid_version, "size": size}, cid)
 
 
 commands = [cid_command]

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from commons.addresses import listen_addresses
+from commons.cli.output import emit
 from protocol.errors import CommonsError
 
 
@@ -25,18 +26,18 @@ def coordinator_group() -> None:
 @click.option("--port", default=9092, show_default=True, type=click.IntRange(1, 65535),
               help="Port volunteers dial; refused if something already listens there.")
 @click.option("--restart", is_flag=True,
-              help="Start the campaign over from round 1, setting its last run aside (default: resume after its "
-                   "last saved round; a finished campaign needs --restart).")
+              help="Start the campaign over from round 1, setting its last run aside (default: resume after "
+                   "its last saved round; a finished campaign needs --restart).")
 @click.option("--wait-nodes", type=click.IntRange(0, 10000), default=0, show_default=True,
               help="Submit the campaign only once this many volunteers are connected (0: at once).")
 @click.option("--closed", is_flag=True,
               help="Only registered volunteers may join (TLS + Flower SuperNode authentication).")
 @click.option("--volunteers", type=click.Path(exists=True, path_type=Path),
-              help="Closed campaign: file with one volunteer public key per line (`#` comments), or a directory "
-                   "of *.pub. Implies --closed.")
+              help="Closed campaign: file with one volunteer public key per line (`#` comments), or a "
+                   "directory of *.pub. Implies --closed.")
 @click.option("--tls-host", multiple=True,
-              help="Closed campaign: a name or IP volunteers dial (repeat). Always added: --host unless 0.0.0.0, "
-                   "127.0.0.1, localhost.")
+              help="Closed campaign: a name or IP volunteers dial (repeat). Always added: --host unless "
+                   "0.0.0.0, 127.0.0.1, localhost.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end.")
 def start_command(campaign_file: Path, host: str, port: int, restart: bool, wait_nodes: int, closed: bool,
                   volunteers: Path | None, tls_host: tuple[str, ...], as_json: bool) -> None:
@@ -44,7 +45,7 @@ def start_command(campaign_file: Path, host: str, port: int, restart: bool, wait
 
     Started again under the same name, a campaign resumes after its last saved round (--restart: from
     round 1); Ctrl-C and SIGTERM stop every process it started."""
-    from commons.demo import _follow, _register
+    from commons.demo import _follow, _register, follow_index
     from commons.flower import Network
     from coordinator import campaign as campaigns
     from coordinator import closed as closing
@@ -60,7 +61,8 @@ def start_command(campaign_file: Path, host: str, port: int, restart: bool, wait
     volunteers = volunteers or (Path(campaign.volunteers) if campaign.volunteers else None)  # the flag wins
     closed = closed or campaign.closed or volunteers is not None
     if tls_host and not closed:
-        raise CommonsError("--tls-host only applies to closed campaigns: add --closed (and --volunteers FILE)")
+        raise CommonsError("--tls-host only applies to closed campaigns: "
+                           "add --closed (and --volunteers FILE)")
     keys = closing.read_volunteers(volunteers) if volunteers else []
     for line in [said, *_licence_warnings(campaign)]:  # every mistake above is refused before this is said
         if line:
@@ -69,6 +71,7 @@ def start_command(campaign_file: Path, host: str, port: int, restart: bool, wait
         restarts.set_aside(folder)
     root = home()
     identity = Identity.load_or_create()
+    follow_index(campaign.name)  # the ServerApp takes its next version from this home's record
     work = sub("coordinator")
     tls = None
     if closed:
@@ -76,32 +79,34 @@ def start_command(campaign_file: Path, host: str, port: int, restart: bool, wait
         keys = list(dict.fromkeys([*keys, *closing.admitted(work / ADMITTED)]))
     net = Network(work, ca=tls.ca if tls else None)
     try:
-        net.start_superlink(host=host, port=port, env={"COMMONS_HOME": str(root), "COMMONS_CACHE": str(cache_dir())},
+        net.start_superlink(host=host, port=port,
+                            env={"COMMONS_HOME": str(root), "COMMONS_CACHE": str(cache_dir())},
                             tls=tls)
         _write_running(work, net, tls)
         if tls:
             _register_all(net, keys)
             dial = closing.tls_hosts(host, tls_host)[0]  # a name its certificate covers
-            click.echo(f"closed campaign ({done} TLS, {len(keys)} volunteers registered): volunteers copy {tls.ca} and "
-                       f"run `commons node start --coordinator {dial}:{port} --ca ca.pem`; admit more with "
-                       "`commons coordinator admit KEY.pub`", err=True)
+            click.echo(f"closed campaign ({done} TLS, {len(keys)} volunteers registered): volunteers copy "
+                       f"{tls.ca} and run `commons node start --coordinator {dial}:{port} --ca ca.pem`; "
+                       "admit more with `commons coordinator admit KEY.pub`", err=True)
         else:
             addresses = listen_addresses(host)
             others = f" (this machine also answers on {', '.join(addresses[1:])})" if addresses[1:] else ""
-            click.echo(f"coordinator {identity.public_hex[:16]}…: volunteers run `commons node start --coordinator "
-                       f"{addresses[0]}:{port}`{others}", err=True)
+            click.echo(f"coordinator {identity.public_hex[:16]}…: volunteers run `commons node start "
+                       f"--coordinator {addresses[0]}:{port}`{others}", err=True)
         if wait_nodes:
             _wait_for_volunteers(net, wait_nodes, campaign.node_wait)
         events = folder / "events.jsonl"
         offset = events.stat().st_size if events.exists() else 0  # this run's events start here
         run_id = net.submit({"campaign": str(campaign.source), "home": str(root)})
         click.echo(f"campaign {campaign.name} is Flower run {run_id}; rounds start once {campaign.min_nodes} "
-                   f"volunteer{'s' * (campaign.min_nodes != 1)} can train (patience {campaign.node_wait:.0f}s)", err=True)
+                   f"volunteer{'s' * (campaign.min_nodes != 1)} can train (patience "
+                   f"{campaign.node_wait:.0f}s)", err=True)
         final = _follow(events, [], campaign.rounds, not as_json, work=net.workdir, offset=offset, demo=False,
                         timeout=campaign.node_wait + 2 * campaign.round_timeout + 600)
     except KeyboardInterrupt:
-        click.echo(f"\nstopping campaign {campaign.name}: its SuperLink, superexec and ServerApp; the same command "
-                   "resumes it after its last saved round", err=True)
+        click.echo(f"\nstopping campaign {campaign.name}: its SuperLink, superexec and ServerApp; the same "
+                   "command resumes it after its last saved round", err=True)
         raise
     finally:
         (work / RUNNING).unlink(missing_ok=True)
@@ -112,7 +117,7 @@ def start_command(campaign_file: Path, host: str, port: int, restart: bool, wait
     summary = _register(result, len(result["contributors"]), campaign.rounds)
     summary.pop("samples", None)
     summary.update(published_round=result.get("published_round"), license=result.get("license"))
-    click.echo(json.dumps(summary) if as_json else "\n".join(finale(summary, result)))
+    emit(as_json, summary, lambda: click.echo("\n".join(finale(summary, result))))
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -187,11 +192,11 @@ def _running_coordinator(work: Path) -> dict:
         info = json.loads((work / RUNNING).read_text())
         os.kill(info["pid"], 0)
     except (OSError, ValueError, KeyError):
-        raise CommonsError(f"no coordinator is running under {work.parent}: start one with `commons coordinator "
-                           "start --closed --campaign FILE` (same COMMONS_HOME) first") from None
+        raise CommonsError(f"no coordinator is running under {work.parent}: start one with `commons "
+                           "coordinator start --closed --campaign FILE` (same COMMONS_HOME) first") from None
     if not info.get("closed"):
-        raise CommonsError("the running coordinator is open (anyone may join): restart it with --closed to admit "
-                           "volunteers by key")
+        raise CommonsError("the running coordinator is open (anyone may join): restart it with --closed to "
+                           "admit volunteers by key")
     return info
 
 
@@ -208,15 +213,16 @@ def admit_command(key_file: Path, as_json: bool) -> None:
     try:
         text = key_file.read_text(errors="replace")
     except OSError:
-        raise CommonsError(f"cannot read {key_file}: pass the file holding the volunteer's public key") from None
+        raise CommonsError(f"cannot read {key_file}: "
+                           "pass the file holding the volunteer's public key") from None
     key = closing.parse_public_key(text, str(key_file))
     work = sub("coordinator")
     info = _running_coordinator(work)
-    node_id = closing.register(_bin("flwr"), Path(info["flwr_home"]), closing.key_file(work / "keys", key), _env({}))
+    node_id = closing.register(_bin("flwr"), Path(info["flwr_home"]), closing.key_file(work / "keys", key),
+                               _env({}))
     closing.key_file(work / ADMITTED, key)
     reply = {"node_id": node_id, "fingerprint": closing.fingerprint(key), "coordinator": info["address"]}
-    click.echo(json.dumps(reply) if as_json else f"admitted {reply['fingerprint']} as SuperNode {node_id} on "
-               f"{info['address']}")
+    emit(as_json, reply, f"admitted {reply['fingerprint']} as SuperNode {node_id} on {info['address']}")
 
 
 def _wait_for_volunteers(net, want: int, timeout: float) -> None:
@@ -228,8 +234,9 @@ def _wait_for_volunteers(net, want: int, timeout: float) -> None:
 
     deadline, have = time.monotonic() + timeout, 0
     while time.monotonic() < deadline:
-        done = subprocess.run([_bin("flwr"), "supernode", "list", "--format", "json"], capture_output=True, text=True,
-                              timeout=60, check=False, cwd=net.workdir, env=_env({"FLWR_HOME": str(net.flwr_home())}))
+        done = subprocess.run([_bin("flwr"), "supernode", "list", "--format", "json"], capture_output=True,
+                              text=True, timeout=60, check=False, cwd=net.workdir,
+                              env=_env({"FLWR_HOME": str(net.flwr_home())}))
         try:
             have = sum(n.get("status") == "online" for n in json.loads(done.stdout).get("nodes", []))
         except (json.JSONDecodeError, AttributeError):
@@ -237,8 +244,8 @@ def _wait_for_volunteers(net, want: int, timeout: float) -> None:
         if have >= want:
             return
         time.sleep(1.0)
-    raise CommonsError(f"only {have} of {want} volunteers connected within {timeout:.0f}s: start more nodes or "
-                       "lower --wait-nodes")
+    raise CommonsError(f"only {have} of {want} volunteers connected within {timeout:.0f}s: start more nodes "
+                       "or lower --wait-nodes")
 
 
 commands = [coordinator_group]

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
+from commons.cli.output import emit
 from commons.datasets import progress_bar, publish_dataset
 from protocol.data.dataset import Report, prepare
 from protocol.data.pii import describe
@@ -47,7 +47,8 @@ def data_group() -> None:
 @click.option("--license", "license_", required=True, help="SPDX id of the data's licence, e.g. CC-BY-4.0.")
 @click.option("--source", required=True, help="Where the data comes from: a URL or one sentence.")
 @click.option("--name", default=None, help="Dataset name in the index (default: the file's stem).")
-@click.option("--review", "ask", is_flag=True, help="Show each scrubbed record and ask y/n before publishing.")
+@click.option("--review", "ask", is_flag=True,
+              help="Show each scrubbed record and ask y/n before publishing.")
 @click.option("--db", "db_url", default=None, help="Index database URL (default: $COMMONS_HOME/index.db).")
 @click.option("--json", "as_json", is_flag=True, help="Print {cid, name, version, records, ...} as JSON.")
 def add_command(file: Path, license_: str, source: str, name: str | None, ask: bool, db_url: str | None,
@@ -57,19 +58,17 @@ def add_command(file: Path, license_: str, source: str, name: str | None, ask: b
     Each line is {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]}
     or ShareGPT's {"conversations": [{"from": "human", "value": ...}, ...]}. Prints the dataset CID.
     """
-    _done(as_json, publish_dataset(file, license_, source, name, db_url,
-                                         choose=review if ask else None, on_report=print_report))
+    result = publish_dataset(file, license_, source, name, db_url, choose=review if ask else None,
+                             on_report=print_report)
+    emit(as_json, result, lambda: _done(result), sort_keys=True)
 
 
-def _done(as_json: bool, result: dict) -> None:
-    if as_json:
-        click.echo(json.dumps(result, sort_keys=True))
-    elif result["unchanged"]:
+def _done(result: dict) -> None:
+    if result["unchanged"]:
         click.echo(f"{result['name']} v{result['version']} already holds these records", err=True)
-        click.echo(result["cid"])
     else:
         click.echo(f"published {result['name']} v{result['version']} ({result['records']} records)", err=True)
-        click.echo(result["cid"])
+    click.echo(result["cid"])
 
 
 @data_group.command("review")
@@ -79,12 +78,13 @@ def _done(as_json: bool, result: dict) -> None:
 def review_command(file: Path, show: int, as_json: bool) -> None:
     """Dry run: what `data add` would keep and remove from FILE; nothing is signed or stored."""
     records, report = prepare(file, "CC0-1.0", "review", "", progress=progress_bar("checking"))
-    if as_json:
-        click.echo(json.dumps(report.as_dict(), sort_keys=True))
-        return
-    for i, record in enumerate(records[:show], 1):
-        show_record(record, i, len(records))
-    print_report(report)
+
+    def text() -> None:
+        for i, record in enumerate(records[:show], 1):
+            show_record(record, i, len(records))
+        print_report(report)
+
+    emit(as_json, report.as_dict(), text, sort_keys=True)
 
 
 commands = [data_group]

@@ -17,17 +17,19 @@ def index_group() -> None:
 @click.option("--port", default=8765, show_default=True, type=click.IntRange(1, 65535),
               help="Port to listen on; refused if something already listens there.")
 @click.option("--db", "db_url", default=None,
-              help="SQLAlchemy URL (default sqlite:///$COMMONS_HOME/index.db; postgresql+psycopg://... works).")
+              help="SQLAlchemy URL (default sqlite:///$COMMONS_HOME/index.db; postgresql+psycopg://... "
+                   "works).")
 @click.option("--trusted-keys", type=click.Path(dir_okay=False, exists=True), default=None,
               help="File of hex signer keys to badge as trusted (default: $COMMONS_HOME/trust/trusted_keys).")
 @click.option("--p2p-listen", multiple=True,
               help="Also run a libp2p host here (e.g. /ip4/0.0.0.0/tcp/4051): ingest signed announcements, "
                    "fetch and seed their blocks. Off by default.")
-@click.option("--bootstrap", multiple=True, help="libp2p peer to dial on start, /ip4/.../tcp/.../p2p/12D3KooW... "
-                                                  "(repeat; needs --p2p-listen).")
+@click.option("--bootstrap", multiple=True,
+              help="libp2p peer to dial on start, /ip4/.../tcp/.../p2p/12D3KooW... "
+                   "(repeat; needs --p2p-listen).")
 @click.option("--trust-proxy", "proxies", multiple=True,
-              help="Address of a reverse proxy whose X-Forwarded-For is believed (repeat). Without it the header "
-                   "is ignored, so no client can pick the address its writes are rate-limited under.")
+              help="Address of a reverse proxy whose X-Forwarded-For is believed (repeat). Without it the "
+                   "header is ignored, so no client can pick the address its writes are rate-limited under.")
 def serve_command(host: str, port: int, db_url: str | None, trusted_keys: str | None,
                   p2p_listen: tuple[str, ...], bootstrap: tuple[str, ...], proxies: tuple[str, ...]) -> None:
     """Serve the index at http://HOST:PORT/ (API docs at /docs; with --p2p-listen, counts at /api/p2p)."""
@@ -49,7 +51,8 @@ def serve_command(host: str, port: int, db_url: str | None, trusted_keys: str | 
         raise
     except Exception as exc:  # noqa: BLE001 - driver errors are long; the user needs the URL and the reason
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise CommonsError(f"cannot open the index database {db_url or 'default'} ({reason}); check --db") from None
+        raise CommonsError(f"cannot open the index database {db_url or 'default'} ({reason}); "
+                           "check --db") from None
     if bootstrap and not p2p_listen:
         raise CommonsError("--bootstrap needs --p2p-listen MULTIADDR (e.g. /ip4/0.0.0.0/tcp/4051)")
     store = BlockStore()
@@ -63,9 +66,11 @@ def serve_command(host: str, port: int, db_url: str | None, trusted_keys: str | 
         app.include_router(p2p_router(peer.ingestor))
         for addr, why in node.bootstrap_errors.items():
             click.echo(f"warning: bootstrap peer {addr} unreachable: {why}", err=True)
-        click.echo(f"libp2p peer {node.peer_id}; announce to / bootstrap from: {' '.join(node.dialable_addrs)}",
+        click.echo(f"libp2p peer {node.peer_id}; announce to / bootstrap from: "
+                   f"{' '.join(node.dialable_addrs)}",
                    err=True)
-    click.echo(f"index at http://{host}:{port}/  (API docs /docs, database {db.url.split('@')[-1]})", err=True)
+    click.echo(f"index at http://{host}:{port}/  (API docs /docs, database {db.url.split('@')[-1]})",
+               err=True)
     uvicorn.run(app, host=host, port=port, log_level="info", proxy_headers=bool(proxies),
                 forwarded_allow_ips=",".join(proxies) or None)
 

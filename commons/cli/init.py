@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 
 from commons import config
+from commons.cli.output import emit
 from protocol.home import home
 from protocol.signing.keys import Identity, default_key_path
 
@@ -20,13 +19,12 @@ def init_command(as_json: bool) -> None:
     wrote = config.write_default()
     info = {"home": str(home()), "public_key": identity.public_hex, "peer_id": identity.peer_id(),
             "created_identity": not existed, "created_config": wrote, "config": str(config.path())}
-    if as_json:
-        click.echo(json.dumps(info))
-        return
-    click.echo(f"home        {info['home']}")
-    click.echo(f"identity    {identity.public_hex}  ({'new' if not existed else 'existing'})")
-    click.echo(f"peer id     {info['peer_id']}")
-    click.echo(f"config      {info['config']}  ({'new' if wrote else 'existing'})")
+    emit(as_json, info, "\n".join([
+        f"home        {info['home']}",
+        f"identity    {identity.public_hex}  ({'new' if not existed else 'existing'})",
+        f"peer id     {info['peer_id']}",
+        f"config      {info['config']}  ({'new' if wrote else 'existing'})",
+    ]))
 
 
 commands = [init_command]

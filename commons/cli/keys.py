@@ -1,11 +1,14 @@
-"""`commons keys ...`: your ed25519 identity (signs adapters, is your libp2p peer id) and whom you trust."""
+"""`commons keys ...`: your ed25519 identity (signs adapters, is your libp2p peer id) and whom you trust.
+
+`commons keys export --pem` prints the P-256 public key your model.sig bundles are signed with, the one
+OpenSSF's `model_signing verify key --public_key` wants.
+"""
 
 from __future__ import annotations
 
-import json
-
 import click
 
+from commons.cli.output import emit
 from protocol.signing import trust
 from protocol.signing.keys import Identity, default_key_path, parse_public_hex, rotate
 
@@ -23,7 +26,8 @@ def _identity() -> Identity:
 def keys_group() -> None:
     """Your ed25519 identity and the keys you trust or revoke.
 
-    The key lives in $COMMONS_HOME/identity/ed25519.key (mode 0600) and is created on first use.
+    The key lives in $COMMONS_HOME/identity/ed25519.key (mode 0600) and is created on first use, as is
+    the P-256 key it vouches for (ed25519.p256.pem beside it), which signs model.sig bundles.
     """
 
 
@@ -33,12 +37,8 @@ def show(as_json: bool) -> None:
     """Print your public key (hex), libp2p peer id and key file path."""
     identity = _identity()
     info = {"public_key": identity.public_hex, "peer_id": identity.peer_id(), "path": str(identity.path)}
-    if as_json:
-        click.echo(json.dumps(info))
-    else:
-        click.echo(
-            f"public key  {info['public_key']}\npeer id     {info['peer_id']}\nkey file    {info['path']}"
-        )
+    emit(as_json, info, f"public key  {info['public_key']}\npeer id     {info['peer_id']}\n"
+                        f"key file    {info['path']}")
 
 
 @keys_group.command("export")
@@ -49,9 +49,22 @@ def show(as_json: bool) -> None:
     show_default=True,
     help="Print the public key (default) or the secret seed (64 hex characters).",
 )
-def export(public: bool) -> None:
-    """Print your key: the public key by default, the secret seed only with --secret."""
+@click.option(
+    "--pem",
+    is_flag=True,
+    help="Print the P-256 public key (PEM) that signs your model.sig, for `model_signing --public_key`.",
+)
+def export(public: bool, pem: bool) -> None:
+    """Print your key: the public key by default, the secret seed only with --secret.
+
+    Example: commons keys export --pem > key.pub
+    """
+    if pem and not public:
+        raise click.UsageError("--pem prints the P-256 public key only; drop --secret")
     identity = _identity()
+    if pem:
+        click.echo(identity.p256.public_pem().decode("ascii"), nl=False)
+        return
     if public:
         click.echo(identity.public_hex)
         return
@@ -77,13 +90,8 @@ def rotate_command(yes: bool, as_json: bool) -> None:
         "archive": str(archive),
         "revoked_file": str(trust.trust_dir() / trust.REVOKED_KEYS),
     }
-    if as_json:
-        click.echo(json.dumps(info))
-    else:
-        click.echo(
-            f"new key {new.public_hex} (peer id {info['peer_id']})\n"
-            f"old key {old.public_hex} archived at {archive} and revoked"
-        )
+    emit(as_json, info, f"new key {new.public_hex} (peer id {info['peer_id']})\n"
+                        f"old key {old.public_hex} archived at {archive} and revoked")
 
 
 @keys_group.command("trust")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from commons.cli.output import emit
 from protocol.errors import CommonsError
 
 
@@ -23,7 +24,8 @@ def node_group() -> None:
 @node_group.command("start")
 @click.option("--coordinator", required=True, help="The coordinator's SuperLink address HOST:PORT.")
 @click.option("--data", type=click.Path(dir_okay=False, path_type=Path),
-              help="Your local training data, chat `messages` JSONL (default $COMMONS_HOME/data/train.jsonl).")
+              help="Your local training data, chat `messages` JSONL (default "
+                   "$COMMONS_HOME/data/train.jsonl).")
 @click.option("--max-cpu-threads", type=click.IntRange(1, 1024), help="Use at most this many CPU threads.")
 @click.option("--max-vram", type=float, help="Report at most this many GB of GPU memory to the shard plan.")
 @click.option("--hours", type=float, help="Stop after this many hours.")
@@ -32,14 +34,17 @@ def node_group() -> None:
 @click.option("--insecure/--tls", default=True, show_default=True,
               help="Plain HTTP to the coordinator (loopback/LAN); --tls needs --ca.")
 @click.option("--ca", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="A closed campaign's ca.pem (from the coordinator admin): TLS, and sign in with `commons node key`.")
-@click.option("--seed", is_flag=True, help="Also run a libp2p host that seeds your block store and announces presence.")
+              help="A closed campaign's ca.pem (from the coordinator admin): TLS, and sign in with `commons "
+                   "node key`.")
+@click.option("--seed", is_flag=True,
+              help="Also run a libp2p host that seeds your block store and announces presence.")
 @click.option("--p2p-listen", multiple=True, default=["/ip4/0.0.0.0/tcp/4051"], show_default=True,
               help="Where the --seed host listens.")
-@click.option("--bootstrap", multiple=True, help="libp2p peer for --seed to dial (repeat; default: config `peers`).")
+@click.option("--bootstrap", multiple=True,
+              help="libp2p peer for --seed to dial (repeat; default: config `peers`).")
 def start_command(coordinator: str, data: Path | None, max_cpu_threads: int | None, max_vram: float | None,
-                  hours: float | None, idle_only: bool, insecure: bool, ca: Path | None, seed: bool, p2p_listen: tuple[str, ...],
-                  bootstrap: tuple[str, ...]) -> None:
+                  hours: float | None, idle_only: bool, insecure: bool, ca: Path | None, seed: bool,
+                  p2p_listen: tuple[str, ...], bootstrap: tuple[str, ...]) -> None:
     """Connect to COORDINATOR and train whenever it sends work; reconnects if it restarts."""
     from commons.flower import Network
     from protocol.data.records import read_records
@@ -76,8 +81,8 @@ def start_command(coordinator: str, data: Path | None, max_cpu_threads: int | No
     runtime = net.runtime("supernode")
     runner = net.start_runner("runner", runtime, root, env)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill`/systemd stop: clean up like Ctrl-C
-    click.echo(f"volunteer {identity.public_hex[:16]}…: waiting for the coordinator at {coordinator}; logs in "
-               f"{root / 'logs'} and {net.workdir / 'logs'}", err=True)
+    click.echo(f"volunteer {identity.public_hex[:16]}…: waiting for the coordinator at {coordinator}; logs "
+               f"in {root / 'logs'} and {net.workdir / 'logs'}", err=True)
     try:
         for attempt in itertools.count():
             log_start = log.stat().st_size if log.exists() else 0  # the log is appended to across runs
@@ -95,9 +100,12 @@ def start_command(coordinator: str, data: Path | None, max_cpu_threads: int | No
             # forgets its nodes): start a fresh one, backing off while the coordinator stays down
             wait = 2.0 if time.monotonic() - started > 60 else min(30.0, 2.0 * 2 ** min(attempt, 4))
             net.procs.remove(proc)
-            click.echo(f"\nlost the coordinator {coordinator} (SuperNode exit code {proc.returncode}, log {log}); "
-                       f"reconnecting in {wait:.0f}s", err=True)
-            time.sleep(wait)
+            # systemd's stop and a shutdown signal every process of the volunteer at once: when the
+            # SuperNode's exit was that, our own SIGTERM arrives within this second and this is a stop
+            time.sleep(1.0)
+            click.echo(f"\nlost the coordinator {coordinator} (SuperNode exit code {proc.returncode}, log "
+                       f"{log}); reconnecting in {wait:.0f}s", err=True)
+            time.sleep(wait - 1.0)
     except KeyboardInterrupt:
         pass
     finally:
@@ -105,7 +113,8 @@ def start_command(coordinator: str, data: Path | None, max_cpu_threads: int | No
         if seeder is not None:
             seeder.stop()
         lock.close()
-        click.echo(f"\nvolunteer stopped; `commons node start --coordinator {coordinator}` joins again", err=True)
+        click.echo(f"\nvolunteer stopped; `commons node start --coordinator {coordinator}` joins again",
+                   err=True)
 
 
 def _one_daemon_per_home(folder: Path, root: Path):
@@ -138,8 +147,8 @@ def _keep_running(net, runner, runtime, root: Path, env: dict[str, str]):
     if runner.poll() is None:
         return runner
     net.procs.remove(runner)
-    click.echo(f"\nthe node's runner exited with code {runner.returncode} (log {net.workdir / 'logs' / 'runner.log'}); "
-               "restarting it", err=True)
+    click.echo(f"\nthe node's runner exited with code {runner.returncode} (log "
+               f"{net.workdir / 'logs' / 'runner.log'}); restarting it", err=True)
     return net.start_runner("runner", runtime, root, env)
 
 
@@ -149,14 +158,15 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def _closed_campaign_key(insecure: bool, ca: Path | None) -> Path | None:
     """--ca means TLS and Flower SuperNode auth (this volunteer's key); --tls alone has no root to trust."""
-    from coordinator.closed import supernode_key
+    from node.flower_keys import supernode_key
     from protocol.home import home
 
-    explicit = click.get_current_context().get_parameter_source("insecure") == click.core.ParameterSource.COMMANDLINE
+    explicit = (click.get_current_context().get_parameter_source("insecure")
+                == click.core.ParameterSource.COMMANDLINE)
     if ca is None:
         if not insecure:
-            raise CommonsError("--tls needs the coordinator's root certificate: add --ca ca.pem (ask the coordinator "
-                               "admin for it)")
+            raise CommonsError("--tls needs the coordinator's root certificate: add --ca ca.pem (ask the "
+                               "coordinator admin for it)")
         return None
     if insecure and explicit:
         raise CommonsError("--insecure contradicts --ca (a closed campaign is TLS only): drop --insecure")
@@ -172,11 +182,13 @@ def _explain_exit(log: Path, start: int, coordinator: str) -> None:
     except OSError:
         return
     if "code: 2004" in text:  # Flower: "Failed to activate SuperNode": no registered key matches ours
-        raise CommonsError(f"the coordinator {coordinator} refused this volunteer: its key is not registered; send "
-                           "the output of `commons node key` to the coordinator admin (`commons coordinator admit`)")
+        raise CommonsError(f"the coordinator {coordinator} refused this volunteer: its key is not "
+                           "registered; send the output of `commons node key` to the coordinator admin "
+                           "(`commons coordinator admit`)")
     if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
-        raise CommonsError(f"the coordinator {coordinator}'s certificate does not match --ca: ask the admin for the "
-                           "current ca.pem and dial a name it covers (`commons coordinator start --tls-host`)")
+        raise CommonsError(f"the coordinator {coordinator}'s certificate does not match --ca: ask the admin "
+                           "for the current ca.pem and dial a name it covers (`commons coordinator start "
+                           "--tls-host`)")
     if "WRONG_VERSION_NUMBER" in text:
         raise CommonsError(f"the coordinator {coordinator} speaks plain HTTP (an open campaign): drop --ca")
 
@@ -185,18 +197,20 @@ def _explain_exit(log: Path, start: int, coordinator: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def key_command(as_json: bool) -> None:
     """Print this volunteer's Flower public key (created once) to send to a closed campaign's admin."""
-    from coordinator.closed import fingerprint, supernode_key
+    from coordinator.closed import fingerprint  # the admin's `coordinator admit` prints the same
+    from node.flower_keys import supernode_key
     from protocol.home import home
 
     private, public = supernode_key(home())
     key = public.read_text().strip()
-    if as_json:
-        click.echo(json.dumps({"public_key": key, "path": str(public), "fingerprint": fingerprint(key),
-                               "private_key": str(private)}))
-        return
-    click.echo(key)
-    click.echo(f"saved in {public} ({fingerprint(key)}): send it to the coordinator admin, who runs "
-               "`commons coordinator admit FILE`", err=True)
+
+    def text() -> None:
+        click.echo(key)
+        click.echo(f"saved in {public} ({fingerprint(key)}): send it to the coordinator admin, who runs "
+                   "`commons coordinator admit FILE`", err=True)
+
+    emit(as_json, {"public_key": key, "path": str(public), "fingerprint": fingerprint(key),
+                   "private_key": str(private)}, text)
 
 
 @node_group.command("plan")
@@ -232,22 +246,23 @@ def plan_command(model_id: str, vram: float | None, ram: float | None, batch_siz
         device = Device.from_capability(hardware.detect())
     work = Workload(batch_size=batch_size, max_length=max_length, lora_r=lora_r)
     chosen = plan(shape, work, device, quantization)
-    if as_json:
-        click.echo(json.dumps({"model": model_id, "params": shape.params(), "device": device.kind,
-                               "free_gb": device.free_gb, **chosen.to_json()}, sort_keys=True))
-        return
-    where = "a GPU" if device.kind == "cuda" else f"{device.kind.upper()} RAM"
-    size = f"{shape.params() / 1e9:.2f}B" if shape.params() >= 1e9 else f"{shape.params() / 1e6:.0f}M"
-    click.echo(f"{model_id} ({size} parameters) on {where} with {device.free_gb:.1f} GB free "
-               f"({chosen.usable_gb:.1f} after the safety margin), batch {batch_size} × {max_length} "
-               f"tokens, LoRA r {lora_r}:")
-    parts = ", ".join(f"{k} {v:.2f}" for k, v in chosen.parts_gb.items())
-    checkpointing = str(chosen.gradient_checkpointing).lower()
-    rows = [("quantization", chosen.quantization), ("gradient_checkpointing", checkpointing),
-            ("micro_batch", chosen.micro_batch), ("accumulation", chosen.accumulation),
-            ("predicted_peak_gb", f"{chosen.predicted_peak_gb:.2f}  ({parts})")]
-    for name, value in rows:
-        click.echo(f"  {name:24}{value}")
+
+    def text() -> None:
+        where = "a GPU" if device.kind == "cuda" else f"{device.kind.upper()} RAM"
+        size = f"{shape.params() / 1e9:.2f}B" if shape.params() >= 1e9 else f"{shape.params() / 1e6:.0f}M"
+        click.echo(f"{model_id} ({size} parameters) on {where} with {device.free_gb:.1f} GB free "
+                   f"({chosen.usable_gb:.1f} after the safety margin), batch {batch_size} × {max_length} "
+                   f"tokens, LoRA r {lora_r}:")
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in chosen.parts_gb.items())
+        checkpointing = str(chosen.gradient_checkpointing).lower()
+        rows = [("quantization", chosen.quantization), ("gradient_checkpointing", checkpointing),
+                ("micro_batch", chosen.micro_batch), ("accumulation", chosen.accumulation),
+                ("predicted_peak_gb", f"{chosen.predicted_peak_gb:.2f}  ({parts})")]
+        for name, value in rows:
+            click.echo(f"  {name:24}{value}")
+
+    emit(as_json, {"model": model_id, "params": shape.params(), "device": device.kind,
+                   "free_gb": device.free_gb, **chosen.to_json()}, text, sort_keys=True)
 
 
 def _start_seeding(listen: tuple[str, ...], bootstrap: tuple[str, ...]):
@@ -282,6 +297,8 @@ def status_text(st: dict | None, log_tail: str, coordinator: str, closed: bool) 
         return f"round {st.get('round')} failed: {st.get('reason')}"
     if st.get("state") == "paused":
         return f"round {st.get('round')} paused: {st.get('reason')} (--idle-only)"
+    if st.get("state") == "ended":
+        return f"campaign {st.get('campaign')} ended: {st.get('outcome')}; waiting for the next campaign"
     if st.get("state") == "training":
         return (f"round {st['round']} step {st['step']}/{st['steps']} loss {st['loss']:.3f} "
                 f"{st['tokens_per_s']:.0f} tokens/s")
@@ -305,7 +322,8 @@ def _status_line(path: Path, log: Path, coordinator: str, closed: bool) -> None:
         sys.stderr.flush()
         return
     state = line.split(" step ")[0]  # "round 2 step 3/8 …": a new step alone is no new state
-    if state != _LAST["line"].split(" step ")[0] or (line != _LAST["line"] and time.time() - _LAST["at"] >= 30):
+    if (state != _LAST["line"].split(" step ")[0]
+            or (line != _LAST["line"] and time.time() - _LAST["at"] >= 30)):
         click.echo(f"{time.strftime('%H:%M:%S')} {line}", err=True)
         _LAST.update(line=line, at=time.time())
 

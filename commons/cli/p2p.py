@@ -3,12 +3,12 @@ push to a Kubo daemon, ask a remote pinning service to pin."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import click
 
+from commons.cli.output import emit
 from protocol.content.blockstore import BlockStore
 from protocol.errors import CommonsError
 from protocol.p2p.announce import TOPIC_ADAPTERS, TOPIC_DATASETS, TOPIC_PRESENCE
@@ -41,31 +41,34 @@ def p2p_group() -> None:
 @click.option("--listen", multiple=True, default=[f"/ip4/0.0.0.0/tcp/{DEFAULT_PORT}"], show_default=True,
               help="Multiaddr to listen on (repeat for several).")
 @click.option("--bootstrap", multiple=True, help=PEER_HELP)
-@click.option("--rate-limit", type=float, default=None, help="Cap on bytes per second served (default: none).")
+@click.option("--rate-limit", type=float, default=None,
+              help="Cap on bytes per second served (default: none).")
 @click.option("--mdns", is_flag=True, help="Find and dial peers on the local network by mDNS.")
 @click.option("--json", "as_json", is_flag=True, help="Print {peer_id, addrs, roots} as one JSON line.")
-def serve(paths: tuple[Path, ...], listen: tuple[str, ...], bootstrap: tuple[str, ...], rate_limit: float | None,
-          mdns: bool, as_json: bool) -> None:
+def serve(paths: tuple[Path, ...], listen: tuple[str, ...], bootstrap: tuple[str, ...],
+          rate_limit: float | None, mdns: bool, as_json: bool) -> None:
     """Add PATHS (files or folders) to the block store, then seed every block it holds until Ctrl-C.
 
     The peer id is your identity key's (`commons keys show`).
     """
 
     def ready(info: dict) -> None:
-        if as_json:
-            click.echo(json.dumps(info))
-            return
-        for root in info["roots"]:
-            click.echo(f"seeding {root}")
-        click.echo(f"peer id {info['peer_id']}; pull with --peer one of:")
-        for addr in info["addrs"]:
-            click.echo(f"  {addr}")
-        for addr, why in info["bootstrap_errors"].items():
-            click.echo(f"warning: bootstrap peer {addr} unreachable: {why}", err=True)
+        emit(as_json, info, lambda: _show_serving(info))
 
     from protocol.p2p.service import serve as serve_store
 
-    _run(serve_store, BlockStore(), list(paths), list(listen), None, list(bootstrap), rate_limit, ready, "seed", mdns)
+    _run(serve_store, BlockStore(), list(paths), list(listen), None, list(bootstrap), rate_limit, ready,
+         "seed", mdns)
+
+
+def _show_serving(info: dict) -> None:
+    for root in info["roots"]:
+        click.echo(f"seeding {root}")
+    click.echo(f"peer id {info['peer_id']}; pull with --peer one of:")
+    for addr in info["addrs"]:
+        click.echo(f"  {addr}")
+    for addr, why in info["bootstrap_errors"].items():
+        click.echo(f"warning: bootstrap peer {addr} unreachable: {why}", err=True)
 
 
 @p2p_group.command("pull")
@@ -78,14 +81,15 @@ def pull(cid: str, peers: tuple[str, ...], out: Path | None, as_json: bool) -> N
     from protocol.p2p.service import pull as pull_dag
 
     report = pull_dag(cid, BlockStore(), list(peers), out=out, progress=True)
-    if as_json:
-        click.echo(json.dumps(report))
-        return
-    click.echo(f"{report['root']}: {report['blocks']} blocks ({report['bytes'] / 1e6:.1f} MB) fetched at "
-               f"{report['mb_per_s']} MB/s, {report['already_held']} already held"
-               + (f"; written to {out}" if out else ""))
-    for addr, why in report["peers_failed"].items():
-        click.echo(f"warning: peer {addr} dropped: {why}", err=True)
+
+    def text() -> None:
+        click.echo(f"{report['root']}: {report['blocks']} blocks ({report['bytes'] / 1e6:.1f} MB) fetched at "
+                   f"{report['mb_per_s']} MB/s, {report['already_held']} already held"
+                   + (f"; written to {out}" if out else ""))
+        for addr, why in report["peers_failed"].items():
+            click.echo(f"warning: peer {addr} dropped: {why}", err=True)
+
+    emit(as_json, report, text)
 
 
 @p2p_group.command("watch")
@@ -94,7 +98,8 @@ def pull(cid: str, peers: tuple[str, ...], out: Path | None, as_json: bool) -> N
 @click.option("--count", type=int, default=0, help="Stop after this many announcements (default: never).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per verified announcement.")
 def watch(bootstrap: tuple[str, ...], listen: tuple[str, ...], count: int, as_json: bool) -> None:
-    """Print verified adapter, dataset and presence announcements (forged, stale, replayed ones are dropped)."""
+    """Print verified adapter, dataset and presence announcements (forged, stale,
+    replayed ones are dropped)."""
     import trio
 
     from protocol.p2p.node import open_node
@@ -102,7 +107,8 @@ def watch(bootstrap: tuple[str, ...], listen: tuple[str, ...], count: int, as_js
     async def main() -> None:
         async with open_node(BlockStore(), Identity.load_or_create(), listen, bootstrap, gossip=True) as node:
             if not node.host.get_connected_peers():
-                raise CommonsError(f"no bootstrap peer reachable ({'; '.join(node.bootstrap_errors.values())})")
+                raise CommonsError("no bootstrap peer reachable "
+                                   f"({'; '.join(node.bootstrap_errors.values())})")
             seen = 0
             send, receive = trio.open_memory_channel(0)
             async with trio.open_nursery() as nursery:
@@ -111,7 +117,7 @@ def watch(bootstrap: tuple[str, ...], listen: tuple[str, ...], count: int, as_js
                 async for topic, signed in receive:
                     body = {"topic": topic, "signer": signed.signer, "timestamp": signed.timestamp,
                             **signed.body.__dict__}
-                    click.echo(json.dumps(body) if as_json else f"{topic} {signed.peer_id}: {signed.body}")
+                    emit(as_json, body, f"{topic} {signed.peer_id}: {signed.body}")
                     seen += 1
                     if count and seen >= count:
                         nursery.cancel_scope.cancel()
@@ -146,23 +152,23 @@ def announce(ref: str, bootstrap: tuple[str, ...], listen: tuple[str, ...], seed
 
     peers = list(bootstrap) or config.load()["peers"]
     if not peers:
-        raise CommonsError("no peer to announce to: pass --bootstrap /ip4/.../p2p/12D3KooW... or set peers in "
-                           "config.toml")
+        raise CommonsError("no peer to announce to: pass --bootstrap /ip4/.../p2p/12D3KooW... or set peers "
+                           "in config.toml")
     entry = IndexDB().resolve(*parse_ref(ref))
     store = BlockStore()
     if store.missing(entry["cid"]):
-        raise CommonsError(f"{ref} ({entry['cid']}) is not fully in your block store; `commons pull {ref}` first")
+        raise CommonsError(f"{ref} ({entry['cid']}) is not fully in your block store; `commons pull {ref}` "
+                           "first")
     sig = next((c for path, c, _ in list_directory(store.get, entry["cid"]) if path == SIGNATURE_FILE), None)
     if sig is None:
-        raise CommonsError(f"{entry['cid']} holds no {SIGNATURE_FILE}; sign it with `commons sign` and publish")
-    report = announce_adapter(entry["cid"], b"".join(iter_file(store.get, sig)), entry["name"], entry["version"],
-                              store, Identity.load_or_create(), listen, peers, seed_seconds)
-    if as_json:
-        click.echo(json.dumps(asdict(report)))
-        return
-    held = f"replicated by {', '.join(report.confirmed_by)}" if report.confirmed_by else "no peer confirmed a copy"
-    click.echo(f"announced {entry['name']} v{entry['version']} ({entry['cid']}) {report.announced}x in "
-               f"{report.seconds:.1f}s; {held}")
+        raise CommonsError(f"{entry['cid']} holds no {SIGNATURE_FILE}; sign it with `commons sign` and "
+                           "publish")
+    report = announce_adapter(entry["cid"], b"".join(iter_file(store.get, sig)), entry["name"],
+                              entry["version"], store, Identity.load_or_create(), listen, peers, seed_seconds)
+    held = (f"replicated by {', '.join(report.confirmed_by)}" if report.confirmed_by
+            else "no peer confirmed a copy")
+    emit(as_json, asdict(report), f"announced {entry['name']} v{entry['version']} ({entry['cid']}) "
+                                  f"{report.announced}x in {report.seconds:.1f}s; {held}")
 
 
 @p2p_group.command("kubo-push")
@@ -175,7 +181,7 @@ def kubo_push(cid: str, kubo: str, provide: bool, as_json: bool) -> None:
     from protocol.content.kubo import push_to_kubo
 
     root = push_to_kubo(kubo, BlockStore(), cid, provide=provide)
-    click.echo(json.dumps({"cid": root, "kubo": kubo, "pinned": True}) if as_json else f"pinned {root} on {kubo}")
+    emit(as_json, {"cid": root, "kubo": kubo, "pinned": True}, f"pinned {root} on {kubo}")
 
 
 @p2p_group.command("pin")
@@ -196,10 +202,7 @@ def pin(cid: str, endpoint: str, token: str, name: str | None, origins: tuple[st
         status = client.add(cid, name=name, origins=origins)
         if wait:
             status = client.wait(status.requestid)
-    if as_json:
-        click.echo(json.dumps(status.__dict__))
-    else:
-        click.echo(f"{status.cid}: {status.status} (request {status.requestid})")
+    emit(as_json, status.__dict__, f"{status.cid}: {status.status} (request {status.requestid})")
 
 
 commands = [p2p_group]

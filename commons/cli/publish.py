@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
+
+from commons.cli.output import emit, say
 
 SEED_HELP = ("With --announce: keep seeding this long at most; stops earlier once a peer (an index) "
              "re-announces the CID, i.e. holds a copy.")
@@ -23,16 +24,18 @@ SEED_HELP = ("With --announce: keep seeding this long at most; stops earlier onc
               help="Peer to announce to, /ip4/.../tcp/.../p2p/12D3KooW... (repeat; default: config `peers`).")
 @click.option("--p2p-listen", multiple=True, default=["/ip4/0.0.0.0/tcp/0"], show_default=True,
               help="Where the seeding host listens while announcing.")
-@click.option("--seed-seconds", type=click.FloatRange(1, 86400), default=120, show_default=True, help=SEED_HELP)
+@click.option("--seed-seconds", type=click.FloatRange(1, 86400), default=120, show_default=True,
+              help=SEED_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def publish_command(folder: Path, name: str, license_: str, kubo: str | None, announce: bool | None,
                     bootstrap: tuple[str, ...], p2p_listen: tuple[str, ...], seed_seconds: float,
                     as_json: bool) -> None:
     """Sign FOLDER (a PEFT adapter), store it and register it; prints the adapter's root CID."""
     from commons import config
-    from commons.publish import meta_from_folder, next_version, publish, publishing
+    from commons.publish import meta_from_folder
     from index.db import IndexDB
     from protocol.errors import CommonsError
+    from protocol.publishing import publish
 
     if not folder.is_dir():
         raise CommonsError(f"no such folder: {folder}; pass the adapter folder (adapter_config.json inside)")
@@ -42,29 +45,25 @@ def publish_command(folder: Path, name: str, license_: str, kubo: str | None, an
     if announce and not peers:
         raise CommonsError("--announce needs a peer: pass --bootstrap /ip4/.../p2p/12D3KooW... (an index or "
                            "seeder) or set peers in config.toml")
-    with publishing():  # another publish of this home waits: each gets the next version
-        db = IndexDB()
-        version, previous = next_version(db, name)
-        meta = meta_from_folder(folder, name, license_, version=version, previous=previous)
-        entry = publish(folder, meta, db)
+    # the local index gives the version (another publish of this home waits for its turn)
+    published = publish(folder, meta_from_folder(folder, name, license_), IndexDB())
+    cid = published.cid
+    version = published.meta.version
     pushed = None
     if kubo:
         from protocol.content.blockstore import BlockStore
         from protocol.content.kubo import push_to_kubo
 
-        pushed = push_to_kubo(kubo, BlockStore(), entry["cid"])
-    if not as_json:
-        click.echo(entry["cid"])
+        pushed = push_to_kubo(kubo, BlockStore(), cid)
+    say(as_json, cid)  # at once: seeding below may take minutes
     seeded = None
     if announce:
         try:
-            seeded = _announce(entry["cid"], folder, name, version, peers, p2p_listen, seed_seconds, as_json)
+            seeded = _announce(cid, folder, name, version, peers, p2p_listen, seed_seconds, as_json)
         except CommonsError as exc:
             raise CommonsError(f"{name} v{version} is published locally but not announced: {exc}; then run "
                                f"`commons p2p announce {name}@{version}`") from None
-    if as_json:
-        click.echo(json.dumps({"cid": entry["cid"], "name": name, "version": version, "kubo": pushed,
-                               "announce": seeded}))
+    emit(as_json, {"cid": cid, "name": name, "version": version, "kubo": pushed, "announce": seeded}, None)
 
 
 def _announce(cid: str, folder: Path, name: str, version: int, peers: list[str], listen: tuple[str, ...],
@@ -77,18 +76,16 @@ def _announce(cid: str, folder: Path, name: str, version: int, peers: list[str],
     from protocol.signing.manifest import SIGNATURE_FILE
 
     def ready(node) -> None:
-        if not quiet:
-            click.echo(f"announcing {name} v{version}; seeding from {node.peer_id} for up to {seed_seconds:.0f}s "
-                       "(until a peer holds a copy)", err=True)
+        say(quiet, f"announcing {name} v{version}; seeding from {node.peer_id} for up to {seed_seconds:.0f}s "
+                   "(until a peer holds a copy)", err=True)
         for addr, why in node.bootstrap_errors.items():
             click.echo(f"warning: bootstrap peer {addr} unreachable: {why}", err=True)
 
     report = announce_adapter(cid, (folder / SIGNATURE_FILE).read_bytes(), name, version, BlockStore(),
                               Identity.load_or_create(), listen, peers, seed_seconds, on_ready=ready)
-    if not quiet:
-        held = f"replicated by {', '.join(report.confirmed_by)}" if report.confirmed_by else \
-            "no peer confirmed a copy yet; run `commons p2p serve` to keep seeding"
-        click.echo(f"seeded {report.seconds:.1f}s; {held}", err=True)
+    held = f"replicated by {', '.join(report.confirmed_by)}" if report.confirmed_by else \
+        "no peer confirmed a copy yet; run `commons p2p serve` to keep seeding"
+    say(quiet, f"seeded {report.seconds:.1f}s; {held}", err=True)
     return asdict(report)
 
 

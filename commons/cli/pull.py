@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
+
+from commons.cli.output import emit
 
 
 @click.command("pull")
@@ -26,13 +27,15 @@ def pull_command(ref: str, out: Path | None, index_url: str | None, allow_older:
 
     pulled = pull(ref, out=out, index_url=index_url, progress=not as_json, allow_older=allow_older)
     meta = pulled.verified.meta
-    if as_json:
-        click.echo(json.dumps({"cid": pulled.cid, "name": meta.name, "version": meta.version, "path": str(pulled.path),
-                               "base_model": meta.base_model, "signer": pulled.verified.signer}))
-        return
-    click.echo(f"pulled {meta.name} v{meta.version} ({pulled.cid}), signature by {pulled.verified.signer[:16]}… verified")
-    click.echo(f"  {pulled.path}\n\nLoad it:\n")
-    click.echo(pulled.python())
+
+    def text() -> None:
+        signer = pulled.verified.signer
+        click.echo(f"pulled {meta.name} v{meta.version} ({pulled.cid}), signature by {signer[:16]}… verified")
+        click.echo(f"  {pulled.path}\n\nLoad it:\n")
+        click.echo(pulled.python())
+
+    emit(as_json, {"cid": pulled.cid, "name": meta.name, "version": meta.version, "path": str(pulled.path),
+                   "base_model": meta.base_model, "signer": pulled.verified.signer}, text)
 
 
 commands = [pull_command]

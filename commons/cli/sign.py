@@ -1,8 +1,7 @@
-"""`commons sign DIR` writes DIR/model.sig; `commons verify DIR|CID` re-checks every file and signature."""
+"""`commons sign DIR` writes DIR/model.sig (a Sigstore bundle); `commons verify DIR|CID` re-checks it all."""
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import re
@@ -14,7 +13,9 @@ from typing import Any
 
 import click
 
+from commons.cli.output import emit
 from protocol.errors import CommonsError
+from protocol.signing.bundle import payload_of
 from protocol.signing.keys import Identity, peer_id_from_public_key
 from protocol.signing.manifest import SIGNATURE_FILE, AdapterMeta, Verified, sign_directory, verify_directory
 from protocol.signing.trust import TrustPolicy
@@ -46,8 +47,8 @@ def _adapter_config(directory: Path) -> dict:
 def _previous_version(directory: Path) -> int | None:
     """Version in an existing model.sig, read without verifying: only used to suggest the next one."""
     try:
-        envelope = json.loads((directory / SIGNATURE_FILE).read_bytes())
-        version = json.loads(base64.b64decode(envelope["payload"]))["predicate"]["commons"]["version"]
+        document = json.loads((directory / SIGNATURE_FILE).read_bytes())
+        version = json.loads(payload_of(document))["predicate"]["commons"]["version"]
     except Exception:  # noqa: BLE001 - absent or unreadable: no suggestion
         return None
     return version if type(version) is int else None
@@ -101,6 +102,10 @@ def sign_command(
 ) -> None:
     """Sign every file in DIRECTORY with your key; writes DIRECTORY/model.sig.
 
+    model.sig is a Sigstore bundle that OpenSSF's model_signing also checks:
+    `commons keys export --pem > key.pub` then
+    `model_signing verify key --signature DIRECTORY/model.sig --public_key key.pub DIRECTORY`.
+
     Example: commons sign out/adapter --license Apache-2.0
     """
     if not directory.is_dir():
@@ -121,8 +126,8 @@ def sign_command(
         expires=(now + timedelta(days=expires_days)).strftime("%Y-%m-%dT%H:%M:%SZ") if expires_days else None,
     )
     identity = Identity.load(key_path) if key_path else Identity.load_or_create()
-    envelope = sign_directory(directory, meta, identity, progress=sys.stderr.isatty())
-    files = len(json.loads(base64.b64decode(envelope["payload"]))["predicate"]["resources"])
+    bundle = sign_directory(directory, meta, identity, progress=sys.stderr.isatty())
+    files = len(json.loads(payload_of(bundle))["predicate"]["resources"])
     info = {
         "name": meta.name,
         "version": meta.version,
@@ -130,13 +135,8 @@ def sign_command(
         "files": files,
         "path": str(directory / SIGNATURE_FILE),
     }
-    if as_json:
-        click.echo(json.dumps(info))
-    else:
-        click.echo(
-            f"signed {meta.name} v{meta.version} ({files} files) with {identity.public_hex[:16]}…: "
-            f"{info['path']}"
-        )
+    emit(as_json, info, f"signed {meta.name} v{meta.version} ({files} files) with "
+                        f"{identity.public_hex[:16]}…: {info['path']}")
 
 
 def _report(verified: Verified, target: str) -> dict[str, Any]:
@@ -201,17 +201,11 @@ def verify_command(target: str, as_json: bool, dry_run: bool, allow_older: bool)
         else:
             verified = _verify_cid(target, policy, not dry_run, progress)
     except CommonsError as exc:
-        if as_json:
-            click.echo(json.dumps({"ok": False, "target": target, "error": str(exc)}))
+        emit(as_json, {"ok": False, "target": target, "error": str(exc)}, None)  # the error line is main()'s
         raise
     report = _report(verified, target)
-    if as_json:
-        click.echo(json.dumps(report))
-    else:
-        click.echo(
-            f"ok: {report['name']} v{report['version']} signed by {verified.signer[:16]}… "
-            f"({report['files']} files, {report['bytes']} bytes re-hashed)"
-        )
+    emit(as_json, report, f"ok: {report['name']} v{report['version']} signed by {verified.signer[:16]}… "
+                          f"({report['files']} files, {report['bytes']} bytes re-hashed)")
 
 
 commands = [sign_command, verify_command]

@@ -62,14 +62,16 @@ class BlockStore:
         try:
             block = path.read_bytes()
         except FileNotFoundError:
-            raise CommonsError(f"block {cid} is not in the store: fetch it first (commons pull {cid})") from None
+            raise CommonsError(f"block {cid} is not in the store: "
+                               f"fetch it first (commons pull {cid})") from None
         if hashlib.sha256(block).digest() != parsed.digest:
             path.unlink(missing_ok=True)
             raise VerifyError(f"block {cid} was corrupt on disk and has been removed: fetch it again")
         return block
 
     def add_path(self, path: Path, cid_version: int = 0, *, progress: unixfs.Progress | None = None) -> str:
-        """Imports a file or directory as `ipfs add [-r]` does and stores every block; returns the root CID."""
+        """Imports a file or directory as `ipfs add [-r]` does and stores every block;
+        returns the root CID."""
         path = Path(path)
 
         def keep(cid: str, block: bytes) -> None:

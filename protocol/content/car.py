@@ -147,7 +147,8 @@ def read_car(inp: BinaryIO) -> tuple[list[str], Iterator[tuple[str, bytes]]]:
             _read_exact(inp, offset - len(_CARV2_PRAGMA) - 40)  # padding before the payload
         return read_car(_Limited(inp, size))  # type: ignore[arg-type]
     header, _ = _cbor_item(header_bytes, 0)
-    if not isinstance(header, dict) or header.get("version") != 1 or not isinstance(header.get("roots"), list):
+    if (not isinstance(header, dict) or header.get("version") != 1
+            or not isinstance(header.get("roots"), list)):
         raise CommonsError("not a CARv1 file (header lacks version 1 and roots): check the file")
     roots = [str(root) for root in header["roots"]]
     return roots, _blocks(inp)

@@ -75,8 +75,8 @@ def _from_sources(cid: str, sources: Sequence[BlockSource], store: BlockStore) -
             continue
         return block
     if lied:  # a VerifyError: the caller can tell tampering from absence
-        raise VerifyError(f"block {cid} from {', '.join(lied)} does not hash to its CID (tampered or corrupt) and "
-                          "was refused; fetch from a source you trust")
+        raise VerifyError(f"block {cid} from {', '.join(lied)} does not hash to its CID (tampered or "
+                          "corrupt) and was refused; fetch from a source you trust")
     names = ", ".join(s.name for s in sources) or "no sources"
     raise Missing(f"block {cid} is not available from {names}: start a peer that holds it and retry")
 
@@ -85,8 +85,8 @@ def _block(cid: str, store: BlockStore, sources: Sequence[BlockSource]) -> bytes
     return store.get(cid) if store.has(cid) else _from_sources(cid, sources, store)
 
 
-def fetch_dag(root: str, store: BlockStore, sources: Sequence[BlockSource], progress: bool = True, workers: int = 8,
-              bounds: Bounds | None = None, name: str = "") -> int:
+def fetch_dag(root: str, store: BlockStore, sources: Sequence[BlockSource], progress: bool = True,
+              workers: int = 8, bounds: Bounds | None = None, name: str = "") -> int:
     """Make the store hold every block under `root`; returns how many blocks were fetched.
 
     Each block is fetched once however often it is linked, level by level. With `bounds`, the walk is refused
@@ -95,7 +95,8 @@ def fetch_dag(root: str, store: BlockStore, sources: Sequence[BlockSource], prog
     from tqdm import tqdm
 
     label = name or root
-    bar = tqdm(desc="pull", unit="B", unit_scale=True, disable=not progress or not sys.stderr.isatty(), file=sys.stderr)
+    bar = tqdm(desc="pull", unit="B", unit_scale=True, disable=not progress or not sys.stderr.isatty(),
+               file=sys.stderr)
     fetched = taken = depth = 0
     seen: set[str] = set()
     frontier = [root]
@@ -150,8 +151,9 @@ class SignedDag:
     files: list[tuple[str, str, Bounds]]  # (path, CID, bounds): model.sig, then every signed file
 
 
-def fetch_signed(root: str, store: BlockStore, sources: Sequence[BlockSource], policy: TrustPolicy | None = None,
-                 *, envelope: bytes | None = None, progress: bool = False, prefetch: Prefetch | None = None
+def fetch_signed(root: str, store: BlockStore, sources: Sequence[BlockSource],
+                 policy: TrustPolicy | None = None, *, envelope: bytes | None = None, progress: bool = False,
+                 prefetch: Prefetch | None = None
                  ) -> SignedDag:
     """Steps 1-5 above; `envelope`, when given, must be the folder's own model.sig (an announcement).
 
@@ -167,7 +169,8 @@ def fetch_signed(root: str, store: BlockStore, sources: Sequence[BlockSource], p
         entries = {}
     sig = entries.get(SIGNATURE_FILE)
     if sig is None:
-        raise NotSigned(f"{root} is not a folder holding a {SIGNATURE_FILE}; only signed folders are accepted")
+        raise NotSigned(f"{root} is not a folder holding a {SIGNATURE_FILE}; "
+                        "only signed folders are accepted")
     # 2. the envelope, bounded before it is read
     sig_cid, sig_bounds = str(sig.cid), upto(MAX_ENVELOPE_BYTES)
     fetch_dag(sig_cid, store, sources, progress=False, bounds=sig_bounds, name=SIGNATURE_FILE)
@@ -200,9 +203,9 @@ def room_for(verified: Verified, folder: Path) -> None:
     promised = sum(int(f["size"]) for f in verified.files)
     free = shutil.disk_usage(folder).free
     if 2 * promised > free:
-        raise CommonsError(f"{verified.meta.name} promises {promised / 1e9:.1f} GB of files and needs twice that "
-                           f"(blocks and the folder); {folder} has {free / 1e9:.1f} GB free: free space or set "
-                           "COMMONS_HOME to a larger disk")
+        raise CommonsError(f"{verified.meta.name} promises {promised / 1e9:.1f} GB of files and needs twice "
+                           f"that (blocks and the folder); {folder} has {free / 1e9:.1f} GB free: free space "
+                           "or set COMMONS_HOME to a larger disk")
 
 
 def _directory(root: str, block: bytes, path: str = "") -> dict[str, dagpb.Link]:
@@ -221,9 +224,11 @@ def _directory(root: str, block: bytes, path: str = "") -> dict[str, dagpb.Link]
     return entries
 
 
-def _check_tree(root: str, root_block: bytes, entries: dict[str, dagpb.Link], verified: Verified, store: BlockStore,
-                sources: Sequence[BlockSource]) -> dict[str, tuple[bytes, dict[str, dagpb.Link]]]:
-    """Every entry is a signed file (same CID) or a folder on a signed path; returns path -> (block, entries)."""
+def _check_tree(root: str, root_block: bytes, entries: dict[str, dagpb.Link], verified: Verified,
+                store: BlockStore, sources: Sequence[BlockSource]
+                ) -> dict[str, tuple[bytes, dict[str, dagpb.Link]]]:
+    """Every entry is a signed file (same CID) or a folder on a signed path; returns path -> (block,
+    entries)."""
     signed = {f["name"]: str(CID.decode(f["cid"])) for f in verified.files}
     folders = {name.rsplit("/", i)[0] for name in signed for i in range(1, name.count("/") + 1)}
     children: dict[str, set[str]] = {"": {SIGNATURE_FILE}}
@@ -245,12 +250,12 @@ def _check_tree(root: str, root_block: bytes, entries: dict[str, dagpb.Link], ve
                 directories[path] = (block, _directory(root, block, path))
                 pending.append(path)
             elif path in signed and str(link.cid) != signed[path]:
-                raise VerifyError(f"{q(path)} in {root} is not the file {SIGNATURE_FILE} signs (its CID differs); "
-                                  "refusing it")
+                raise VerifyError(f"{q(path)} in {root} is not the file {SIGNATURE_FILE} signs (its CID "
+                                  "differs); refusing it")
         absent = sorted(children.get(folder, set()) - set(links))
         if absent:
-            raise VerifyError(f"{q(prefix + absent[0])} is listed in {SIGNATURE_FILE} but missing from {root}; "
-                              "refusing it")
+            raise VerifyError(f"{q(prefix + absent[0])} is listed in {SIGNATURE_FILE} but missing from "
+                              f"{root}; refusing it")
     return directories
 
 
@@ -261,12 +266,13 @@ def _check_canonical(root: str, directories: dict[str, tuple[bytes, dict[str, da
     for folder in sorted(directories, key=lambda p: -p.count("/") - (p != "")):
         block, links = directories[folder]
         children = sorted(links.values(), key=lambda link: link.name.encode("utf-8"))
-        rebuilt = dagpb.encode_node([dagpb.Link(link.cid, link.name, sizes[str(link.cid)]) for link in children],
+        rebuilt = dagpb.encode_node([dagpb.Link(link.cid, link.name, sizes[str(link.cid)])
+                                     for link in children],
                                     DIRECTORY)
         if rebuilt != block:
             where = f"folder {q(folder)}" if folder else "its root"
-            raise VerifyError(f"{root} is not the DAG `ipfs add -r` makes of the signed files ({where} differs); "
-                              "refusing it")
+            raise VerifyError(f"{root} is not the DAG `ipfs add -r` makes of the signed files ({where} "
+                              "differs); refusing it")
         sizes[str(CID.decode(_cid_of(root, folder, directories)))] = len(block) + sum(
             sizes[str(link.cid)] for link in children)
 

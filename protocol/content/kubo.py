@@ -53,7 +53,8 @@ class KuboClient:
             response = self.http.post(command, params=_params(params), files=files,
                                       timeout=timeout or self.http.timeout)
         except httpx.ConnectError:
-            raise CommonsError(f"no Kubo daemon at {self.url}: start `ipfs daemon` or pass --kubo URL") from None
+            raise CommonsError(f"no Kubo daemon at {self.url}: "
+                               "start `ipfs daemon` or pass --kubo URL") from None
         except httpx.TimeoutException:
             raise CommonsError(
                 f"Kubo at {self.url} did not answer {command} in time: check the daemon (ipfs diag sys)"
@@ -69,14 +70,16 @@ class KuboClient:
         try:
             return response.json()
         except ValueError:
-            raise CommonsError(f"{self.url} answered {command} with non-JSON: is it really Kubo's RPC port?") from None
+            raise CommonsError(f"{self.url} answered {command} with non-JSON: "
+                               "is it really Kubo's RPC port?") from None
 
     def _json_lines(self, command: str, params: dict | None = None, **kw) -> list[dict]:
         response = self._post(command, params, **kw)
         try:
             return [json.loads(line) for line in response.text.splitlines() if line.strip()]
         except ValueError:
-            raise CommonsError(f"{self.url} answered {command} with non-JSON: is it really Kubo's RPC port?") from None
+            raise CommonsError(f"{self.url} answered {command} with non-JSON: "
+                               "is it really Kubo's RPC port?") from None
 
     # -- commands
     def version(self) -> dict:
@@ -115,13 +118,15 @@ class KuboClient:
     def dag_export(self, cid: str) -> Iterator[bytes]:
         """The CAR of cid's DAG, as Kubo streams it."""
         try:
-            with self.http.stream("POST", "dag/export", params={"arg": cid}, timeout=UPLOAD_TIMEOUT) as response:
+            with self.http.stream("POST", "dag/export", params={"arg": cid},
+                                  timeout=UPLOAD_TIMEOUT) as response:
                 if response.status_code != 200:
                     response.read()
                     raise CommonsError(_refusal(self.url, "dag/export", response))
                 yield from response.iter_bytes()
         except httpx.ConnectError:
-            raise CommonsError(f"no Kubo daemon at {self.url}: start `ipfs daemon` or pass --kubo URL") from None
+            raise CommonsError(f"no Kubo daemon at {self.url}: "
+                               "start `ipfs daemon` or pass --kubo URL") from None
 
     def routing_provide(self, cid: str, recursive: bool = True) -> None:
         """Announce to the DHT that this Kubo holds cid (and, recursive, its whole DAG)."""
@@ -130,7 +135,8 @@ class KuboClient:
 
 def _params(params: dict | None) -> dict:
     # Kubo wants lower-case booleans and no key at all for "use the default".
-    return {k: (str(v).lower() if isinstance(v, bool) else v) for k, v in (params or {}).items() if v is not None}
+    return {k: (str(v).lower() if isinstance(v, bool) else v)
+            for k, v in (params or {}).items() if v is not None}
 
 
 def _refusal(url: str, command: str, response: httpx.Response) -> str:

@@ -135,7 +135,8 @@ class CID:
         length, pos = varint_decode(buf, pos)
         if hash_code != SHA2_256 or length != _DIGEST_LEN:
             raise CommonsError(
-                f"unsupported multihash 0x{hash_code:x}/{length}: re-add the content with sha2-256 (the default)"
+                f"unsupported multihash 0x{hash_code:x}/{length}: re-add the content with sha2-256 (the "
+                "default)"
             )
         if pos + length > len(buf):
             raise CommonsError("truncated CID: the data is corrupt, fetch it again")

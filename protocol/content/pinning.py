@@ -21,7 +21,6 @@ import httpx
 from protocol.errors import CommonsError
 
 TIMEOUT = httpx.Timeout(30.0, connect=5.0)
-SETTLED = ("pinned", "failed")
 
 
 @dataclass(frozen=True)
@@ -38,11 +37,12 @@ class PinStatus:
     def from_json(data: dict) -> PinStatus:
         try:
             pin = data["pin"]
-            return PinStatus(data["requestid"], data["status"], pin["cid"], pin.get("name"), data.get("created", ""),
-                             list(data.get("delegates") or []), dict(data.get("info") or {}))
+            return PinStatus(data["requestid"], data["status"], pin["cid"], pin.get("name"),
+                             data.get("created", ""), list(data.get("delegates") or []),
+                             dict(data.get("info") or {}))
         except (KeyError, TypeError):
-            raise CommonsError("the pinning service answered without requestid/status/pin: is the URL its API "
-                               "root (…/psa or similar)?") from None
+            raise CommonsError("the pinning service answered without requestid/status/pin: is the URL its "
+                               "API root (…/psa or similar)?") from None
 
 
 class PinningClient:
@@ -69,17 +69,20 @@ class PinningClient:
         except httpx.ConnectError:
             raise CommonsError(f"no pinning service at {self.endpoint}: check the endpoint URL") from None
         except httpx.TimeoutException:
-            raise CommonsError(f"pinning service at {self.endpoint} did not answer ({what}): try again later") from None
+            raise CommonsError(f"pinning service at {self.endpoint} did not answer ({what}): "
+                               "try again later") from None
         except httpx.HTTPError as exc:
             raise CommonsError(f"talking to the pinning service at {self.endpoint} failed ({exc})") from None
         if response.status_code in (401, 403):
             raise CommonsError(f"pinning service refused the token ({response.status_code} "
                                f"{_reason(response)}): check --pinning-token / COMMONS_PINNING_TOKEN")
         if response.status_code >= 400:
-            raise CommonsError(f"pinning service refused {what} (HTTP {response.status_code}: {_reason(response)})")
+            raise CommonsError(f"pinning service refused {what} (HTTP {response.status_code}: "
+                               f"{_reason(response)})")
         return response
 
-    def add(self, cid: str, name: str | None = None, origins: Sequence[str] = (), meta: dict | None = None) -> PinStatus:
+    def add(self, cid: str, name: str | None = None, origins: Sequence[str] = (),
+            meta: dict | None = None) -> PinStatus:
         """Ask the service to pin cid; `origins` are multiaddrs of peers that hold it (ours)."""
         body: dict = {"cid": cid}
         if name:
@@ -118,11 +121,11 @@ class PinningClient:
                 return status
             if status.status == "failed":
                 detail = status.info.get("status_details") or "no details given"
-                raise CommonsError(f"pinning service failed to pin {status.cid} ({detail}): check a provider is "
-                                   f"online (commons p2p serve) and pass its address as an origin")
+                raise CommonsError(f"pinning service failed to pin {status.cid} ({detail}): check a provider "
+                                   f"is online (commons p2p serve) and pass its address as an origin")
             if time.monotonic() + interval > deadline:
-                raise CommonsError(f"{status.cid} still {status.status} after {timeout:.0f}s: check later with "
-                                   f"request id {requestid}")
+                raise CommonsError(f"{status.cid} still {status.status} after {timeout:.0f}s: check later "
+                                   f"with request id {requestid}")
             sleep(interval)
 
 

@@ -27,7 +27,8 @@ from protocol.errors import CommonsError, VerifyError
 CHUNK_SIZE = 262144
 MAX_LINKS = 174
 HAMT_THRESHOLD = 262144  # Kubo's default UnixFS sharding threshold (bytes of link estimates)
-MAX_DEPTH = 64  # levels any walk follows: a Kubo file of 2 GiB has 3, the deepest folder we publish a few more
+# levels any walk follows: a Kubo file of 2 GiB has 3, the deepest folder we publish a few more
+MAX_DEPTH = 64
 MAX_ENTRIES = 100_000  # entries a directory walk lists, repeats included
 
 # UnixFS Data.Type values
@@ -63,7 +64,8 @@ def _chunks(src: Source) -> Iterator[memoryview]:
         if not path.exists():
             raise CommonsError(f"no such file: {path}: check the path")
         if path.is_dir():
-            raise CommonsError(f"{path} is a directory: import it with import_directory (or `commons cid` on it)")
+            raise CommonsError(f"{path} is a directory: import it with import_directory (or `commons cid` on "
+                               "it)")
         with path.open("rb") as fh:
             yield from _chunks(fh)
         return
@@ -221,11 +223,13 @@ def _directory_entry(
             children.append((os.fsencode(item.name), entry))
     children.sort(key=lambda pair: pair[0])
     estimate = sum(len(name) + len(entry.cid.to_bytes()) for name, entry in children)
-    links = [dagpb.Link(entry.cid, name.decode("utf-8", "surrogateescape"), entry.tsize) for name, entry in children]
+    links = [dagpb.Link(entry.cid, name.decode("utf-8", "surrogateescape"), entry.tsize)
+             for name, entry in children]
     block = dagpb.encode_node(links, b"\x08\x01")
     if estimate >= HAMT_THRESHOLD or len(block) >= HAMT_THRESHOLD:
         raise CommonsError(
-            f"{path} has too many entries for a basic directory (Kubo would shard it): split it into subfolders"
+            f"{path} has too many entries for a basic directory (Kubo would shard it): split it into "
+            "subfolders"
         )
     return _emit(block, cid_version, on_block, sum(entry.tsize for _, entry in children), 0)
 
@@ -343,7 +347,8 @@ class Measured:
     tsize: int  # block bytes with repeats: what a parent's link to this file says (Kubo's Tsize)
 
 
-def _file_pieces(get_block: GetBlock, cid: str, bounds: Bounds | None, name: str) -> Iterator[tuple[int, bytes]]:
+def _file_pieces(get_block: GetBlock, cid: str, bounds: Bounds | None,
+                 name: str) -> Iterator[tuple[int, bytes]]:
     """(block length, content bytes) of every node of the file, in order; VerifyError past its bounds.
 
     Links are counted as they are pushed, not as they are visited: one 2 MiB block may hold 50 000 links,
@@ -360,18 +365,20 @@ def _file_pieces(get_block: GetBlock, cid: str, bounds: Bounds | None, name: str
         visits += 1
         links, data = _file_node(current, block, label)
         if links and depth >= bounds.depth:
-            raise VerifyError(f"{label} nests deeper than the {bounds.depth} levels a {bounds.bytes}-byte file has "
-                              "(a DAG bomb); refusing it")
+            raise VerifyError(f"{label} nests deeper than the {bounds.depth} levels a {bounds.bytes}-byte "
+                              "file has (a DAG bomb); refusing it")
         if visits + len(stack) + len(links) > bounds.links:
-            raise VerifyError(f"{label} links more than the {bounds.links} blocks a {bounds.bytes}-byte file has "
-                              "(a DAG bomb); refusing it")
+            raise VerifyError(f"{label} links more than the {bounds.links} blocks a {bounds.bytes}-byte file "
+                              "has (a DAG bomb); refusing it")
         content += len(data)
         if content > bounds.bytes:
-            raise VerifyError(f"{label} holds more than the {bounds.bytes} bytes promised for it; refusing it")
+            raise VerifyError(f"{label} holds more than the {bounds.bytes} bytes promised for it; "
+                              "refusing it")
         stack.extend((str(link.cid), depth + 1) for link in reversed(links))
         yield len(block), data
     if bounds is not None and bounds.exact and content != bounds.bytes:
-        raise VerifyError(f"{label} holds {content} bytes, not the {bounds.bytes} promised for it; refusing it")
+        raise VerifyError(f"{label} holds {content} bytes, not the {bounds.bytes} promised for it; refusing "
+                          "it")
 
 
 def _claimed_size(cid: str, block: bytes) -> int:
@@ -391,7 +398,8 @@ def _file_node(cid: str, block: bytes, label: str) -> tuple[list[dagpb.Link], by
     links, data = dagpb.decode_node(block)
     node = decode_unixfs(data)
     if node.type not in (T_FILE, T_RAW):
-        raise VerifyError(f"{label} is not a file (UnixFS type {node.type} at {cid}): use export for directories")
+        raise VerifyError(f"{label} is not a file (UnixFS type {node.type} at {cid}): use export for "
+                          "directories")
     return links, node.data
 
 
@@ -423,8 +431,10 @@ def _dir_links(get_block: GetBlock, cid: str) -> list[dagpb.Link] | None:
         raise CommonsError(f"{cid} is a symlink, which is not supported: publish the target file")
     if node.type == T_DIRECTORY:
         for link in links:
-            if not link.name or link.name in (".", "..") or "/" in link.name or "\\" in link.name or "\0" in link.name:
-                raise VerifyError(f"directory {cid} has an unsafe entry name {link.name!r}: refusing to export it")
+            if (not link.name or link.name in (".", "..") or "/" in link.name or "\\" in link.name
+                    or "\0" in link.name):
+                raise VerifyError(f"directory {cid} has an unsafe entry name {link.name!r}: refusing to "
+                                  "export it")
         return links
     return None
 
@@ -478,7 +488,8 @@ def export(get_block: GetBlock, cid: str, out_dir: Path) -> None:
             (out_dir / path).mkdir(parents=True, exist_ok=True)
 
 
-def write_file(get_block: GetBlock, cid: str, path: Path, bounds: Bounds | None = None, name: str = "") -> None:
+def write_file(get_block: GetBlock, cid: str, path: Path, bounds: Bounds | None = None,
+               name: str = "") -> None:
     """The file's bytes at `path`, whole or not at all (a partial write never takes the name)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")

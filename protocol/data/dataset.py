@@ -2,7 +2,7 @@
 
     >>> records, report = prepare(Path("chats.jsonl"), license="CC-BY-4.0", source="my notes",
     ...                           contributor=identity.public_hex)
-    >>> write_records(Path("out/data.jsonl"), records)
+    >>> Path("out/data.jsonl").write_bytes(encode_records(records))
 
 A record on disk is one JSON line: {"messages": [{"role", "content"}...], "license", "source",
 "contributor"} - the format TRL's SFTTrainer and `tokenizer.apply_chat_template` take as-is.
@@ -184,10 +184,6 @@ def prepare(path: Path, license: str, source: str, contributor: str,
 def encode_records(records: list[dict]) -> bytes:
     """The JSONL bytes of `records`: one stable encoding, so the same records give the same CID."""
     return "".join(json.dumps(rec, ensure_ascii=False, sort_keys=True) + "\n" for rec in records).encode()
-
-
-def write_records(path: Path, records: list[dict]) -> None:
-    path.write_bytes(encode_records(records))
 
 
 def dataset_card(name: str, license: str, source: str, report: Report) -> str:

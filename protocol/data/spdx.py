@@ -45,8 +45,8 @@ class _Parser:
         return token
 
     def error(self, why: str) -> CommonsError:
-        return CommonsError(f"licence {self.text[:MAX_LENGTH]!r} is not an SPDX expression ({why}); write e.g. "
-                            "MIT, MIT AND CC-BY-4.0 or (MIT OR Apache-2.0)")
+        return CommonsError(f"licence {self.text[:MAX_LENGTH]!r} is not an SPDX expression ({why}); write "
+                            "e.g. MIT, MIT AND CC-BY-4.0 or (MIT OR Apache-2.0)")
 
     def expression(self) -> tuple[str, Alternatives]:
         text, alts = self.conjunction()
@@ -91,7 +91,8 @@ class _Parser:
 def parse(text: str, name: Callable[[str], str] = str) -> tuple[str, Alternatives]:
     """(canonical text, alternatives); `name` maps each licence id to its canonical form or raises."""
     if not text.strip() or len(text) > MAX_LENGTH:
-        raise CommonsError(f"a licence must be 1-{MAX_LENGTH} characters; write e.g. MIT or MIT AND CC-BY-4.0")
+        raise CommonsError(f"a licence must be 1-{MAX_LENGTH} characters; write e.g. "
+                           "MIT or MIT AND CC-BY-4.0")
     parser = _Parser(text, name)
     result = parser.expression()
     if parser.peek() is not None:

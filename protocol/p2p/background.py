@@ -2,6 +2,7 @@
 
     >>> peer = Background(lambda ready: serve(store, listen=addrs, on_ready=ready))
     >>> info = peer.start()          # waits until the peer calls ready(info); re-raises its startup error
+    >>> block = peer.call(swap.get, cid, peers)   # an async function run on the peer's thread
     >>> peer.stop()                  # cancels the trio run and joins the thread
 
 `run(ready)` is an async function that calls `ready(value)` once it listens; `start()` returns that value.
@@ -42,6 +43,15 @@ class Background:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    def call(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        """`await fn(*args)` on the peer's trio thread, from any other thread (several at once)."""
+        if self._token is None or not self.alive:
+            raise CommonsError("the libp2p host is not running: start() it first")
+        try:
+            return trio.from_thread.run(fn, *args, trio_token=self._token)
+        except trio.RunFinishedError:
+            raise CommonsError("the libp2p host stopped; start a new one") from None
 
     def stop(self) -> None:
         if self._token is not None and self._scope is not None:

@@ -34,7 +34,7 @@ from protocol.content.multiformats import CID
 from protocol.content.unixfs import block_links
 from protocol.errors import CommonsError, VerifyError
 from protocol.p2p import host as hostlib
-from protocol.p2p.wire import STREAM_ERRORS, FrameError, FrameReader, frame
+from protocol.p2p.wire import STREAM_ERRORS, FrameError, FrameReader, Pacer, frame
 
 BLOCKS_PROTOCOL = TProtocol("/commons/blocks/1.0.0")
 HAVE, DONT_HAVE = b"\x01", b"\x00"
@@ -49,14 +49,12 @@ T = TypeVar("T")
 # ---------------------------------------------------------------- serving
 
 
-def block_handler(store, rate_limit: float | None = None) -> Callable[[INetStream], object]:
-    """A stream handler answering block requests from `store` (optionally capped at rate_limit bytes/s,
-    shared by every stream and peer)."""
-    paced_until = [0.0]  # when the bytes sent so far have "left" at rate_limit
-
-    async def pace(size: int) -> None:
-        paced_until[0] = max(paced_until[0], trio.current_time()) + size / rate_limit
-        await trio.sleep_until(paced_until[0])
+def block_handler(store, rate_limit: float | None = None, pacer: Pacer | None = None
+                  ) -> Callable[[INetStream], object]:
+    """A stream handler answering block requests from `store`, optionally capped at rate_limit bytes/s
+    (or by `pacer`, which bitswap shares) for every stream and peer together."""
+    if pacer is None and rate_limit:
+        pacer = Pacer(rate_limit)
 
     async def handle(stream: INetStream) -> None:
         reader = FrameReader(stream)
@@ -72,8 +70,8 @@ def block_handler(store, rate_limit: float | None = None) -> Callable[[INetStrea
                 except CommonsError:  # rotted on disk (the store just dropped it) or vanished meanwhile
                     block = None
                 await stream.write(frame(HAVE + block) if block is not None else frame(DONT_HAVE))
-                if block is not None and rate_limit:
-                    await pace(len(block))
+                if block is not None and pacer is not None:
+                    await pacer.pace(len(block))
         except (*STREAM_ERRORS, FrameError):
             pass
         finally:
@@ -83,8 +81,8 @@ def block_handler(store, rate_limit: float | None = None) -> Callable[[INetStrea
     return handle
 
 
-def serve_blocks(host: IHost, store, rate_limit: float | None = None) -> None:
-    host.set_stream_handler(BLOCKS_PROTOCOL, block_handler(store, rate_limit))
+def serve_blocks(host: IHost, store, rate_limit: float | None = None, pacer: Pacer | None = None) -> None:
+    host.set_stream_handler(BLOCKS_PROTOCOL, block_handler(store, rate_limit, pacer))
 
 
 # ---------------------------------------------------------------- fetching
@@ -122,8 +120,9 @@ class _Peer:
     alive: bool = True
 
 
-class _Fetch:
-    """Shared state of one DAG pull: the work queue, what is outstanding, the live peers."""
+class DagFetch:
+    """Shared state of one DAG pull: the work queue, what is outstanding, the live peers (bitswap's
+    fetch walks with it too)."""
 
     def __init__(self, root: str, store, on_block: OnBlock | None, bar: tqdm | None,
                  stall_s: float = STALL_S) -> None:
@@ -278,7 +277,7 @@ async def fetch_dag_async(
         hostlib.peer_info(addr)  # a mistyped address is an error even when nothing needs fetching
     start = time.perf_counter()
     bar = tqdm(desc=f"pull {root[:12]}…", unit="blk", disable=not progress, leave=False) if progress else None
-    job = _Fetch(root, store, on_block, bar, stall_s)
+    job = DagFetch(root, store, on_block, bar, stall_s)
     try:
         job.discover(root)
         if job.remaining == 0:
@@ -351,7 +350,7 @@ class PeerSource:
 
     def __init__(self, peers: Sequence[str], seed: bytes | None = None) -> None:
         if not peers:
-            raise CommonsError("PeerSource needs at least one peer address (/ip4/.../tcp/.../p2p/12D3KooW...)")
+            raise CommonsError("PeerSource needs a peer address or more: /ip4/.../tcp/.../p2p/12D3KooW...")
         self.peers = list(peers)
         self.seed = seed
         self.name = f"libp2p:{self.peers[0]}" + (f" (+{len(self.peers) - 1})" if len(self.peers) > 1 else "")

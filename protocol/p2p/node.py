@@ -1,4 +1,5 @@
-"""One running peer: a host that seeds its BlockStore, optionally with gossipsub announcements.
+"""One running peer: a host that seeds its BlockStore (over `/commons/blocks/1.0.0` and bitswap, so Kubo
+and Helia can fetch from it too), optionally with gossipsub announcements.
 
     >>> async with open_node(BlockStore(), identity, listen=["/ip4/0.0.0.0/tcp/4051"]) as node:
     ...     print(node.addrs)            # give these to pullers
@@ -16,9 +17,11 @@ from libp2p.exceptions import BaseLibp2pError
 
 from protocol.errors import CommonsError
 from protocol.p2p import host as hostlib
+from protocol.p2p.bitswap import Bitswap, open_bitswap
 from protocol.p2p.exchange import serve_blocks
 from protocol.p2p.resolve import serve_resolve
 from protocol.p2p.topics import Gossip, make_pubsub, open_gossip
+from protocol.p2p.wire import Pacer
 
 
 @dataclass
@@ -27,6 +30,7 @@ class Node:
     store: object
     gossip: Gossip | None
     bootstrap_errors: dict[str, str]
+    bitswap: Bitswap | None = None  # serving already; fetch with bitswap.fetch_dag_async(node.bitswap, ...)
 
     @property
     def peer_id(self) -> str:
@@ -38,7 +42,7 @@ class Node:
 
     @property
     def dialable_addrs(self) -> list[str]:
-        """`addrs` with 0.0.0.0 expanded to this machine's interface addresses (what providers should list)."""
+        """`addrs` with 0.0.0.0 expanded to this machine's interface addresses (what providers list)."""
         return hostlib.dialable(self.addrs)
 
 
@@ -55,24 +59,30 @@ async def open_node(
     """Starts the host (identity's key, or a throwaway one), serves blocks, dials the bootstrap peers."""
     seed = hostlib.identity_seed(identity) if identity is not None else None
     host = hostlib.make_host(seed, mdns=mdns)
-    serve_blocks(host, store, rate_limit)
+    pacer = Pacer(rate_limit) if rate_limit else None  # one budget for both block protocols
+    serve_blocks(host, store, pacer=pacer)
     pubsub_router = make_pubsub(host) if gossip else None
     async with AsyncExitStack() as stack:
+        # bitswap before run, so that identify lists it
+        swap = await stack.enter_async_context(open_bitswap(host, store, pacer))
         try:
             await stack.enter_async_context(host.run(listen_addrs=hostlib.listen_addrs(listen)))
         except (OSError, BaseLibp2pError) as exc:
             raise CommonsError(f"cannot listen on {list(listen)} ({exc}): pick another port") from None
-        topics = await stack.enter_async_context(open_gossip(*pubsub_router, identity)) if pubsub_router else None
+        topics = None
+        if pubsub_router is not None:
+            topics = await stack.enter_async_context(open_gossip(*pubsub_router, identity))
         if topics is not None:  # answer "which CID is NAME?" from the announcements we verified
             serve_resolve(host, topics.lookup)
-        yield await _started(host, store, topics, bootstrap)
+        yield await _started(host, store, topics, bootstrap, swap)
 
 
-async def _started(host: IHost, store, topics: Gossip | None, bootstrap: Sequence[str]) -> Node:
+async def _started(host: IHost, store, topics: Gossip | None, bootstrap: Sequence[str],
+                   swap: Bitswap) -> Node:
     errors: dict[str, str] = {}
     for addr in bootstrap:
         try:
             await hostlib.connect(host, addr)
         except CommonsError as exc:
             errors[addr] = str(exc)  # a dead bootstrap peer is not fatal; the caller reports it
-    return Node(host, store, topics, errors)
+    return Node(host, store, topics, errors, swap)

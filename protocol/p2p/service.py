@@ -9,6 +9,7 @@ from pathlib import Path
 import trio
 
 from protocol.p2p.announce import PresenceAnnouncement
+from protocol.p2p.bitswap import fetch_dag as bitswap_fetch_dag
 from protocol.p2p.exchange import fetch_dag
 from protocol.p2p.node import open_node
 from protocol.p2p.topics import TOPICS
@@ -61,9 +62,11 @@ async def announce_presence(node, presence: PresenceAnnouncement) -> None:
         await trio.sleep(2)
 
 
-def pull(root: str, store, peers: Sequence[str], out: Path | None = None, progress: bool = True) -> dict:
-    """Fetches the DAG (resuming from what `store` holds), exports it to `out` if given; a JSON-able report."""
-    report = fetch_dag(root, store, peers, progress=progress)
+def pull(root: str, store, peers: Sequence[str], out: Path | None = None, progress: bool = True,
+         bitswap: bool = False) -> dict:
+    """Fetches the DAG (resuming from what `store` holds) over `/commons/blocks/1.0.0`, or over bitswap
+    (which Kubo and Helia speak too); exports it to `out` if given; a JSON-able report."""
+    report = (bitswap_fetch_dag if bitswap else fetch_dag)(root, store, peers, progress=progress)
     if out is not None:
         store.export(report.root, Path(out))
     return {**asdict(report), "mb_per_s": round(report.mb_per_s, 2), "out": str(out) if out else None}

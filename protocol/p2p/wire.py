@@ -1,4 +1,4 @@
-"""Length-prefixed frames (unsigned varint + payload) on a libp2p stream."""
+"""Length-prefixed frames (unsigned varint + payload) on a libp2p stream, and a pacer for serving."""
 
 from __future__ import annotations
 
@@ -40,8 +40,9 @@ def _try_varint(buf: bytearray) -> tuple[int, int] | None:
 class FrameReader:
     """Reads whole frames from a stream that hands out arbitrary byte runs."""
 
-    def __init__(self, stream: INetStream) -> None:
+    def __init__(self, stream: INetStream, max_frame: int = MAX_FRAME) -> None:
         self.stream = stream
+        self.max_frame = max_frame
         self.buf = bytearray()
 
     async def _more(self) -> None:
@@ -54,10 +55,22 @@ class FrameReader:
         while (head := _try_varint(self.buf)) is None:
             await self._more()
         size, used = head
-        if size > MAX_FRAME:
-            raise FrameError(f"frame of {size} bytes exceeds {MAX_FRAME}")
+        if size > self.max_frame:
+            raise FrameError(f"frame of {size} bytes exceeds {self.max_frame}")
         while len(self.buf) < used + size:
             await self._more()
         payload = bytes(self.buf[used:used + size])
         del self.buf[:used + size]
         return payload
+
+
+class Pacer:
+    """Caps the bytes/s a node serves, shared by every stream, peer and protocol it serves on."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.until = 0.0  # when the bytes sent so far have "left" at `rate`
+
+    async def pace(self, size: int) -> None:
+        self.until = max(self.until, trio.current_time()) + size / self.rate
+        await trio.sleep_until(self.until)

@@ -3,6 +3,10 @@
     >>> env = sign_envelope(canonical_json(statement), identity)   # dict
     >>> payload, signer = open_envelope(envelope_bytes(env))        # raises VerifyError unless valid
 
+A bare envelope signed by ed25519 is how model.sig was written before bundles (`bundle.py` wraps the
+same envelope, signed by P-256); `open_envelope` keeps those files verifying. `bench/` still signs with
+`sign_envelope`.
+
 Both the envelope and the in-toto payload are canonical JSON: sorted keys, no spaces, UTF-8, no NaN.
 Opening re-encodes what it parsed and refuses anything that is not byte-identical, so one signed
 statement has exactly one accepted envelope: reordered keys, extra whitespace, duplicate keys,
@@ -94,12 +98,12 @@ def open_envelope(data: bytes, payload_type: str = PAYLOAD_TYPE) -> tuple[bytes,
     exact_keys(env, {"payloadType", "payload", "signatures"}, "model.sig")
     if env["payloadType"] != payload_type:
         raise VerifyError(f"model.sig payloadType must be {payload_type!r}; this is not a model signature")
-    payload = _b64(env["payload"], "model.sig payload")
+    payload = b64_field(env["payload"], "model.sig payload")
     signatures = env["signatures"]
     if not isinstance(signatures, list) or len(signatures) != 1:
         raise VerifyError("model.sig must carry exactly one signature; re-sign it with `commons sign`")
     exact_keys(signatures[0], {"keyid", "sig"}, "model.sig signature")
-    keyid, sig = signatures[0]["keyid"], _b64(signatures[0]["sig"], "model.sig signature")
+    keyid, sig = signatures[0]["keyid"], b64_field(signatures[0]["sig"], "model.sig signature")
     if not isinstance(keyid, str) or not _HEX64.fullmatch(keyid):
         raise VerifyError("model.sig keyid must be the signer's ed25519 public key in lowercase hex")
     if len(sig) != 64 or not verify_signature(bytes.fromhex(keyid), pae(payload_type, payload), sig):
@@ -119,7 +123,8 @@ def exact_keys(value: Any, keys: set[str], what: str) -> None:
         raise VerifyError(f"{what} has an unknown field {extra[0][:40]!r}; it was altered, re-download it")
 
 
-def _b64(value: Any, what: str) -> bytes:
+def b64_field(value: Any, what: str) -> bytes:
+    """Standard padded base64 in its one encoding; VerifyError naming `what` otherwise."""
     if not isinstance(value, str):
         raise VerifyError(f"{what} must be a base64 string; it was altered, re-download it")
     try:

@@ -1,18 +1,23 @@
-"""Signed adapter manifests: OpenSSF model_signing v1.0 in-toto statements in a DSSE envelope.
+"""Signed adapter manifests: OpenSSF model_signing v1.0 in-toto statements in a Sigstore bundle.
 
     >>> me = Identity.load_or_create()
     >>> sign_directory(Path("out/adapter"), AdapterMeta(name="gsm8k-smollm2", version=1), me)
     >>> verify_directory(Path("out/adapter")).meta.version       # re-hashes every file, fails closed
     1
 
-`DIR/model.sig` holds the envelope. Its payload is an in-toto Statement v1 whose subject digest is the
-sha256 over the sorted per-file sha256 digests (as model_signing computes it), whose predicate lists
-every file under `resources` and carries our metadata, file sizes and CIDv0s under `commons`.
+`DIR/model.sig` holds a Sigstore bundle v0.3 (`bundle.py`): a DSSE envelope signed by the identity's
+P-256 key, which `model_signing verify key --public_key <commons keys export --pem>` accepts too. Its
+payload is an in-toto Statement v1 whose subject digest is the sha256 over the sorted per-file sha256
+digests (as model_signing computes it), whose predicate lists every file under `resources` and carries
+our metadata, file sizes, CIDv0s and the ed25519 identity's word for the P-256 key under `commons`.
+A model.sig from before bundles (a bare DSSE envelope signed by ed25519) still verifies.
 
 What is covered: every regular file under DIR except `model.sig` and hidden paths (any component
 starting with '.'), which `ipfs add -r` also leaves out, so a directory pulled by CID verifies. What is
 left out is said, not implied: `serialization.ignore_paths` lists `model.sig` and every hidden path the
 signer skipped, and a hidden path on disk that it does not list is refused like any unsigned file.
+model_signing hashes every file but those paths, so both tools check the same files; it also always
+skips .git, .gitattributes, .github and .gitignore, which we refuse when they appear after signing.
 What is refused, always: symlinks anywhere, file kinds outside the allowlist (weights must be
 safetensors; no pickles, whatever their name), unsafe names, folders that would be published without a
 signed file in them, files over the size limit, anything not byte-identical, control characters in the
@@ -35,14 +40,8 @@ from typing import Any
 
 from protocol.content import unixfs
 from protocol.errors import CommonsError, VerifyError
-from protocol.signing.dsse import (
-    canonical_json,
-    envelope_bytes,
-    exact_keys,
-    open_envelope,
-    parse_canonical,
-    sign_envelope,
-)
+from protocol.signing.bundle import KeyBinding, open_signature, sign_bundle
+from protocol.signing.dsse import canonical_json, envelope_bytes, exact_keys, parse_canonical
 from protocol.signing.keys import Identity
 from protocol.signing.trust import (
     DEFAULT_MAX_FILE_SIZE,
@@ -213,8 +212,12 @@ class _Parsed:
     ignored: tuple[str, ...]
 
 
-def parse_statement(payload: bytes, max_file_size: int) -> _Parsed:
-    """The in-toto statement, checked field by field; VerifyError naming the first problem."""
+def parse_statement(payload: bytes, max_file_size: int, bundled: bool = True) -> _Parsed:
+    """The in-toto statement, checked field by field; VerifyError naming the first problem.
+
+    `bundled`: it came in a bundle, so `commons.signer` (checked by `open_signature`) must be there;
+    a bare ed25519 envelope's statement has none.
+    """
     statement = parse_canonical(payload, "model.sig payload")
     exact_keys(statement, {"_type", "subject", "predicateType", "predicate"}, "model.sig payload")
     _require(statement["_type"] == STATEMENT_TYPE, f"model.sig _type must be {STATEMENT_TYPE}")
@@ -255,6 +258,9 @@ def parse_statement(payload: bytes, max_file_size: int) -> _Parsed:
     _require(type(commons) is dict, "model.sig predicate.commons must be a JSON object")
     _require("files" in commons, "model.sig predicate.commons is missing the field 'files'")
     commons = dict(commons)
+    if bundled:
+        _require("signer" in commons, "model.sig predicate.commons is missing the field 'signer'")
+        commons.pop("signer")
     files = _parse_files(commons.pop("files"), resources, max_file_size)
     meta = AdapterMeta.from_dict(commons, "model.sig commons")
     _require(subjects[0]["name"] == meta.name, "model.sig subject name differs from commons.name")
@@ -424,13 +430,21 @@ class _HashingReader:
 # --- signing ------------------------------------------------------------------------------------------------
 
 
-def build_statement(meta: AdapterMeta, files: list[dict], ignored: list[str] | tuple[str, ...] = ()) -> dict:
+def build_statement(
+    meta: AdapterMeta,
+    files: list[dict],
+    ignored: list[str] | tuple[str, ...] = (),
+    signer: KeyBinding | None = None,
+) -> dict:
+    """The statement over `files`; `signer` (the P-256 key binding) goes in for a bundle, not an envelope."""
     files = sorted(files, key=lambda f: f["name"])
     serialization = {**SERIALIZATION, "ignore_paths": sorted({SIGNATURE_FILE, *ignored})}
     resources = [{"name": f["name"], "algorithm": "sha256", "digest": f["sha256"]} for f in files]
     commons = meta.to_dict() | {
         "files": [{"name": f["name"], "size": f["size"], "cid": f["cid"]} for f in files]
     }
+    if signer is not None:
+        commons["signer"] = signer.to_dict()
     return {
         "_type": STATEMENT_TYPE,
         "subject": [{"name": meta.name, "digest": {"sha256": root_digest(resources)}}],
@@ -447,7 +461,7 @@ def sign_directory(
     progress: bool = False,
     max_file_size: int = DEFAULT_MAX_FILE_SIZE,
 ) -> dict:
-    """Hash every file, sign the statement, write DIR/model.sig; returns the envelope."""
+    """Hash every file, sign the statement, write DIR/model.sig; returns the bundle (a dict)."""
     directory = _check_dir(directory)
     AdapterMeta.from_dict(meta.to_dict(), "adapter metadata", error=CommonsError)  # same rules as verify
     scan = survey(directory, max_file_size)
@@ -464,7 +478,8 @@ def sign_directory(
     odd = next((path for path in scan.skipped if not hidden_top(path)), None)
     if odd is not None:  # it would be listed as ignored, and that list is refused with an unsafe name in it
         raise CommonsError(f"hidden path {q(odd)} has an unsafe name; rename or remove it")
-    statement = build_statement(meta, describe_files(directory, scan.names, progress), scan.skipped)
+    files = describe_files(directory, scan.names, progress)
+    statement = build_statement(meta, files, scan.skipped, KeyBinding.of(identity))
     try:
         payload = canonical_json(statement)
     except (ValueError, TypeError):
@@ -472,27 +487,27 @@ def sign_directory(
             "adapter metadata holds NaN/Infinity, a numpy number or other non-JSON value; "
             "convert it with float()/int()/str()"
         ) from None
-    envelope = sign_envelope(payload, identity)
-    data = envelope_bytes(envelope)
+    bundle = sign_bundle(payload, identity)
+    data = envelope_bytes(bundle)
     verify_envelope(
         data, TrustPolicy(max_file_size=max_file_size)
     )  # never write a signature we would refuse ourselves
     tmp = directory / f".{SIGNATURE_FILE}.tmp"
     tmp.write_bytes(data)
     os.replace(tmp, directory / SIGNATURE_FILE)
-    return envelope
+    return bundle
 
 
 # --- verifying ----------------------------------------------------------------------------------------------
 
 
 def verify_envelope(envelope: bytes, policy: TrustPolicy | None = None, *, record: bool = False) -> Verified:
-    """Structure, signature, expiry and trust of a model.sig, without looking at any file."""
+    """Structure, signatures, expiry and trust of model.sig's bytes (bundle or bare envelope), no files."""
     policy = policy if policy is not None else TrustPolicy.load()
     if not isinstance(envelope, (bytes, bytearray, memoryview)):
         raise VerifyError("model.sig must be given as bytes; read the file in binary mode")
-    payload, signer = open_envelope(bytes(envelope))
-    parsed = parse_statement(payload, policy.max_file_size)
+    payload, signer, bundled = open_signature(bytes(envelope))
+    parsed = parse_statement(payload, policy.max_file_size, bundled)
     meta = parsed.meta
     if meta.expires is not None and _time(meta.expires) <= datetime.now(UTC):
         raise VerifyError(

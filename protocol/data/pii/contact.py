@@ -56,8 +56,9 @@ _CONTEXT = 20
 # Words that say a phone number follows (not "Bestellnummer" or "numéro de commande": order numbers).
 _PHONE_CUE = re.compile(
     r"(?i)phone|\bcall|\bring\b|\btel\b|tel\.|mobile|\bcell|landline|whatsapp|text me|\btext\b|\bsms\b|\bfax"
-    r"|\bdial|\breach (?:me|us|\w+ at|\w+ on)|contact|hotline|helpline|\bgsm\b|handy|telefon|rufnummer|anruf|rufen"
-    r"|durchwahl|portable|appel|téléphone|\btél|llám|móvil|teléfono|cellulare|telefono|\bbel\b|mobiel"
+    r"|\bdial|\breach (?:me|us|\w+ at|\w+ on)|contact|hotline|helpline|\bgsm\b|handy|telefon|rufnummer"
+    r"|anruf|rufen|durchwahl|portable|appel|téléphone|\btél|llám|móvil|teléfono|cellulare|telefono"
+    r"|\bbel\b|mobiel"
     r"|電話|携帯|ＴＥＬ|फ़ोन|मोबाइल"
 )
 

@@ -46,7 +46,8 @@ _PASSPORT_CUE = re.compile(r"(?i)passport|reisepass|pass-?nr|passeport|pasaporte
 def _vat_candidates() -> re.Pattern[str]:
     """A VAT number starts with its EU state's code (Greece writes EL), as python-stdnum lists them."""
     states = {cc.upper() for cc in _stdnum("eu.vat").MEMBER_STATES} - {"GR"} | {"EL"}
-    return re.compile(rf"(?<![A-Za-z0-9])(?:{'|'.join(sorted(states))})[ -]?[A-Z0-9](?:[ .-]?[A-Z0-9]){{7,13}}")
+    return re.compile(rf"(?<![A-Za-z0-9])(?:{'|'.join(sorted(states))})[ -]?[A-Z0-9]"
+                      r"(?:[ .-]?[A-Z0-9]){7,13}")
 
 
 def _stdnum(name: str):

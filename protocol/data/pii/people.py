@@ -49,8 +49,8 @@ _STREET_LINE = re.compile(
     rf"|(?<![\w-])(?:Calle|Via|Viale|Piazza|Plaza|Avenida|Rua|Carrer)\s+(?:{_LINK}\s+)?{_WORD}"
     rf"(?:\s+(?:{_LINK}\s+)?{_WORD}){{0,3}},?\s+\d{{1,4}}"
     # German, Dutch: Musterstraße 12, Am Lindenweg 3, Friedrich-Ebert-Platz 17, Keizersgracht 123
-    rf"|(?<![\w-])(?:(?:Am|An der|Im|In der|Auf der|Zum|Zur)\s+)?[{_UPPER}][\w-]{{0,40}}?(?i:{_STREET_SUFFIX})"
-    rf"\s+\d{{1,4}}(?:\s?[a-z])?(?![\w-])"
+    rf"|(?<![\w-])(?:(?:Am|An der|Im|In der|Auf der|Zum|Zur)\s+)?[{_UPPER}][\w-]{{0,40}}?"
+    rf"(?i:{_STREET_SUFFIX})\s+\d{{1,4}}(?:\s?[a-z])?(?![\w-])"
     # India: Flat 402, House No. 27 (the rest joins as the tail)
     rf"|\b(?:Flat|House No\.?|H\.\s?No\.?|Plot No\.?|Door No\.?)\s*\d{{1,5}}[A-Z]?"
     # Japan: 東京都千代田区丸の内1-9-1, 1-2-3 Shibuya
