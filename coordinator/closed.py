@@ -14,7 +14,6 @@ The volunteer's side (its key, `flower-supernode`'s flags) is node/flower_keys.p
 
 from __future__ import annotations
 
-import base64
 import datetime
 import hashlib
 import ipaddress
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from protocol.errors import CommonsError
+from protocol.signing.keys import fingerprint
 
 NIST_CURVES = ("secp256r1", "secp384r1", "secp521r1")  # what `flwr supernode register` accepts
 
@@ -190,12 +190,6 @@ def read_volunteers(path: Path) -> list[str]:
     except FileNotFoundError:
         raise CommonsError(f"volunteers file {path} not found: pass --volunteers FILE (one public key per "
                            "line) or a directory of *.pub") from None
-
-
-def fingerprint(key: str) -> str:
-    """`ssh-keygen -l` style: SHA256 of the key blob, unpadded base64."""
-    blob = base64.b64decode(key.split()[1])
-    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
 
 
 def key_file(folder: Path, key: str) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tomllib
 from pathlib import Path
 
 from flwr.app import Context
@@ -30,11 +31,23 @@ def main(grid: Grid, context: Context) -> None:
         level=logging.INFO,
         format="%(asctime)s %(name)s %(message)s",
     )
-    campaign = campaigns.load(Path(path))
+    name = _name_in(Path(path))
     try:
+        campaign = campaigns.load(Path(path))
         runner.run(grid, campaign, home)
     except Exception as exc:
-        runner.Events(home / "campaigns" / campaign.name / "events.jsonl")(
-            "error", message=str(exc).splitlines()[0][:500]
-        )
+        # whoever follows the events (`coordinator start`, `demo`) stops on this line instead of waiting
+        if name:
+            runner.Events(home / "campaigns" / name / "events.jsonl")(
+                "error", message=str(exc).splitlines()[0][:500]
+            )
         raise
+
+
+def _name_in(path: Path) -> str | None:
+    """The campaign's name, read even when the rest of the file would not load."""
+    try:
+        name = tomllib.loads(path.read_text()).get("name")
+    except (OSError, ValueError):
+        return None
+    return name if isinstance(name, str) and name else None

@@ -1,8 +1,15 @@
-"""The public index: a registry of signed adapters and datasets (db), served as pages, JSON and blocks (app).
+"""The public index: a registry of signed adapters and datasets, served as pages, JSON and blocks.
 
-Modules: `schema` (tables), `db` (IndexDB: register/search/resolve), `admit` (an announcement is listed
-once its DAG is held and checks out), `app` (create_app), `api` (JSON, with `models` its shapes), `pages`
-(Jinja2 pages), `present` (what the pages and the API both show), `licenses` (licence conflicts),
-`ratelimit` (write limits), `gossip` (the index as a libp2p peer), `sample` (real signed sample entries
-for tests and benchmarks).
+    schema.py    the tables;  db.py  `IndexDB`: register, search, resolve (the one source of versions)
+    admit.py     an announcement is listed once its DAG is held and checks out
+    app.py       `create_app(db, store)`: mounts the API, the pages and the trustless gateway (/ipfs/CID)
+    api.py       JSON under /api (its shapes in models.py)
+    pages.py     the HTML pages, one route each in `make_router`, over templates/NAME.html (Jinja2)
+    present.py   what the pages and the API both show (summaries, details)
+    licenses.py  licence conflicts;  ratelimit.py  write limits
+    gossip.py    the index as a libp2p peer: ingests signed announcements
+    sample.py    real signed sample entries for tests and benchmarks
+
+A new page is one route in `pages.make_router` plus its template in templates/; what it shows that the
+API shows too goes in present.py. Main path of an adapter: gossip or POST /api/announce → admit → db.
 """

@@ -215,13 +215,15 @@ def admit_command(key_file: Path, as_json: bool) -> None:
     except OSError:
         raise CommonsError(f"cannot read {key_file}: "
                            "pass the file holding the volunteer's public key") from None
+    from protocol.signing.keys import fingerprint
+
     key = closing.parse_public_key(text, str(key_file))
     work = sub("coordinator")
     info = _running_coordinator(work)
     node_id = closing.register(_bin("flwr"), Path(info["flwr_home"]), closing.key_file(work / "keys", key),
                                _env({}))
     closing.key_file(work / ADMITTED, key)
-    reply = {"node_id": node_id, "fingerprint": closing.fingerprint(key), "coordinator": info["address"]}
+    reply = {"node_id": node_id, "fingerprint": fingerprint(key), "coordinator": info["address"]}
     emit(as_json, reply, f"admitted {reply['fingerprint']} as SuperNode {node_id} on {info['address']}")
 
 

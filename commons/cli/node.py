@@ -197,9 +197,9 @@ def _explain_exit(log: Path, start: int, coordinator: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def key_command(as_json: bool) -> None:
     """Print this volunteer's Flower public key (created once) to send to a closed campaign's admin."""
-    from coordinator.closed import fingerprint  # the admin's `coordinator admit` prints the same
     from node.flower_keys import supernode_key
     from protocol.home import home
+    from protocol.signing.keys import fingerprint  # the admin's `coordinator admit` prints the same
 
     private, public = supernode_key(home())
     key = public.read_text().strip()

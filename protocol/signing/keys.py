@@ -20,6 +20,8 @@ valid signature into its (r, n - s) twin.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import re
 import stat
@@ -304,3 +306,10 @@ def _check_private(path: Path) -> None:
     mode = path.stat().st_mode
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise CommonsError(f"{path} is readable by other users; run `chmod 600 {path}`")
+
+
+def fingerprint(openssh_key: str) -> str:
+    """`ssh-keygen -l` style: SHA256 of an OpenSSH public key's blob, unpadded base64. A volunteer's
+    `commons node key` and the admin's `commons coordinator admit` print the same one for a SuperNode key."""
+    blob = base64.b64decode(openssh_key.split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
