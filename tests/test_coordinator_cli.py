@@ -147,3 +147,21 @@ def test_a_volunteer_pressing_ctrl_c_rejoins_and_the_coordinator_says_what_happe
     assert out[1].startswith("published capitals v1 Qm") and "licence CC-BY-4.0" in out[0]
     assert (out[3].startswith("pull it:  commons pull capitals --index http://")
             and "HOST" not in said + "".join(out))
+
+
+@pytest.mark.slow  # 20-60 s on a loaded 2-core machine
+def test_sigterm_stops_a_demo_and_every_process_it_started(tmp_path: Path) -> None:
+    local_path(TINY_ID)
+    home = tmp_path / "home"
+    demo = spawn(home, tmp_path / "demo.log", "demo", "--base-model", "tiny", "--nodes", "2", "--rounds", "50")
+    deadline = time.monotonic() + 180
+    while not list(home.glob("**/events.jsonl")) and time.monotonic() < deadline:
+        assert demo.poll() is None, (tmp_path / "demo.log").read_text()[-2000:]
+        time.sleep(0.5)
+    assert processes_of(home)  # SuperLink, SuperNodes, runners, the ServerApp
+    demo.send_signal(signal.SIGTERM)
+    demo.wait(timeout=60)
+    deadline = time.monotonic() + 10
+    while processes_of(home) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_of(home) == []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import click
 
 from commons.cli.output import emit
@@ -21,8 +23,13 @@ def demo_command(nodes: int, rounds: int, steps: int, base_model: str, as_json: 
     and publish the adapter."""
     from commons.demo import run_demo
 
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill`, `timeout`, systemd: stop every process, as on Ctrl-C
     summary = run_demo(nodes=nodes, rounds=rounds, model=base_model, steps=steps, progress=not as_json)
     emit(as_json, {k: v for k, v in summary.items() if k != "samples"}, lambda: _show(summary))
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _show(summary: dict) -> None:
