@@ -3,6 +3,8 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PYTEST  ?= $(PY) -m pytest
+# Set by .ci/run: where tests/helia/setup.sh keeps Helia, and whether a missing Helia fails the tests.
+export COMMONS_NPM_CACHE COMMONS_REQUIRE_HELIA
 
 .PHONY: install demo test bench lint clean
 

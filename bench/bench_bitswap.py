@@ -1,23 +1,22 @@
-"""Bitswap against `/commons/blocks/1.0.0`, and against Helia, on a 50 MB file over loopback; MB/s and CPU.
+"""Bitswap between our nodes and Helia, both ways, on a 50 MB file over loopback; MB/s and CPU.
 
     $ .venv/bin/python bench/bench_bitswap.py
-    {"mb": 50.0, "mb_per_s": 26.2, "ratio": 0.9, "cpu_ratio": 1.0, "rows": {"commons->commons bitswap":
+    {"mb": 50.0, "mb_per_s": 26.2, "rows": {"commons->commons bitswap":
      {"mb_per_s": 26.2, "cpu_s_sender": 2.1, "cpu_s_receiver": 2.3}, ...}}
 
 Every row moves the same 50 MB file (Kubo's layout: 256 KiB leaves, 192 blocks) between two processes:
 
-    commons->commons blocks/1.0.0   `python -m protocol.p2p pull` from `python -m protocol.p2p serve`
-    commons->commons bitswap        the same two, `pull --bitswap`
+    commons->commons bitswap        `python -m protocol.p2p pull` from `python -m protocol.p2p serve`
     commons->helia                  Helia (tests/helia/peer.mjs fetch) from the same seeder
-    helia->commons                  `pull --bitswap` from Helia (peer.mjs add, Kubo's layout)
+    helia->commons                  `python -m protocol.p2p pull` from Helia (peer.mjs add, Kubo's layout)
     helia->helia                    the JS side alone, for scale
 
 MB/s: a Python puller's fetch time (connect → last block stored), Helia's dial → last byte written;
 the best of REPEAT runs, rows interleaved, since a shared machine is noisy. CPU seconds (user + sys) of
 each end for one transfer, the least of the runs: on a busy machine they say more than MB/s about which
-protocol costs less (the receiver's figure includes its process start-up). `ratio` and `cpu_ratio` are
-bitswap over blocks/1.0.0 between our own nodes. Helia rows are left out, with the reason, when it
-cannot be installed (tests/helia/setup.sh needs the npm registry once).
+protocol costs less (the receiver's figure includes its process start-up). Helia rows are left out,
+with the reason, when it cannot be installed (tests/helia/setup.sh needs the npm registry once).
+(`/commons/blocks/1.0.0`, which bitswap replaced, measured 0.92-1.03x bitswap's MB/s here: docs/p2p.md.)
 """
 
 from __future__ import annotations
@@ -36,7 +35,6 @@ ROOT = Path(__file__).resolve().parents[1]
 HELIA = ROOT / "tests" / "helia"
 SIZE = 50 * 1000 * 1000
 REPEAT = 3
-BITSWAP = "--bitswap"
 
 Measure = Callable[[int], tuple[float, float]]  # run n -> (MB/s, receiver CPU s)
 
@@ -55,9 +53,7 @@ def run(size: int = SIZE) -> dict:
             info = json.loads(seeder.stdout.readline())
             root, addr = info["roots"][0], info["addrs"][0]
             rows: dict[str, tuple[subprocess.Popen, Measure]] = {
-                "commons->commons blocks/1.0.0": (seeder, lambda n: _pull(tmp, env, root, addr, n, folder)),
-                "commons->commons bitswap": (seeder,
-                                             lambda n: _pull(tmp, env, root, addr, n, folder, BITSWAP)),
+                "commons->commons bitswap": (seeder, lambda n: _pull(tmp, env, root, addr, n, folder)),
             }
             helia, skipped = _helia_rows(tmp, env, folder, root, addr, size, rows)
             results = _interleaved(rows)
@@ -69,12 +65,9 @@ def run(size: int = SIZE) -> dict:
                     proc.stdin.close()
                     proc.kill()
                     proc.wait()
-    blocks, swap = results["commons->commons blocks/1.0.0"], results["commons->commons bitswap"]
     return {
         "mb": size / 1e6,
-        "mb_per_s": swap["mb_per_s"],
-        "ratio": round(swap["mb_per_s"] / blocks["mb_per_s"], 2),  # bitswap / blocks/1.0.0, our nodes
-        "cpu_ratio": round(_cpu(swap) / _cpu(blocks), 2),  # both ends' CPU, bitswap / blocks/1.0.0
+        "mb_per_s": results["commons->commons bitswap"]["mb_per_s"],
         "rows": results,
         "cpus": os.cpu_count(),
         "note": f"loopback, one file of 256 KiB leaves; best of {REPEAT} interleaved runs per row",
@@ -94,10 +87,6 @@ def _interleaved(rows: dict[str, tuple[subprocess.Popen, Measure]]) -> dict:
                    "cpu_s_receiver": round(min(r[2] for r in runs), 2)} for name, runs in seen.items()}
 
 
-def _cpu(row: dict) -> float:
-    return row["cpu_s_sender"] + row["cpu_s_receiver"]
-
-
 def _proc_cpu(pid: int) -> float:
     """User + system CPU seconds a running process has used so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -114,14 +103,13 @@ def _start(command: list[str], cwd: Path, env: dict | None = None) -> subprocess
                             stderr=subprocess.DEVNULL, text=True)
 
 
-def _pull(tmp: Path, env: dict, root: str, addr: str, n: int, folder: Path, *flags: str
-          ) -> tuple[float, float]:
+def _pull(tmp: Path, env: dict, root: str, addr: str, n: int, folder: Path) -> tuple[float, float]:
     """`python -m protocol.p2p pull` into a fresh store: (MB/s, its CPU s); the copy must equal `folder`."""
-    out = tmp / f"out-{n}{'-'.join(flags)}"
-    store = tmp / f"store-{n}{'-'.join(flags)}"
+    out = tmp / f"out-{n}"
+    store = tmp / f"store-{n}"
     before = _children_cpu()
     done = subprocess.run([sys.executable, "-m", "protocol.p2p", "pull", root, "--store", str(store),
-                           "--peer", addr, "--out", str(out), "--no-progress", *flags],
+                           "--peer", addr, "--out", str(out), "--no-progress"],
                           cwd=tmp, env=env, capture_output=True, text=True, timeout=300, check=True)
     cpu = _children_cpu() - before
     _check_same(folder, out)
@@ -166,7 +154,7 @@ def _helia_rows(tmp: Path, env: dict, folder: Path, root: str, addr: str, size: 
         raise AssertionError(f"Helia's CID {added['cid']} is not ours ({root})")
     seeder = rows["commons->commons bitswap"][0]
     rows["commons->helia"] = (seeder, lambda n: fetch(addr, n))
-    rows["helia->commons"] = (helia, lambda n: _pull(tmp, env, root, added["addrs"][0], n, folder, BITSWAP))
+    rows["helia->commons"] = (helia, lambda n: _pull(tmp, env, root, added["addrs"][0], n, folder))
     rows["helia->helia"] = (helia, lambda n: fetch(added["addrs"][0], n))
     return helia, ""
 

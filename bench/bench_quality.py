@@ -23,6 +23,7 @@ central for both references, per task and seed, their mean and spread (min-max) 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -37,12 +38,14 @@ import numpy as np
 import torch
 
 from commons import clock_task, demo_task
-from coordinator import runner
+from coordinator import outer, runner
 from coordinator.campaign import parse
+from coordinator.rules import exact
 from modeling.load import load_base
 from modeling.lora import get_state, set_state, wrap
 from node import client_app, worker
 from node.train import TrainConfig, collate, encode, train
+from protocol.signing.keys import Identity
 
 TASKS: dict[str, ModuleType] = {"dates": demo_task, "clock": clock_task}
 
@@ -90,11 +93,11 @@ class InProcessGrid:
         i = msg.metadata.dst_node_id - 100
         config = {"home": str(self.homes[i]), "data": str(self.data[i]), "threads": 1}
         context = Context(1, msg.metadata.dst_node_id, config, RecordDict(), {})
-        if msg.metadata.message_type == "query":
-            return client_app.query(msg, context)
-        if self.fresh_optimizer:
+        kind = msg.metadata.message_type
+        if kind == "train" and self.fresh_optimizer:
             worker.forget_optimizers()
-        return client_app.train(msg, context)
+        handlers = {"query": client_app.query, "query.ended": client_app.ended, "train": client_app.train}
+        return handlers[kind](msg, context)
 
 
 def split(setup: Setup, task: str, seed: int) -> tuple[list[list[dict]], list[dict]]:
@@ -123,22 +126,28 @@ def federated(setup: Setup, task: str, seed: int, nodes: list[list[dict]], held_
         **setup.campaign,
     }
     campaign = parse(raw, folder)
-    grid = InProcessGrid([folder / f"node{i}" for i in range(setup.nodes)], files, setup.fresh_optimizer)
+    homes = [folder / f"node{i}" for i in range(setup.nodes)]
+    for i, home in enumerate(homes):  # keys decide the shard plan: the same ones for every variant of a seed
+        Identity.from_seed(hashlib.sha256(f"bench-quality {seed} {i}".encode()).digest()).save(
+            home / "identity" / "ed25519.key")
+    grid = InProcessGrid(homes, files, setup.fresh_optimizer)
     runner.run(grid, campaign, folder / "coordinator")
     saved = folder / "coordinator" / "campaigns" / campaign.name / "checkpoint"
     from safetensors.numpy import load_file
 
     weights = json.loads((saved / "state.json").read_text())["weights"]
     worker.forget_optimizers()  # the next campaign starts its volunteers afresh
-    return {k: v for k, v in load_file(str(saved / weights)).items() if "lora_" in k}
+    tensors, residual = exact.split_checkpoint(outer.split(load_file(str(saved / weights)))[0])
+    return exact.project(tensors, residual) if residual else tensors  # the exact rule publishes this
 
 
 def centralized(setup: Setup, model: Any, tokenizer: Any, init: dict[str, np.ndarray], records: list[dict],
                 seed: int, steps: int, batch_size: int) -> dict[str, np.ndarray]:
-    """One machine on the union of the volunteers' data, from the same init."""
+    """One machine on the union of the volunteers' data, from the same init and with the data order of
+    the volunteers' first round (seed + 1): one volunteer for one round is exactly this run."""
     set_state(model, init)
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=setup.lr, max_length=setup.max_length,
-                         seed=seed)
+                         seed=seed + 1)
     return train(model, tokenizer, records, config).state
 
 
@@ -162,26 +171,34 @@ def score(model: Any, tokenizer: Any, records: list[dict], max_length: int, batc
     return {"accuracy": hits / len(examples), "loss": total / max(count, 1)}
 
 
-def compare(setup: Setup, task: str, seed: int, work: Path) -> dict:
-    """One task and seed: the three runs, scored on the held-out records."""
+def compare(setup: Setup, task: str, seed: int, work: Path, known: dict | None = None) -> dict:
+    """One task and seed: the federated run and the two centralized references, scored on the held-out
+    records. `known` caches the references by what they depend on (an ablation trains them once)."""
     nodes, held_out = split(setup, task, seed)
     base, tokenizer = load_base(setup.model)
     model = wrap(base, {"r": 8, "alpha": 16, "seed": seed})  # the init the campaign's nodes start from
     init = get_state(model)
     row: dict[str, Any] = {"task": task, "seed": seed}
     start = time.perf_counter()
-    fed = federated(setup, task, seed, nodes, held_out, work / f"{task}-{seed}")
-    set_state(model, fed)
+    set_state(model, federated(setup, task, seed, nodes, held_out, work / f"{task}-{seed}"))
     row["federated"] = score(model, tokenizer, held_out, setup.max_length)
-    if setup.references:
-        union = [r for records in nodes for r in records]
-        per_round = setup.rounds * setup.steps
-        runs = {"central_compute": (setup.nodes * per_round, setup.batch_size),
-                "central_steps": (per_round, setup.nodes * setup.batch_size)}
-        for name, (steps, batch) in runs.items():
-            set_state(model, centralized(setup, model, tokenizer, init, union, seed, steps, batch))
-            row[name] = score(model, tokenizer, held_out, setup.max_length)
-            row[f"{name}_ratio"] = ratios(row["federated"], row[name])
+    per_round = setup.rounds * setup.steps
+    runs = {"central_compute": (setup.nodes * per_round, setup.batch_size),
+            "central_steps": (per_round, setup.nodes * setup.batch_size)}
+    for name, (steps, batch) in runs.items() if setup.references else ():
+        # an IID split's union holds the same style mixture: its references are the non-IID ones
+        key = json.dumps([setup.model, task, seed, setup.nodes, setup.per_node, setup.lr, name, steps, batch])
+        if known is None or key not in known:
+            union = split(replace(setup, iid=False), task, seed)[0]
+            tensors = centralized(setup, model, tokenizer, init, [r for rs in union for r in rs], seed, steps,
+                                  batch)
+            set_state(model, tensors)
+            scored = score(model, tokenizer, held_out, setup.max_length)
+            if known is None:
+                known = {}
+            known[key] = scored
+        row[name] = known[key]
+        row[f"{name}_ratio"] = ratios(row["federated"], row[name])
     row["seconds"] = round(time.perf_counter() - start, 1)
     print(json.dumps(row), file=sys.stderr, flush=True)
     return row
@@ -214,8 +231,9 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
-def measure(setup: Setup) -> dict:
-    """Every task × seed of `setup`, with a private $COMMONS_HOME (the model cache is kept)."""
+def measure(setup: Setup, known: dict | None = None, folder: Path | None = None) -> dict:
+    """Every task × seed of `setup`, in `folder` (a temporary one by default) with its own $COMMONS_HOME
+    (the model cache is kept); `known`: references already trained (`compare`)."""
     from modeling.load import cache_dir
 
     threads = torch.get_num_threads()
@@ -224,8 +242,9 @@ def measure(setup: Setup) -> dict:
     os.environ["COMMONS_CACHE"] = str(cache_dir())
     try:
         with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
-            os.environ["COMMONS_HOME"] = str(Path(tmp) / "home")
-            rows = [compare(setup, task, seed, Path(tmp)) for task in setup.tasks for seed in setup.seeds]
+            work = folder or Path(tmp)
+            os.environ["COMMONS_HOME"] = str(work / "home")
+            rows = [compare(setup, task, seed, work, known) for task in setup.tasks for seed in setup.seeds]
     finally:
         torch.set_num_threads(threads)
         for key, value in saved.items():
@@ -250,22 +269,37 @@ TINY = Setup(model="tiny", tasks=("dates",), seeds=(0,), rounds=2, steps=3, batc
 
 # One factor at a time from the demo as it was (fedavg, 2 trainers per layer, fresh AdamW each round).
 BEFORE = {"aggregation": "fedavg", "min_coverage": 2, "outer": {"optimizer": "none"}}
+NESTEROV = {"optimizer": "nesterov", "lr": 0.7, "momentum": 0.9}
 ABLATIONS: dict[str, Setup] = {
-    "before (demo: fedavg, auto shards, coverage 2)": Setup(campaign=BEFORE, fresh_optimizer=True),
+    "before": Setup(campaign=BEFORE, fresh_optimizer=True),
     "shards none": Setup(campaign={**BEFORE, "shards": "none"}, fresh_optimizer=True),
-    "exact instead of fedavg": Setup(campaign={**BEFORE, "aggregation": "exact"}, fresh_optimizer=True),
-    "AdamW state kept": Setup(campaign=BEFORE),
-    "IID split": Setup(campaign=BEFORE, fresh_optimizer=True, iid=True),
-    "2x rounds of half the steps": Setup(campaign=BEFORE, fresh_optimizer=True, rounds=4, steps=2),
+    "exact": Setup(campaign={**BEFORE, "aggregation": "exact"}, fresh_optimizer=True),
+    "robust, coverage 3": Setup(campaign={**BEFORE, "aggregation": "robust", "min_coverage": 3},
+                                fresh_optimizer=True),
+    "AdamW kept": Setup(campaign=BEFORE),
+    "IID": Setup(campaign=BEFORE, fresh_optimizer=True, iid=True),
+    "4 rounds x 2 steps": Setup(campaign=BEFORE, fresh_optimizer=True, rounds=4, steps=2),
+    "1 round x 8 steps": Setup(campaign=BEFORE, fresh_optimizer=True, rounds=1, steps=8),
+    "nesterov": Setup(campaign={**BEFORE, "outer": NESTEROV}, fresh_optimizer=True),
+    "adam": Setup(campaign={**BEFORE, "outer": {"optimizer": "adam"}}, fresh_optimizer=True),
+    "kept + nesterov": Setup(campaign={**BEFORE, "outer": NESTEROV}),
+    "kept + nesterov + coverage 3": Setup(campaign={**BEFORE, "outer": NESTEROV, "min_coverage": 3}),
+    "kept + nesterov + robust, coverage 3": Setup(campaign={**BEFORE, "outer": NESTEROV, "min_coverage": 3,
+                                                            "aggregation": "robust"}),
+    "kept + robust, coverage 3": Setup(campaign={**BEFORE, "min_coverage": 3, "aggregation": "robust"}),
+    "kept + nesterov 0.5 + robust, coverage 3": Setup(campaign={
+        **BEFORE, "outer": {**NESTEROV, "lr": 0.5}, "min_coverage": 3, "aggregation": "robust"}),
 }
 
 
-def ablate(names: list[str] | None = None, seeds: tuple[int, ...] = (0,)) -> list[dict]:
-    results = []
+def ablate(names: list[str] | None = None, tasks: tuple[str, ...] = ("dates",),
+           seeds: tuple[int, ...] = (0,)) -> list[dict]:
+    """Each of ABLATIONS (or `names`) against the same references, one JSON line per ablation."""
+    results, known = [], {}
     for name, setup in ABLATIONS.items():
         if names and name not in names:
             continue
-        result = measure(replace(setup, seeds=seeds))
+        result = measure(replace(setup, tasks=tasks, seeds=seeds), known)
         results.append({"ablation": name, **result})
         print(json.dumps({"ablation": name, "summary": result["summary"]}), flush=True)
     return results

@@ -5,7 +5,8 @@
     pull.py       resolve NAME or CID, fetch, verify, lay out a PEFT folder (`commons pull`, `load_adapter`)
     publish.py    what `commons publish` signs about a PEFT folder (the path itself: protocol.publishing)
     datasets.py   `commons data add`: validate, scrub, dedupe, publish chat data
-    demo.py       `commons demo`: a real campaign on this machine; `demo_task.py` is its task and data
+    demo.py       `commons demo`: a real campaign on this machine; `demo_task.py` is its task and data,
+                  `clock_task.py` a second generated task (times of day) for the quality benchmark
     flower.py     real Flower processes (SuperLink behind the gate, SuperNodes, runners) and run submission
     processes.py  every process below the ones we started, so stopping leaves none behind
     narrate.py    the coordinator terminal's one line per campaign event; `timing.py` where round time went

@@ -58,6 +58,11 @@ def duration(seconds: float) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
+def _joined(e: dict) -> str:
+    took = f", {duration(e['seconds'])} after its node started" if e.get("seconds") else ""
+    return f"round {e['round']}: {_node(e['node'])} joined: its first update is accepted{took}"
+
+
 def _round_end(e: dict) -> str:
     loss = f"loss {e['loss']:.3f}, " if isinstance(e.get("loss"), int | float) else ""
     took = (f" (round took {duration(e['round_seconds'])})" if isinstance(e.get("round_seconds"), int | float)
@@ -79,6 +84,7 @@ LINES: dict[str, Callable[[dict], str]] = {
     "waiting_for_rejoin": lambda e: (f"round {e['round']}: waiting up to {e['seconds']}s for "
                                      f"{_nodes(e['nodes'])} to rejoin"),
     "rejoined": lambda e: f"round {e['round']}: {_node(e['node'])} rejoined; its work is sent again",
+    "joined": _joined,
     "reassigned": lambda e: (f"round {e['round']}: the layers of {_nodes(e['dropped'])} go to "
                              f"{_nodes(list(e['to'])) or 'no one'}"),
     "round_short": lambda e: (f"round {e['round']}: {e['got']} of min_nodes={e['want']} valid updates; "

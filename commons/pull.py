@@ -96,19 +96,25 @@ def pull(ref: str, out: Path | None = None, index_url: str | None = None, progre
     earlier = earlier_pull(target)  # refuses a folder pull did not make, before anything is fetched
     policy = TrustPolicy.load()
     policy.allow_older = allow_older
-    # fetch and check, bounded by the signed manifest
+    # fetch and check, bounded by the signed manifest: each file from the bitswap peers (commons nodes, Kubo,
+    # Helia) first, 32 blocks in flight; single blocks and whatever the peers lacked from the gateways
     store = BlockStore()
-    sources: list[BlockSource] = [GatewaySource(url) for url in [index_url, *settings["gateways"]]]
-    prefetch = None
+    gateways = [GatewaySource(url) for url in [index_url, *settings["gateways"]]]
+    sources: list[BlockSource] = list(gateways)
+    prefetch = swap = None
     if settings["peers"]:
-        from protocol.p2p.exchange import PeerSource
+        from protocol.p2p.bitswap import BitswapSource
 
-        sources.append(PeerSource(settings["peers"]))  # single blocks the gateways lack
-        prefetch = _from_peers(settings["peers"], store, progress)
+        swap = BitswapSource(settings["peers"])
+        sources.append(swap)
+        prefetch = _from_peers(swap, store, progress)
     try:
         signed = fetch_signed(cid, store, sources, policy, progress=progress, prefetch=prefetch)
     except VerifyError as exc:
         raise VerifyError(f"refusing {ref}: {str(exc).removesuffix('; refusing it')}") from None
+    finally:
+        for source in (*gateways, *([swap] if swap else [])):
+            source.close()
     _check_names(ref, signed.verified)
     if earlier not in (None, signed.verified.meta.name):
         raise CommonsError(f"{target} holds an earlier pull of {earlier}, not {signed.verified.meta.name}; "
@@ -200,10 +206,9 @@ class _OverBudget(CommonsError):
     a VerifyError would not)."""
 
 
-def _from_peers(peers: list[str], store: BlockStore, progress: bool) -> Prefetch:
-    """The fast pipelined libp2p path for one signed file, stopped past its bounds; whatever it could not get,
-    the gateways are asked for next."""
-    from protocol.p2p.exchange import fetch_dag
+def _from_peers(swap, store: BlockStore, progress: bool) -> Prefetch:
+    """The fast path for one signed file (a protocol.p2p.bitswap.BitswapSource: 32 blocks in flight),
+    stopped past its bounds; whatever it could not get, the gateways are asked for next."""
 
     def prefetch(cid: str, bounds: Bounds) -> None:
         taken = {"blocks": 0, "bytes": 0}
@@ -216,7 +221,7 @@ def _from_peers(peers: list[str], store: BlockStore, progress: bool) -> Prefetch
                                   "promised for it (a DAG bomb)")
 
         try:
-            fetch_dag(cid, store, peers, progress=progress, on_block=count)
+            swap.fetch_dag(cid, store, progress, on_block=count)
         except _OverBudget as exc:
             raise VerifyError(str(exc)) from None
         except CommonsError:

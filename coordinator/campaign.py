@@ -54,6 +54,7 @@ RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "min_nodes": (lambda v: v >= 1, "at least 1"),
     "round_timeout": (lambda v: v >= 1, "at least 1 (seconds)"),
     "node_wait": (lambda v: v >= 0, "0 or more (seconds)"),
+    "quorum": (lambda v: 0 < v <= 1, "above 0 and at most 1 (a fraction of the round's volunteers)"),
     "min_coverage": (lambda v: v >= 1, "at least 1"),
     "eval_size": (lambda v: v >= 1, "at least 1"),
     "publish_margin": (lambda v: -1 <= v <= 1, "between -1 and 1 (a fraction: 0.05 is 5 points)"),
@@ -127,6 +128,9 @@ class Campaign:
     rounds: int = 2
     min_nodes: int = 1
     round_timeout: float = 900.0
+    # a round closes once this fraction of its volunteers answered and the rest had as long again
+    # (coordinator/rounds.py: Closing); the late ones' spans go to others where coverage needs them
+    quorum: float = 0.5
     # patience: seconds a round waits for min_nodes usable volunteers before failing
     node_wait: float = 1800.0
     aggregation: str = "robust"  # an open network cannot trust every volunteer: robust by default
@@ -326,7 +330,8 @@ def dump(campaign: Campaign) -> str:
         if getattr(campaign, name) is None:
             continue
         lines.append(f"\n[{name}]")
-        lines += [f"{k} = {_toml(v)}" for k, v in asdict(getattr(campaign, name)).items()]
+        # a None is "the default": TOML has no null, and leaving the key out means the same
+        lines += [f"{k} = {_toml(v)}" for k, v in asdict(getattr(campaign, name)).items() if v is not None]
     for ds in campaign.datasets:
         lines.append("\n[[datasets]]")
         lines += [f"{k} = {_toml(v)}" for k, v in ds.items()]

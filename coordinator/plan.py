@@ -156,9 +156,12 @@ def split_sizes(scores: list[float], total: int) -> list[int]:
 
 def make_plan(
     layers: list[tuple[int, list[str]]], nodes: Mapping[str, Mapping], min_coverage: int = 2,
-    floors: Mapping[str, int | None] | None = None,
+    floors: Mapping[str, int | None] | None = None, pace: Mapping[str, float] | None = None,
 ) -> Plan:
     """Assign every node one contiguous span; every layer is covered by each lane.
+
+    `pace` (from `rounds.Roster.pace`): a multiplier on a node's score, below 1 for a node that missed its
+    last deadlines, so it is asked for fewer layers (spans are proportional to score).
 
     `floors` (from `memory_floors`): the lowest layer index each node's memory lets its span start at, None
     for a node that cannot train even the top layer. Such a node gets no span; a lane starts with a node
@@ -181,7 +184,8 @@ def make_plan(
     lanes = min(max(min(n_nodes, min_coverage), math.ceil(n_nodes / n_layers)), len(bottom))
     # each lane opens with a node that can train layer 0, then LPT: the next strongest node joins the
     # weakest lane that still has room
-    scored = sorted(((capability_score(nodes[nid]), nid) for nid in able),
+    pace = pace or {}
+    scored = sorted(((capability_score(nodes[nid]) * pace.get(nid, 1.0), nid) for nid in able),
                     key=lambda x: (floor[x[1]] > 0, -x[0], x[1]))
     members: list[list[tuple[float, str]]] = [[] for _ in range(lanes)]
     for score, nid in scored:
@@ -264,6 +268,13 @@ def reassign(plan: Plan, dropped: Iterable[str]) -> Plan:
     if not shards:
         raise CommonsError("every node in the plan dropped out; wait for nodes to rejoin and make a new plan")
     return Plan(plan.layers, shards, plan.min_coverage)
+
+
+def without(plan: Plan, gone: Iterable[str]) -> Plan:
+    """The plan less the shards of `gone`, whose spans nobody takes over: the nodes that did not answer
+    where the others already give every layer its coverage."""
+    out = set(gone)
+    return Plan(plan.layers, [s for s in plan.shards if s.node_id not in out], plan.min_coverage)
 
 
 def shard_keys(plan: Plan, node_id: str, all_keys: Iterable[str]) -> list[str]:

@@ -1,17 +1,25 @@
-"""One round on the Flower Grid: ask the nodes what they can do, plan shards, send each node its keys,
+"""One round on the Flower Grid: plan shards over the nodes the roster knows, send each node its keys,
 verify and decode the signed replies, and re-send dropped nodes' spans to their lane neighbours.
 
 Nodes are known by their ed25519 public key (hex) here and in the plan; Flower node ids only address
 messages. Every reply is checked (signature over the bytes sent, the shard's exact keys, the campaign's
-upload encoding) before anything else reads it.
+upload encoding) before anything else reads it; who is there and what they said is coordinator/roster.py.
+
+A round closes on time (`Closing`): once a quorum of its volunteers answered and the rest had as long
+again, or at `round_timeout`, whichever comes first; nothing waits on a dead node's heartbeat. Spans that
+coverage still needs then get one catch-up, within round_timeout more:
+
+    plan ── send ── quorum answered ── as long again ── late ones dropped ── catch-up where coverage is short
+    t0            t0 + q                t0 + 2q (at most t0 + round_timeout)   (at most round_timeout more)
 """
 
 from __future__ import annotations
 
-import re
+import math
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import replace
+from collections import ChainMap
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -26,33 +34,29 @@ from coordinator.plan import (
     memory_floors,
     reassign,
     shard_keys,
+    without,
+)
+from coordinator.roster import (
+    POLL_SECONDS,
+    QUERY_SECONDS,
+    Roster,
+    capabilities,
+    error_text,
+    exchange,
+    query_nodes,
+    upload_seconds,
 )
 from coordinator.rules import Update
-from protocol.errors import CommonsError, VerifyError
-from protocol.instruction import NodeInfo, TrainInstruction
+from protocol.errors import VerifyError
+from protocol.instruction import TrainInstruction
 from protocol.packed import pack, unpack
 from protocol.signing.keys import verify_signature
-from protocol.update import decode, update_digest
+from protocol.update import Decoded, update_digest
 
 Events = Callable[..., None]
 Nodes = dict[str, tuple[int, dict]]  # public key hex -> (Flower node id, capability)
-
-
-def query_nodes(grid: Any, node_ids: list[int], timeout: float,
-                events: Events | None = None) -> dict[int, dict]:
-    """What each node says it is; a node whose ClientApp raised (bad local data, a broken install) is left
-    out, with its own one-line reason in the events."""
-    messages = [
-        Message(RecordDict({"config": ConfigRecord({"want": "info"})}), dst_node_id=n, message_type="query")
-        for n in node_ids
-    ]
-    infos = {}
-    for dst, reply in exchange(grid, messages, timeout):
-        if not reply.has_error():
-            infos[dst] = dict(reply.content["info"])
-        elif events is not None and reply.error.code != ErrorCode.NODE_UNAVAILABLE:
-            events("node_ignored", node=f"flower:{dst}", reason=error_text(reply.error.reason))
-    return infos
+__all__ = ["Nodes", "Roster", "capabilities", "check_reply", "coverage_shortfall", "exchange", "query_nodes",
+           "run_round", "tell_the_end", "train_instruction"]  # the roster's names, as callers knew them here
 
 
 def tell_the_end(grid: Any, campaign: str, outcome: str, timeout: float = 15.0) -> int:
@@ -65,144 +69,47 @@ def tell_the_end(grid: Any, campaign: str, outcome: str, timeout: float = 15.0) 
     return sum(not reply.has_error() for _, reply in exchange(grid, messages, timeout))
 
 
-def error_text(reason: str) -> str:
-    """The node's own message out of Flower's "<class 'module.Error'>:<'message'>" (first line, short)."""
-    match = re.fullmatch(r"<class '([\w.]+)'>:<'(.*)'>", reason.strip(), re.DOTALL)
-    if not match:
-        return reason.strip().splitlines()[0][:300] if reason.strip() else "no reason given"
-    kind, message = match.group(1).rsplit(".", 1)[-1], match.group(2).strip()
-    line = message.splitlines()[0] if message else ""
-    return (line if kind in ("CommonsError", "VerifyError") else f"{kind}: {line}")[:300]
-
-
-def _caps(info: dict) -> dict:
-    """The capability report of a query answer (protocol.instruction.NodeInfo), as the plan reads it."""
-    return NodeInfo.from_config(info).capability.to_report()
-
-
-def capabilities(infos: dict[int, dict], events: Events) -> dict[str, tuple[int, dict]]:
-    """public key -> (Flower node id, capability); one entry per key. `infos` comes in the order the ids
-    were first seen: when two ids claim one key, the later one wins (a restarted node, whose old id the
-    SuperLink still lists until its heartbeat lapses)."""
-    nodes: dict[str, tuple[int, dict]] = {}
-    for flower_id, info in infos.items():
-        key = str(info.get("public_key", ""))
-        try:
-            caps = _caps(info)
-        except CommonsError as exc:
-            events("node_ignored", node=key[:16], reason=str(exc)[:200])
-            continue
-        if key in nodes:
-            events("node_ignored", node=key[:16],
-                   reason=f"node {nodes[key][0]} is replaced by a later node with the same key")
-        nodes[key] = (flower_id, caps)
-    return nodes
-
-
-class Roster:
-    """What each Flower node id said it is, kept across rounds: a query starts a ClientApp process on the
-    node, and one to a node that just dropped costs the whole query timeout, so only new ids are asked."""
-
-    def __init__(self, events: Events | None = None) -> None:
-        self.events = events
-        self.infos: dict[int, dict] = {}  # in the order first seen
-        self.unanswered: set[int] = set()  # asked during this round, no answer: not asked again this round
-
-    def refresh(self, grid: Any, listed: list[int], timeout: float) -> dict[int, dict]:
-        """Forget ids the grid no longer lists, query the new ones; the infos of the listed ids."""
-        self.unanswered = set()
-        return self.update(grid, listed, timeout)
-
-    def update(self, grid: Any, listed: list[int], timeout: float) -> dict[int, dict]:
-        """Like `refresh`, but ids that did not answer (or answered with an error) this round are not
-        asked again: a node with bad data is told once, not at every poll."""
-        ids = set(listed)
-        self.infos = {i: info for i, info in self.infos.items() if i in ids}
-        new = sorted(ids - set(self.infos) - self.unanswered)
-        if new:
-            answers = query_nodes(grid, new, timeout, self.events)
-            self.infos.update(sorted(answers.items()))
-            self.unanswered |= set(new) - set(answers)
-        return dict(self.infos)
-
-    def suspect(self, flower_id: int) -> None:
-        """It did not answer a train message: ask it again next round (a dead node that is still listed
-        must not be planned from its old answer), not during this one."""
-        self.infos.pop(flower_id, None)
-        self.unanswered.add(flower_id)
-
-    def rejoined(self, grid: Any, waiting: dict[str, int], timeout: float) -> dict[str, tuple[int, dict]]:
-        """Nodes of `waiting` (public key -> the Flower id we wait on) that reconnected: an id first seen
-        after that one (or while that one is no longer listed) claims the same key; the latest wins."""
-        infos = self.update(grid, list(grid.get_node_ids()), timeout)
-        passed = {key for key, flower_id in waiting.items() if flower_id not in infos}
-        found = {}
-        for flower_id, info in infos.items():
-            key = str(info.get("public_key", ""))
-            if key not in waiting:
-                continue
-            if flower_id == waiting[key]:
-                passed.add(key)
-            elif key in passed:
-                try:
-                    found[key] = (flower_id, _caps(info))
-                except CommonsError:
-                    continue
-        return found
-
-
 MAX_REJOINS = 3  # re-sends per round to nodes that came back: each needs a restart, each may cost a timeout
-POLL_SECONDS = 3.0  # between pulls, as Flower's own send_and_receive
-QUERY_SECONDS = 30.0  # a reconnected node starts a ClientApp to answer: imports torch, reads its data
+GRACE = 1.0  # once a quorum answered, the others get this many times as long as the quorum took
+MIN_GRACE = 5.0  # and at least this many seconds (a busy machine's jitter is not lateness)
+WIRE_BYTES = {"fp32": 4, "bf16": 2, "int8": 1}  # bytes per parameter a node uploads
 
 
-def exchange(grid: Any, messages: list[Message], timeout: float,
-             more: Callable[[set[int]], tuple[set[int], list[Message]]] | None = None
-             ) -> Iterator[tuple[int, Message]]:
-    """Send `messages`; yield (destination node id, reply) as replies arrive, until each is answered or
-    `timeout` passed since it was sent. Between polls `more(destinations still pending)` names the ones
-    not worth waiting for and messages to send now (each gets its own `timeout`).
+@dataclass
+class Closing:
+    """When an exchange stops waiting: at `until` (the round's deadline, time.monotonic()), or, with a
+    `quorum`, once that many volunteers sent a verified update and the others had GRACE times as long
+    again as that took. Those still silent are late: an update that comes after is never read (it is a
+    delta from this round's global, judged against others it was not trained with), and their spans go
+    to lane neighbours where coverage needs them."""
 
-    Flower 1.42's SuperLink answers for a destination that stopped heartbeating (a SuperNode pings every
-    30 s, patience 2) with an error reply, NODE_UNAVAILABLE: a killed node costs up to ~60 s, not the
-    whole timeout. A SuperNode stopped cleanly deregisters and is answered for at once. A node that came
-    back under a new id never answers on its old one: `more` stops that wait at once."""
-    if not hasattr(grid, "push_messages"):  # a Grid with only the blocking call: the in-process test grid
-        for reply in grid.send_and_receive(messages, timeout=timeout):
-            yield reply.metadata.src_node_id, reply
-        return
-    pending: dict[str, tuple[int, float]] = {}  # message id -> (destination, deadline)
+    until: float
+    quorum: int | None = None  # None: wait for everyone until `until` (catch-up sub-rounds, re-sends)
+    start: float = field(default_factory=lambda: time.monotonic())  # looked up when made: tests fake it
+    reached: float | None = None  # when the quorum answered
 
-    def push(batch: list[Message]) -> None:
-        deadline = time.monotonic() + timeout
-        ids = grid.push_messages(batch) if batch else []
-        pending.update({mid: (m.metadata.dst_node_id, deadline)
-                        for mid, m in zip(ids, batch, strict=True) if mid})
-
-    push(messages)
-    while pending:
-        for reply in grid.pull_messages(list(pending)):
-            sent = pending.pop(reply.metadata.reply_to_message_id, None)
-            if sent is not None:
-                yield sent[0], reply
+    def over(self, answered: int) -> bool:
         now = time.monotonic()
-        for mid in [mid for mid, (_, deadline) in pending.items() if deadline <= now]:
-            del pending[mid]
-        if pending and more is not None:
-            gone, extra = more({dst for dst, _ in pending.values()})
-            for mid in [mid for mid, (dst, _) in pending.items() if dst in gone]:
-                del pending[mid]
-            push(extra)
-        if pending:
-            time.sleep(max(0.0, min(POLL_SECONDS, min(d for _, d in pending.values()) - time.monotonic())))
+        if self.quorum is not None and self.reached is None and answered >= self.quorum:
+            self.reached = now
+        if self.reached is None:
+            return False
+        return now - self.reached >= max(MIN_GRACE, GRACE * (self.reached - self.start))
 
 
-def plan_round(campaign: Campaign, keys: list[str], nodes: dict[str, tuple[int, dict]]) -> Plan:
-    """Spans sized to hardware ("auto"), or every node training the whole adapter ("none")."""
+def quorum(campaign: Campaign, planned: int) -> int:
+    """How many of a round's `planned` volunteers must answer before the others count as late."""
+    return min(planned, max(campaign.min_nodes, math.ceil(campaign.quorum * planned)))
+
+
+def plan_round(campaign: Campaign, keys: list[str], nodes: dict[str, tuple[int, dict]],
+               pace: dict[str, float] | None = None) -> Plan:
+    """Spans sized to hardware ("auto"), or every node training the whole adapter ("none"); `pace`
+    shrinks the spans of volunteers that missed their last deadlines (Roster.pace)."""
     caps = {key: c for key, (_, c) in nodes.items()}
     coverage = campaign.min_coverage if campaign.shards == "auto" else len(caps)
     floors = memory_floors(campaign, caps)  # how low each node's memory lets its span start
-    return make_plan(layers_from_keys(keys), caps, min_coverage=max(1, coverage), floors=floors)
+    return make_plan(layers_from_keys(keys), caps, min_coverage=max(1, coverage), floors=floors, pace=pace)
 
 
 def train_instruction(campaign: Campaign, round_: int, keys: list[str],
@@ -241,7 +148,7 @@ def check_reply(
     if not verify_signature(public, update_digest(campaign.name, round_, wire), signature):
         return f"node {node} sent an update whose signature does not verify"
     try:
-        tensors = decode(wire, sent, campaign.upload_dtype)
+        tensors = Decoded(wire, sent, campaign.upload_dtype)  # held in its wire form until aggregated
     except VerifyError as exc:
         return f"node {node}: {exc}"
     if set(tensors) != set(sent):
@@ -253,9 +160,12 @@ def check_reply(
     return Update(node_id=public.hex(), tensors=tensors, num_examples=examples), metrics
 
 
-def adopt(nodes: Nodes, back: Nodes, round_: int, events: Events) -> None:
-    """Nodes that reconnected under a new Flower id: address them there from now on."""
+def adopt(nodes: Nodes, back: Nodes, round_: int, events: Events, roster: Roster | None) -> None:
+    """Nodes that reconnected under a new Flower id: address them there from now on, and forget the old
+    id (still listed until its heartbeat lapses), so that it is never taken for the node again."""
     for key, node in back.items():
+        if roster is not None and key in nodes:
+            roster.suspect(nodes[key][0])
         nodes[key] = node
         events("rejoined", round=round_, node=key[:16], node_id=node[0])
 
@@ -270,19 +180,22 @@ def train_nodes(
     events: Events,
     group: str,
     roster: Roster | None = None,
+    closing: Closing | None = None,
 ) -> dict[str, tuple[Update, dict]]:
     """Send each node the global adapter and the keys it trains; the verified replies, by public key.
     The whole adapter goes down (a node's forward pass needs the current frozen layers too); only the
     node's shard comes back up. With a `roster`, a node seen reconnecting under a new id (same key) is
-    sent its shard again at once and not waited for on its old id; `nodes` is updated to the new id."""
+    sent its shard again at once and not waited for on its old id; `nodes` is updated to the new id.
+    `closing` says when to stop waiting (default: everyone, for round_timeout)."""
+    closing = closing or Closing(time.monotonic() + campaign.round_timeout)
     payload = ArrayRecord({k: Array(v) for k, v in pack(tensors).items()})  # two arrays, not hundreds
     owner: dict[int, str] = {}
     groups: dict[str, str] = {}
-    order = sorted(nodes)
+    slots = {key: i for i, key in enumerate(sorted(nodes))}
 
     def message(key: str, flower_id: int, grp: str) -> Message:
         owner[flower_id], groups[key] = key, grp
-        instruction = train_instruction(campaign, round_, work[key], (order.index(key), len(order)))
+        instruction = train_instruction(campaign, round_, work[key], (slots[key], len(slots)))
         config = ConfigRecord(instruction.to_config())
         return Message(RecordDict({"adapter": payload, "config": config}), dst_node_id=flower_id,
                        message_type="train", group_id=grp)
@@ -292,25 +205,36 @@ def train_nodes(
     why: dict[str, str] = {}
     rejoins = dict.fromkeys(work, 0)
 
-    def rejoin(pending: set[int]) -> tuple[set[int], list[Message]]:
-        """Stop waiting on the old id of a node that reconnected and send it its own shard again, at once:
-        the same work, so it resumes from its own checkpoint."""
+    def more(pending: set[int]) -> tuple[set[int], list[Message]]:
+        """Between polls: stop waiting on the old id of a node that reconnected and send it its own shard
+        again, at once (the same work: it resumes from its own checkpoint); ask volunteers that joined
+        meanwhile what they are (the next round plans them); close the exchange when `closing` says so."""
         waiting = {owner[d]: d for d in pending if d in owner and rejoins[owner[d]] < MAX_REJOINS}
-        back = (roster.rejoined(grid, waiting, min(QUERY_SECONDS, campaign.round_timeout))
-                if roster and waiting else {})
-        adopt(nodes, back, round_, events)
+        back = {}
+        if roster is not None:
+            back = roster.rejoined(grid, waiting, min(QUERY_SECONDS, campaign.round_timeout))
+        if closing.over(len(got)):
+            for d in pending:
+                why.setdefault(owner.get(d, ""), late_reason(closing, len(got), len(work)))
+            return pending, []
+        adopt(nodes, back, round_, events, roster)
         extra = []
         for key, node in back.items():
             rejoins[key] += 1
             extra.append(message(key, node[0], f"{group}.rejoin{rejoins[key]}"))
         return {waiting[key] for key in back}, extra
 
-    for flower_id, reply in exchange(grid, messages, campaign.round_timeout, rejoin):
+    largest = max((sum(tensors[k].size for k in keys) for keys in work.values()), default=0)
+    upload = upload_seconds(largest * WIRE_BYTES.get(campaign.upload_dtype, 4))
+    for flower_id, reply in exchange(grid, messages, campaign.round_timeout, more, closing.until, upload):
         key = owner.get(flower_id)
         if key is None or key in got:
             continue
         if reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE:
             why[key] = "it left the network: stopped, or its heartbeat lapsed"  # missing, not a bad update
+            continue
+        if reply.has_error() and reply.error.code == ErrorCode.MESSAGE_UNAVAILABLE:
+            why[key] = "it left while sending its update: the upload never completed"
             continue
         checked = check_reply(reply, campaign, round_, key, {k: tensors[k] for k in work[key]})
         if isinstance(checked, str):
@@ -325,12 +249,24 @@ def train_nodes(
                resumed_from=metrics.get("resumed_from", 0), seconds=metrics.get("seconds"),
                load_seconds=metrics.get("load_seconds"), task_seconds=metrics.get("task_seconds"))
     for key in work:
+        if key in got and roster is not None:
+            roster.kept(key)
         if key not in got:
             if roster is not None:
+                roster.missed(key)  # its next span is smaller (Roster.pace)
                 roster.suspect(nodes[key][0])
             events("node_missing", round=round_, group=groups[key], node=key[:16],
-                   reason=why.get(key, "no reply in time"))
+                   reason=why.get(key, "no reply by the round's deadline"))
     return got
+
+
+def late_reason(closing: Closing, answered: int, planned: int) -> str:
+    """Why the round closed without a node that may still be working."""
+    if closing.reached is None:
+        return "no reply by the round's deadline"
+    took = closing.reached - closing.start
+    return (f"late: {answered} of {planned} answered (quorum {closing.quorum} in {took:.0f}s) and it had "
+            f"{max(MIN_GRACE, GRACE * took):.0f}s more; its update will not be used")
 
 
 def merge(main: tuple[Update, dict], extra: tuple[Update, dict]) -> tuple[Update, dict]:
@@ -338,7 +274,7 @@ def merge(main: tuple[Update, dict], extra: tuple[Update, dict]) -> tuple[Update
     (u, m), (x, n) = main, extra
     metrics = {**m, "tokens": int(m.get("tokens", 0)) + int(n.get("tokens", 0)),
                "upload_bytes": int(m.get("upload_bytes", 0)) + int(n.get("upload_bytes", 0))}
-    return Update(u.node_id, {**u.tensors, **x.tensors}, u.num_examples), metrics
+    return Update(u.node_id, ChainMap(x.tensors, u.tensors), u.num_examples), metrics  # still undecoded
 
 
 def coverage_shortfall(campaign: Campaign, have: int) -> str:
@@ -351,12 +287,12 @@ def coverage_shortfall(campaign: Campaign, have: int) -> str:
 
 
 def await_rejoin(grid: Any, roster: Roster, missing: dict[str, int], campaign: Campaign, round_: int,
-                 events: Events, until: float | None) -> Nodes:
-    """Missing nodes seen back under a new Flower id; with `until`, poll for them until then."""
+                 events: Events, until: float) -> Nodes:
+    """Missing nodes seen back under a new Flower id, polled for until `until` (time.monotonic())."""
     said = False
     while True:
         back = roster.rejoined(grid, missing, min(QUERY_SECONDS, campaign.round_timeout))
-        if back or until is None or time.monotonic() >= until:
+        if back or time.monotonic() >= until:
             return back
         if not said:
             events("waiting_for_rejoin", round=round_, nodes=[k[:16] for k in missing],
@@ -369,54 +305,83 @@ def run_round(
     grid: Any, campaign: Campaign, round_: int, tensors: dict[str, np.ndarray],
     nodes: dict[str, tuple[int, dict]], events: Events, roster: Roster | None = None,
 ) -> tuple[dict[str, tuple[Update, dict]], Plan]:
-    """Train every shard. A node that dropped and reconnected (same key, new Flower id; `roster` finds it)
-    is re-sent its own shard: the same work, so it resumes from its own checkpoint. The spans of nodes
-    still missing go to lane neighbours in catch-up sub-rounds until every layer is covered by the nodes
-    that answered (or no one is left)."""
+    """Train every shard: the round closes at the latest round_timeout after it started (`Closing`). A
+    node that dropped and reconnected (same key, new Flower id; `roster` finds it) before that is re-sent
+    its own shard: the same work, so it resumes from its own checkpoint. The spans of nodes still missing
+    go to lane neighbours in catch-up sub-rounds, where the nodes that answered give a layer fewer than
+    min_coverage trainers, within round_timeout more at most. The plan returned holds only the nodes
+    whose updates came."""
     nodes = dict(nodes)
     keys = sorted(tensors)
     deadline = time.monotonic() + campaign.round_timeout
-    plan = plan_round(campaign, keys, nodes)
-    events("plan", round=round_, coverage=plan.coverage(), shards=[
-        {"node": s.node_id[:16], "lane": s.lane, "start": s.start, "end": s.end,
-         "keys": len(shard_keys(plan, s.node_id, keys))} for s in plan.shards])
+    plan = plan_round(campaign, keys, nodes, roster.pace(nodes) if roster else None)
+    events("plan", round=round_, coverage=plan.coverage(), quorum=quorum(campaign, len(plan.shards)),
+           shards=[{"node": s.node_id[:16], "lane": s.lane, "start": s.start, "end": s.end,
+                    "keys": len(shard_keys(plan, s.node_id, keys))} for s in plan.shards])
     short = coverage_shortfall(campaign, min(plan.coverage()))
     if short:
         events("coverage_short", round=round_, wanted=campaign.min_coverage, have=min(plan.coverage()),
                reason=short)
     work = {s.node_id: shard_keys(plan, s.node_id, keys) for s in plan.shards}
-    got = train_nodes(grid, campaign, round_, tensors, work, nodes, events, str(round_), roster)
+    got = train_nodes(grid, campaign, round_, tensors, work, nodes, events, str(round_), roster,
+                      Closing(deadline, quorum(campaign, len(work))))
     for attempt in range(1, MAX_REJOINS + 1):
         missing = {key: nodes[key][0] for key in work if key not in got}
-        # a round that cannot reach min_nodes without them waits for their rejoin (to the round's deadline)
-        until = deadline if len(got) < campaign.min_nodes else None
-        back = (await_rejoin(grid, roster, missing, campaign, round_, events, until)
-                if roster and missing else {})
+        # a round short of min_nodes waits for their rejoin (to its deadline); one that closed with enough
+        # goes on: a span coverage needs goes to a warm lane neighbour, not to a node starting up again
+        if len(got) >= campaign.min_nodes or not roster or not missing:
+            break
+        back = await_rejoin(grid, roster, missing, campaign, round_, events, deadline)
         if not back:
             break
-        adopt(nodes, back, round_, events)
+        adopt(nodes, back, round_, events, roster)
         got.update(train_nodes(grid, campaign, round_, tensors, {k: work[k] for k in back}, nodes, events,
-                               f"{round_}.rejoin{attempt}", roster))
+                               f"{round_}.rejoin{attempt}", roster, Closing(deadline)))
+    # catch-up sub-rounds, for the spans coverage needs, get round_timeout of their own once the round closed
+    plan = catch_up(grid, campaign, round_, tensors, plan, got, nodes, events, roster,
+                    time.monotonic() + campaign.round_timeout)
+    return got, without(plan, [s.node_id for s in plan.shards if s.node_id not in got])
+
+
+def short_of(plan: Plan, missing: list[str], want: int) -> list[str]:
+    """The missing nodes whose spans hold a layer that the others give fewer than `want` trainers (or
+    fewer than it was planned with, when that is less)."""
+    planned = plan.coverage()
+    have = without(plan, missing).coverage()
+    short = {i for i, (h, p) in enumerate(zip(have, planned)) if h < min(want, p)}
+    return [m for m in missing if short & set(range(plan.shard(m).start, plan.shard(m).end + 1))]
+
+
+def catch_up(grid: Any, campaign: Campaign, round_: int, tensors: dict[str, np.ndarray], plan: Plan,
+             got: dict[str, tuple[Update, dict]], nodes: Nodes, events: Events, roster: Roster | None,
+             deadline: float) -> Plan:
+    """Catch-up sub-rounds: the spans of missing nodes that coverage needs go to their lane neighbours
+    (`got` grows by what they send) until no layer is short, no one is left or the deadline passed; the
+    other missing nodes' spans are left to the lanes that cover them. Returns the plan as trained."""
+    keys = sorted(tensors)
     sub = 0
     while missing := [s.node_id for s in plan.shards if s.node_id not in got]:
-        # no one left to take the spans: the runner tries the round again
-        if len(missing) == len(plan.shards):
+        needed = short_of(plan, missing, campaign.min_coverage)
+        plan = without(plan, [m for m in missing if m not in needed])
+        # nothing short, no one left to take the spans (the runner tries the round again), or out of time
+        if not needed or len(needed) == len(plan.shards) or time.monotonic() >= deadline:
             break
-        new = reassign(plan, missing)
+        new = reassign(plan, needed)
         extra = {s.node_id: sorted(set(shard_keys(new, s.node_id, keys))
                                    - set(shard_keys(plan, s.node_id, keys)))
                  for s in new.shards}
         extra = {k: v for k, v in extra.items() if v}
-        events("reassigned", round=round_, dropped=[m[:16] for m in missing],
+        events("reassigned", round=round_, dropped=[m[:16] for m in needed],
                to={k[:16]: len(v) for k, v in extra.items()}, coverage=new.coverage())
         plan = new
         if not extra:
             break
         sub += 1
-        more = train_nodes(grid, campaign, round_, tensors, extra, nodes, events, f"{round_}.{sub}", roster)
+        more = train_nodes(grid, campaign, round_, tensors, extra, nodes, events, f"{round_}.{sub}", roster,
+                           Closing(deadline))
         for key in extra:
             if key in more:
                 got[key] = merge(got[key], more[key])
             else:  # it took the work and failed it: its own span is lost too, so reassign again
                 got.pop(key, None)
-    return got, plan
+    return plan

@@ -139,6 +139,15 @@ def published_because(state: dict) -> str:
             f"round, {last['round']}, scored {last['accuracy']:.1%}")
 
 
+def joined(events: Events, round_: int, newcomers: set[str], got: dict) -> None:
+    """A volunteer's first accepted update: its join time, from `commons node start` (as its node says,
+    on its own clock) to now."""
+    for key in sorted(newcomers):
+        started = float(got[key][1].get("started", 0) or 0)
+        seconds = round(time.time() - started, 1) if started > 0 else None
+        events("joined", round=round_, node=key[:16], seconds=seconds)
+
+
 def update_ledger(ledger: dict, accepted: set[str], metrics: dict[str, dict]) -> None:
     for node_id in accepted:
         entry = ledger.setdefault(node_id, {"node": node_id, "rounds": 0, "tokens": 0, "examples": 0})
@@ -195,8 +204,10 @@ def run(grid: Any, campaign: Campaign, home: Path) -> dict:
                                                    moments)
         # evaluate the new global adapter on the held-out set
         evaluation = evaluate(model, tokenizer, test, tensors, carry)
-        # record: ledger, curve, the best round so far
+        # record: ledger, curve, the best round so far; who joined with this round's update
+        newcomers = set(report.accepted) - set(state["ledger"])
         point, best = record(state, round_, got, evaluation, report, plan)
+        joined(events, round_, newcomers, got)
         # checkpoint, then say the round is done
         saved = outer.join(carry.checkpoint(tensors), moments)
         state = checkpoint.save(folder / "checkpoint", saved, state, best=best)

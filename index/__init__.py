@@ -8,6 +8,7 @@
     present.py   what the pages and the API both show (summaries, details)
     licenses.py  licence conflicts;  ratelimit.py  write limits
     gossip.py    the index as a libp2p peer: ingests signed announcements
+    routing.py   /routing/v1 (Delegated Routing V1): who provides a CID, from what gossip verified
     sample.py    real signed sample entries for tests and benchmarks
 
 A new page is one route in `pages.make_router` plus its template in templates/; what it shows that the

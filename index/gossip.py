@@ -9,14 +9,16 @@ For every adapter or dataset announcement that passed the gossip checks (signatu
 1. the DSSE envelope is verified (`verify_envelope` under the index's policy) and must name what the
    announcement names; a name owned by another signer, or a version already taken by another CID, is
    refused here, before any byte is fetched;
-2. the DAG is fetched from the announced providers into the index's BlockStore (every block re-hashed),
-   stopped past what the envelope promises (a dataset's, unknown until fetched: past the policy's limit);
+2. the DAG is fetched over bitswap from the announced providers (any IPFS node) into the index's
+   BlockStore, every block re-hashed, stopped past what the envelope promises (a dataset's, unknown until
+   fetched: past the policy's limit);
 3. the fetched directory must carry that same `model.sig` and exactly the files it signs, each within its
    signed size (`protocol.content.fetch.fetch_signed` over the blocks now held);
 4. `IndexDB.register` records it, and the index re-announces the CID with its own addresses: the
-   publisher takes that as "replicated" and may stop seeding.
+   publisher takes that as "replicated" and may stop seeding; it provides the CID on the IPFS DHT too.
 
-Presence announcements update `IndexDB.record_presence`. Everything refused is counted by reason.
+Presence announcements update `IndexDB.record_presence`. Everything refused is counted by reason. What
+was verified (who is live where, who provides which CID) goes to `routes`, which /routing/v1 answers from.
 """
 
 from __future__ import annotations
@@ -29,11 +31,13 @@ from fastapi import APIRouter
 from sqlalchemy import select
 
 from index.db import IndexDB
+from index.routing import Routes
 from index.schema import documents
 from protocol.content import dagpb
 from protocol.content.fetch import NODE_OVERHEAD, fetch_signed
 from protocol.content.unixfs import file_bounds, iter_file, upto
 from protocol.errors import CommonsError
+from protocol.p2p import dht
 from protocol.p2p.announce import (
     AdapterAnnouncement,
     DatasetAnnouncement,
@@ -41,10 +45,11 @@ from protocol.p2p.announce import (
     Signed,
 )
 from protocol.p2p.background import Background
-from protocol.p2p.exchange import fetch_dag_async, unwrap
+from protocol.p2p.bitswap import fetch_dag_async
+from protocol.p2p.exchange import unwrap
 from protocol.p2p.node import Node, open_node
 from protocol.p2p.resolve import serve_resolve
-from protocol.p2p.service import announce_presence
+from protocol.p2p.service import PROVIDE_S, announce_presence
 from protocol.p2p.topics import TOPICS
 from protocol.signing.dsse import MAX_ENVELOPE_BYTES
 from protocol.signing.manifest import SIGNATURE_FILE, Verified, verify_envelope
@@ -127,6 +132,7 @@ class Ingestor:
     counts: Counter = field(default_factory=Counter)
     log: list[dict] = field(default_factory=list)  # the latest outcomes, newest last
     node: Node | None = None
+    routes: Routes = field(default_factory=Routes)  # for the delegated routing API (index/routing.py)
 
     def stats(self) -> dict:
         gossip = dict(self.node.gossip.dropped) if self.node and self.node.gossip else {}
@@ -158,6 +164,7 @@ class Ingestor:
         try:
             if isinstance(body, PresenceAnnouncement):
                 await trio.to_thread.run_sync(self.db.record_presence, signed.signer)
+                self.routes.seen(a for a in body.addrs if a.endswith(f"/p2p/{body.peer_id}"))
                 self._note("presence", signed)
             elif isinstance(body, (AdapterAnnouncement, DatasetAnnouncement)):
                 await self._content(node, signed)
@@ -176,6 +183,7 @@ class Ingestor:
         held = next((v for v in versions if v["cid"] == cid), None)
         if held is not None and not self.store.missing(cid):
             self._note("known", signed)
+            self.routes.provides(cid, body.providers)
             if is_adapter and signed.signer == held["signer"]:
                 # Its author announces it again (`commons p2p announce`): confirm we hold it. Only the
                 # author gets an answer, so two indexes never answer each other's confirmations.
@@ -190,7 +198,7 @@ class Ingestor:
             raise Refused("unfetchable", f"announcement of {cid} lists no providers")
         try:
             budget = Budget(cid, verified, self.db.policy.max_file_size)
-            report = await fetch_dag_async(node.host, cid, self.store, body.providers, progress=False,
+            report = await fetch_dag_async(node.bitswap, cid, self.store, body.providers, progress=False,
                                            on_block=budget)
         except BaseExceptionGroup as group:
             raise Refused("unfetchable", f"fetching {cid}: {unwrap(group)}") from None
@@ -205,6 +213,9 @@ class Ingestor:
         await trio.to_thread.run_sync(self.db.register, envelope, cid)
         await trio.to_thread.run_sync(self.db.release, cid)  # an HTTP announcement of it waits no more
         self._note("ingested", signed, f"{body.name} v{verified.meta.version}")
+        self.routes.provides(cid, body.providers)
+        with trio.move_on_after(PROVIDE_S):  # our own DHT record at once; the closest peers if they answer
+            await dht.provide(node.dht, cid)
         # We hold it now: say so, so the publisher may stop seeding and pullers find a second source.
         if is_adapter:
             await self._confirm(node, body.name, int(verified.meta.version), envelope.decode("utf-8"), cid)
@@ -218,8 +229,9 @@ class Ingestor:
 
 async def run_peer(ingestor: Ingestor, identity, listen, bootstrap, on_ready=None) -> None:
     """Host + gossip until cancelled: serves the store's blocks, ingests announcements, sends presence."""
-    async with open_node(ingestor.store, identity, listen, bootstrap, gossip=True) as node:
+    async with open_node(ingestor.store, identity, listen, bootstrap, gossip=True, dht=True) as node:
         ingestor.node = node
+        ingestor.routes.me(node.dialable_addrs)
         serve_resolve(node.host, ingestor.lookup)  # names from the database, not only from announcements
         send, receive = trio.open_memory_channel(64)
         async with trio.open_nursery() as nursery:
@@ -242,8 +254,9 @@ async def _forward(node: Node, topic: str, send) -> None:
 class IndexPeer:
     """`run_peer` on its own thread (trio there, asyncio in uvicorn's); start() returns once it listens."""
 
-    def __init__(self, db: IndexDB, store, identity, listen, bootstrap=()) -> None:
-        self.ingestor = Ingestor(db, store)
+    def __init__(self, db: IndexDB, store, identity, listen, bootstrap=(), routes: Routes | None = None
+                 ) -> None:
+        self.ingestor = Ingestor(db, store, routes=routes if routes is not None else Routes())
         self._background = Background(
             lambda ready: run_peer(self.ingestor, identity, list(listen), list(bootstrap), on_ready=ready),
             name="index-p2p")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -14,6 +15,7 @@ from protocol.instruction import TrainInstruction
 from protocol.packed import pack, unpack
 
 app = ClientApp()
+STARTED = time.time()  # the runner's start: a volunteer's start when its SuperNode's config does not say
 
 
 def _settings(context: Context) -> NodeSettings:
@@ -28,7 +30,8 @@ def _settings(context: Context) -> NodeSettings:
     max_vram = float(cfg.get("max_vram", 0)) or None
     data = Path(str(cfg.get("data", home / "data" / "train.jsonl")))
     return NodeSettings(home=home, data=data, threads=threads, max_vram_gb=max_vram,
-                        idle_only=bool(cfg.get("idle_only", False)))
+                        idle_only=bool(cfg.get("idle_only", False)),
+                        started=float(cfg.get("started", 0)) or STARTED)
 
 
 @app.query()

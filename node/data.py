@@ -5,7 +5,8 @@
 `instruction.data == "campaign"` (see `coordinator.rounds.train_instruction`) names the campaign's datasets
 (`datasets`: dataset CIDs), where to fetch them (`data_source`: a trustless gateway such as the index,
 `GET /ipfs/{cid}?format=raw`) and this node's slot (`data_slot` of `data_slots`). Each dataset
-is taken from the node's block store (`<home>/blocks`) or fetched into it, every block hash-checked
+is taken from the node's block store (`<home>/blocks`) or fetched into it (blocks the gateway lacks come
+over bitswap from the seeders its /routing/v1 lists, `protocol.p2p.routed`), every block hash-checked
 against its CID and every walk held to what the signed manifest promises
 (`protocol.content.fetch.fetch_signed`); it must be a signed commons dataset (`model.sig` of kind "dataset"
 whose signature verifies, nothing in the folder it does not sign,
@@ -35,6 +36,7 @@ from protocol.content.multiformats import CID
 from protocol.data.records import read_records
 from protocol.errors import CommonsError, VerifyError
 from protocol.instruction import TrainInstruction
+from protocol.p2p.routed import RoutedSource
 from protocol.signing.trust import TrustPolicy
 
 DATA_FILE = "data.jsonl"  # what `commons data publish` signs (commons.datasets.DATA_FILE)
@@ -115,9 +117,9 @@ def _fetch(cid: str, store: BlockStore, source: str) -> SignedDag:
     except (CommonsError, ValueError) as exc:
         raise CommonsError(f"dataset {cid!r} in the campaign is not a CID ({exc}); "
                            "fix [[datasets]] cid") from None
-    gateway = GatewaySource(source) if source else None
+    sources = [GatewaySource(source), RoutedSource(source, cid)] if source else []
     try:  # the CID the coordinator chose pins the content: any valid signer will do
-        return fetch_signed(cid, store, [gateway] if gateway else [], TrustPolicy())
+        return fetch_signed(cid, store, sources, TrustPolicy())
     except NotSigned:
         raise CommonsError(f"{cid} is not a commons dataset (not a signed folder); list only CIDs printed by "
                            "`commons data publish` in [[datasets]]") from None
@@ -134,8 +136,8 @@ def _fetch(cid: str, store: BlockStore, source: str) -> SignedDag:
                                "data_source") from None
         raise CommonsError(f"dataset {cid} is incomplete at {source} ({exc})") from None
     finally:
-        if gateway is not None:
-            gateway.close()
+        for each in sources:
+            each.close()
 
 
 def _cached(cache: Path, cid: str, data: bytes) -> Path:

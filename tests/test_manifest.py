@@ -158,7 +158,8 @@ def test_sign_refuses_bad_metadata_with_one_line(tmp_path: Path, home: Path, ali
     assert not (directory / SIGNATURE_FILE).exists()
 
 
-def test_hidden_files_are_not_signed_like_ipfs_add_but_listed_as_ignored(tmp_path: Path, alice: Identity) -> None:
+def test_hidden_files_are_not_signed_like_ipfs_add_but_listed_as_ignored(tmp_path: Path,
+                                                                          alice: Identity) -> None:
     directory = make_adapter(tmp_path / "adapter")
     (directory / ".cache").mkdir()
     (directory / ".cache" / "x").write_text("local junk")

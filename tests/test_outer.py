@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordinator import checkpoint, outer
+from coordinator import checkpoint, outer, runner
 from coordinator.campaign import load
 from coordinator.outer import OuterConfig
 from protocol.errors import CommonsError
@@ -21,7 +21,7 @@ def arrays(a: float, b: float) -> dict[str, np.ndarray]:
 
 def test_nesterov_at_lr_1_and_no_momentum_is_plain_averaging() -> None:
     g, agg = arrays(1.0, 0.0), arrays(1.5, -0.25)
-    new, state = outer.step(g, agg, {}, OuterConfig("nesterov", lr=1.0, momentum=0.0))
+    new, _ = outer.step(g, agg, {}, OuterConfig("nesterov", lr=1.0, momentum=0.0))
     assert all(np.array_equal(new[k], agg[k]) for k in g)
     none, kept = outer.step(g, agg, {"momentum." + A: np.ones((2, 3))}, OuterConfig("none"))
     assert all(np.array_equal(none[k], agg[k]) for k in g) and list(kept) == ["momentum." + A]
@@ -97,3 +97,26 @@ def test_outer_keys_are_type_and_range_checked_in_one_line(tmp_path: Path, table
     with pytest.raises(CommonsError) as err:
         load(campaign_file(tmp_path, table))
     assert str(err.value).startswith(said) and "\n" not in str(err.value)
+
+
+def test_a_resumed_campaign_goes_on_with_the_saved_outer_state(tmp_path: Path,
+                                                               one_torch_thread: None) -> None:
+    from test_runner import Crash, LocalGrid, final_tensors, setup  # the runner tests' in-process grid
+
+    fields = {"rounds": 2, "shards": "none", "aggregation": "fedavg",
+              "outer": {"optimizer": "nesterov", "lr": 0.7, "momentum": 0.9},
+              "train": {"steps": 2, "batch_size": 2, "max_length": 48, "lr": 0.05}}
+    campaign, data, home = setup(tmp_path / "straight", 2, **fields)
+    runner.run(LocalGrid(tmp_path / "straight", data, ["honest"] * 2), campaign, home)
+    straight = outer.split(final_tensors(home))[0]
+
+    campaign, data, home = setup(tmp_path / "killed", 2, **fields)
+    with pytest.raises(Crash):
+        runner.run(LocalGrid(tmp_path / "killed", data, ["honest"] * 2, crash_at=2), campaign, home)
+    _, moments = outer.split(final_tensors(home))
+    assert set(moments) == {f"momentum.{k}" for k in straight}  # round 1's state is in its checkpoint
+    runner.run(LocalGrid(tmp_path / "killed", data, ["honest"] * 2), campaign, home)
+    resumed = outer.split(final_tensors(home))[0]
+    assert set(resumed) == set(straight)
+    for key in straight:
+        np.testing.assert_allclose(resumed[key], straight[key], rtol=0, atol=1e-6)

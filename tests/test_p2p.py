@@ -1,4 +1,5 @@
-"""Real libp2p hosts on loopback: seeding processes, pulls, fail-over, bad peers, signed gossip."""
+"""Real libp2p hosts on loopback: seeding processes, bitswap pulls, fail-over, rate limits, bad peers,
+signed gossip."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import trio
 from protocol.content.blockstore import BlockStore
 from protocol.content.unixfs import file_cid as unixfs_cid
 from protocol.errors import CommonsError, VerifyError
-from protocol.p2p import exchange
+from protocol.p2p import bitswap
 from protocol.p2p import host as hostlib
 from protocol.p2p.announce import (
     TOPIC_ADAPTERS,
@@ -27,6 +28,7 @@ from protocol.p2p.announce import (
     PresenceAnnouncement,
     sign,
 )
+from protocol.p2p.exchange import FetchReport, run_client
 from protocol.p2p.node import open_node
 from protocol.signing.keys import Identity
 
@@ -98,20 +100,21 @@ def test_publish_on_a_pull_on_b(tmp_path, payload, seeders):
     assert a.root == ours  # the seeder's CID is the Kubo-identical one we compute
 
     store = BlockStore(tmp_path / "b")
-    report = exchange.fetch_dag(a.root, store, [a.addr], progress=False)
+    report = bitswap.fetch_dag(a.root, store, [a.addr], progress=False)
     assert report.blocks == 22 and report.bytes > SIZE
     store.export(a.root, tmp_path / "out.bin")
     assert (tmp_path / "out.bin").read_bytes() == payload.read_bytes()
 
-    again = exchange.fetch_dag(a.root, store, [a.addr], progress=False)
+    again = bitswap.fetch_dag(a.root, store, [a.addr], progress=False)
     assert again.blocks == 0 and again.already_held == 22  # nothing fetched twice
 
-    source = exchange.PeerSource([a.addr])  # the block-source interface protocol.content.fetch consumes
-    assert source.name.startswith("libp2p:/ip4/127.0.0.1/")
-    assert source.get_block(a.root) == store.get(a.root)
-    assert source.get_block(unixfs_cid(b"nobody has this")) is None
-    copy = BlockStore(tmp_path / "c")
-    assert source.fetch_dag(a.root, copy, progress=False).blocks == 22
+    # the block-source interface protocol.content.fetch consumes
+    with bitswap.BitswapSource([a.addr]) as source:
+        assert source.name.startswith("bitswap:/ip4/127.0.0.1/")
+        assert source.get_block(a.root) == store.get(a.root)
+        assert source.get_block(unixfs_cid(b"nobody has this")) is None
+        copy = BlockStore(tmp_path / "c")
+        assert source.fetch_dag(a.root, copy, progress=False).blocks == 22
 
 
 def test_seeder_killed_mid_transfer_pull_fails_over_to_c(tmp_path, payload, seeders):
@@ -124,7 +127,7 @@ def test_seeder_killed_mid_transfer_pull_fails_over_to_c(tmp_path, payload, seed
         if len(got) == 4:
             a.kill()
 
-    report = exchange.fetch_dag(a.root, store, [a.addr, c.addr], progress=False, on_block=on_block)
+    report = bitswap.fetch_dag(a.root, store, [a.addr, c.addr], progress=False, on_block=on_block)
     assert a.proc.returncode == -signal.SIGKILL
     assert a.addr in report.peers_failed
     assert report.blocks == 22 and len(set(got)) == 22  # every block exactly once: nothing lost or refetched
@@ -143,11 +146,11 @@ def test_only_peer_killed_then_resume_from_c(tmp_path, payload, seeders):
             a.kill()
 
     with pytest.raises(CommonsError, match=r"all peers failed .* pull again from another peer to resume"):
-        exchange.fetch_dag(a.root, store, [a.addr], progress=False, on_block=on_block)
+        bitswap.fetch_dag(a.root, store, [a.addr], progress=False, on_block=on_block)
     assert all(store.has(cid) for cid in got)  # what arrived is kept
 
     c = seeders("c")
-    report = exchange.fetch_dag(c.root, store, [c.addr], progress=False)
+    report = bitswap.fetch_dag(c.root, store, [c.addr], progress=False)
     assert report.already_held == len(got) and report.blocks == 22 - len(got)
     store.export(c.root, tmp_path / "out.bin")
     assert (tmp_path / "out.bin").read_bytes() == payload.read_bytes()
@@ -167,13 +170,14 @@ class CorruptingStore:
         return block[:-1] + bytes([block[-1] ^ 1])
 
 
-def _run_with_servers(stores: list, puller_store: BlockStore, root: str) -> exchange.FetchReport:
-    async def pull(client) -> exchange.FetchReport:
-        async with open_node(stores[0]) as first, open_node(stores[-1]) as second:
+def _run_with_servers(stores: list, puller_store: BlockStore, root: str) -> FetchReport:
+    async def pull(client) -> FetchReport:
+        async with open_node(stores[0]) as first, open_node(stores[-1]) as second, \
+                bitswap.open_bitswap(client) as swap:
             peers = [first.addrs[0]] + ([second.addrs[0]] if len(stores) > 1 else [])
-            return await exchange.fetch_dag_async(client, root, puller_store, peers)
+            return await bitswap.fetch_dag_async(swap, root, puller_store, peers)
 
-    return exchange.run_client(None, pull)
+    return run_client(None, pull)
 
 
 def test_corrupt_block_is_refused_and_the_liar_dropped(tmp_path, payload):
@@ -181,13 +185,13 @@ def test_corrupt_block_is_refused_and_the_liar_dropped(tmp_path, payload):
     root = good.add_path(payload)
     liar = CorruptingStore(good)
 
-    with pytest.raises(CommonsError, match="all peers failed .*does not match its CID"):
+    with pytest.raises(CommonsError, match="all peers failed .*hashes to no CID asked for"):
         _run_with_servers([liar], BlockStore(tmp_path / "b1"), root)
     assert not any((tmp_path / "b1").rglob("*/*"))  # nothing it sent was stored
 
     store = BlockStore(tmp_path / "b2")
     report = _run_with_servers([liar, good], store, root)
-    assert any("does not match" in why for why in report.peers_failed.values())
+    assert any("hashes to no CID asked for" in why for why in report.peers_failed.values())
     store.export(root, tmp_path / "out.bin")
     assert (tmp_path / "out.bin").read_bytes() == payload.read_bytes()
 
@@ -216,28 +220,37 @@ def test_a_hung_peer_is_dropped_after_the_stall_timeout(tmp_path, payload):
     async def never_answer(stream) -> None:
         await trio.sleep_forever()
 
-    async def pull(client) -> exchange.FetchReport:
-        async with open_node(good) as seeder, open_node(BlockStore(tmp_path / "x")) as hung:
-            hung.host.set_stream_handler(exchange.BLOCKS_PROTOCOL, never_answer)
-            return await exchange.fetch_dag_async(client, root, BlockStore(tmp_path / "b"),
-                                                  [hung.addrs[0], seeder.addrs[0]], stall_s=1.0)
+    async def pull(client) -> FetchReport:
+        async with open_node(good) as seeder, open_node(BlockStore(tmp_path / "x")) as hung, \
+                bitswap.open_bitswap(client) as swap:
+            for protocol in bitswap.PROTOCOLS:
+                hung.host.set_stream_handler(protocol, never_answer)
+            return await bitswap.fetch_dag_async(swap, root, BlockStore(tmp_path / "b"),
+                                                 [hung.addrs[0], seeder.addrs[0]], stall_s=1.0)
 
-    report = exchange.run_client(None, pull)
+    report = run_client(None, pull)
     assert report.blocks == 22
-    assert "no answer in 1s" in next(iter(report.peers_failed.values()))
+    assert list(report.peers_failed.values()) == ["no answer in 1s"]  # asked once, then left out
 
 
 def test_peer_without_the_blocks_and_unreachable_peers(tmp_path, payload):
     root = BlockStore(tmp_path / "src").add_path(payload)
-    with pytest.raises(CommonsError, match="no connected peer has block .* add a peer that seeds it"):
+    with pytest.raises(CommonsError, match="no peer sent block .* add a peer that seeds it"):
         _run_with_servers([BlockStore(tmp_path / "empty")], BlockStore(tmp_path / "b"), root)
 
     dead = "/ip4/127.0.0.1/tcp/1/p2p/" + Identity.generate().peer_id()
     with pytest.raises(CommonsError, match="no peer reachable .*cannot reach peer") as err:
-        exchange.fetch_dag(root, BlockStore(tmp_path / "b"), [dead], progress=False)
+        bitswap.fetch_dag(root, BlockStore(tmp_path / "b"), [dead], progress=False)
     assert "\n" not in str(err.value)
     with pytest.raises(CommonsError, match="bad peer address 'localhost:4051'"):
-        exchange.fetch_dag(root, BlockStore(tmp_path / "b"), ["localhost:4051"], progress=False)
+        bitswap.fetch_dag(root, BlockStore(tmp_path / "b"), ["localhost:4051"], progress=False)
+
+
+def test_a_rate_limited_seeder_serves_no_faster_than_its_limit(tmp_path, seeders):
+    a = seeders("a", rate_limit=2e6)
+    report = bitswap.fetch_dag(a.root, BlockStore(tmp_path / "b"), [a.addr], progress=False)
+    # 5.2 MB at 2 MB/s: the pacer holds every byte to the cap but the last message's (≤ 2 MiB)
+    assert report.blocks == 22 and report.seconds >= (SIZE - (2 << 20)) / 2e6
 
 
 def test_mdns_finds_a_peer_on_the_lan(tmp_path):

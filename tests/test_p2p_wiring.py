@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import trio
 from click.testing import CliRunner
+from live_index import IndexProcess
 from safetensors.numpy import save_file
 
 from commons.cli import cli
@@ -56,53 +57,9 @@ def make_adapter(folder: Path, size: int = 600_000) -> Path:
     return folder
 
 
-class Index:
-    def __init__(self, home: Path) -> None:
-        self.home = home
-        self.peer_id = Identity.load_or_create(home / "identity" / "ed25519.key").peer_id()
-        http, p2p = _free_port(), _free_port()
-        self.url = f"http://127.0.0.1:{http}"
-        self.addr = f"/ip4/127.0.0.1/tcp/{p2p}/p2p/{self.peer_id}"
-        self.log = open(home / "index.log", "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [*CLI, "index", "serve", "--port", str(http), "--p2p-listen", f"/ip4/127.0.0.1/tcp/{p2p}"],
-            cwd=ROOT, env={**os.environ, "COMMONS_HOME": str(home)}, stdout=self.log, stderr=self.log)
-        deadline = time.monotonic() + 40
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"index exited: {(home / 'index.log').read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}/api/p2p", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise AssertionError(f"index did not start: {(home / 'index.log').read_text()[-2000:]}")
-
-    def p2p(self) -> dict:
-        return httpx.get(f"{self.url}/api/p2p", timeout=5).json()
-
-    def wait(self, predicate, timeout: float = 20) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            stats = self.p2p()
-            if predicate(stats):
-                return stats
-            time.sleep(0.2)
-        raise AssertionError(f"index never got there: {self.p2p()}")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
-
-
 @pytest.fixture(scope="module")
 def index(tmp_path_factory):
-    started = Index(tmp_path_factory.mktemp("index-home"))
+    started = IndexProcess(tmp_path_factory.mktemp("index-home"))
     yield started
     started.stop()
 

@@ -4,13 +4,15 @@ Four volunteers hold non-IID demo data (node i sees date style family i mod 3); 
 runs the node's own `node.worker.train_round` (PEFT + AdamW) from the global adapter with the instruction
 `coordinator.rounds.train_instruction` builds, the coordinator plans with `coordinator.rounds.plan_round`,
 decodes the replies as `check_reply` does and aggregates with `coordinator.rules.sharded.aggregate_sharded`
-under the runner's own `aggregate_config`. Node 3 is the attacker (`tests/attack_client_app.poison`).
+under the runner's own `aggregate_config`, then takes the campaign's default outer step
+(`coordinator.outer.step`) as the runner does. Node 3 is the attacker (`tests/attack_client_app.poison`).
 The eval is the held-out token cross-entropy of the answers on the demo test split (exact match stays 0
 on a model this small, so it says nothing).
 
 The model is the tests' "tiny" Llama with its (tied) embeddings scaled ×10: at the random init's 0.02
 std no logit can exceed ~0.6, so no adapter could lower the loss much and "within 2 %" would be vacuous.
-Training is deterministic, so a node's result is memoised on (node, round, keys, global tensors).
+Training is deterministic, so a node's result is memoised on (node, round, keys, global tensors, its own
+previous round): a volunteer keeps its AdamW state across rounds, so what it trained before counts too.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from attack_client_app import poison
 from conftest import MODEL_CACHE
 
 from commons.demo_task import write_demo_data
+from coordinator import outer
 from coordinator.campaign import Campaign, LoraSpec, TrainSpec
 from coordinator.plan import shard_keys
 from coordinator.rounds import plan_round, train_instruction
@@ -60,6 +63,7 @@ class World:
     eval_model: object
     eval_batches: list[dict]
     memo: dict = dataclasses.field(default_factory=dict)
+    adam: dict = dataclasses.field(default_factory=dict)  # memo key -> the AdamW state the node kept after it
     results: dict = dataclasses.field(default_factory=dict)  # (attack, rule) -> final loss, for the table
 
     def loss(self, tensors: Tensors) -> float:
@@ -121,11 +125,16 @@ def digest(tensors: Tensors) -> str:
     return h.hexdigest()
 
 
-def train_node(w: World, i: int, round_: int, keys: list[str], g: Tensors) -> Update | None:
-    """Node i's verified, decoded update, or None when its training failed (the node drops out)."""
-    key = (i, round_, tuple(keys), digest(g))
+def train_node(w: World, i: int, round_: int, keys: list[str], g: Tensors, before: tuple) -> tuple:
+    """(node i's verified, decoded update or None when its training failed (the node drops out), the memo
+    key, which the node's next round passes as `before`: its AdamW state is the one this round left)."""
+    key = (i, round_, tuple(keys), digest(g), before)
     if key not in w.memo:
         config = train_instruction(w.campaign, round_, keys)
+        home = str(w.settings[i].home)
+        worker._OPTIMIZERS.pop(home, None)
+        if w.adam.get(before):
+            worker._OPTIMIZERS[home] = w.adam[before]
         try:
             wire, metrics, proof = worker.train_round(w.settings[i], config, g)
             digest_sent = update_digest(w.campaign.name, round_, wire)
@@ -135,7 +144,8 @@ def train_node(w: World, i: int, round_: int, keys: list[str], g: Tensors) -> Up
             w.memo[key] = Update(f"node{i}", decode(wire, sent, config.upload_dtype), metrics["num_examples"])
         except FloatingPointError:  # a global adapter wrecked by a naive rule makes training diverge
             w.memo[key] = None
-    return w.memo[key]
+        w.adam[key] = worker._OPTIMIZERS.get(home)
+    return w.memo[key], key
 
 
 def textbook_mean(g: Tensors, updates: list[Update]) -> Tensors:
@@ -148,8 +158,9 @@ def run(w: World, rule: str, attack: str | None, nodes: int = NODES, shards: str
         min_coverage: int = 2) -> tuple[float, list]:
     """(final held-out loss, aggregation reports); node ATTACKER runs `attack` when it takes part."""
     campaign = dataclasses.replace(w.campaign, shards=shards, min_coverage=min_coverage)
-    g, reports = dict(w.init), []
+    g, reports, moments = dict(w.init), [], {}
     names = [f"node{i}" for i in range(nodes)]
+    before: dict[int, tuple] = {}  # each node's last memo key
     for round_ in range(1, ROUNDS + 1):
         plan = plan_round(campaign, sorted(g), {n: (j, CAPS) for j, n in enumerate(names)})
         updates = []
@@ -159,12 +170,15 @@ def run(w: World, rule: str, attack: str | None, nodes: int = NODES, shards: str
             if attack == "absent" and i == ATTACKER:  # planned for, then sends nothing: the honest-only round
                 continue
             if attack and i == ATTACKER:
-                honest = train_node(w, i, round_, keys, g) if attack in ("scale50", "sign_flip") else None
+                honest = None
+                if attack in ("scale50", "sign_flip"):
+                    honest, before[i] = train_node(w, i, round_, keys, g, before.get(i, ()))
                 trained = honest.tensors if honest else {k: g[k] for k in keys}
                 claimed = TRAIN.steps * TRAIN.batch_size  # what an honest node reports: it hides in the crowd
                 updates.append(Update(name, poison(attack, g, trained, rng), claimed))
-            elif u := train_node(w, i, round_, keys, g):
-                updates.append(u)
+            else:
+                u, before[i] = train_node(w, i, round_, keys, g, before.get(i, ()))
+                updates += [u] if u else []
         if rule == "mean":
             with np.errstate(all="ignore"):
                 g = textbook_mean(g, updates)
@@ -172,7 +186,8 @@ def run(w: World, rule: str, attack: str | None, nodes: int = NODES, shards: str
                 return math.nan, reports  # every node's next round fails: the campaign is dead
             continue
         with np.errstate(all="ignore"):
-            g, report = aggregate_sharded(g, updates, plan, rule, aggregate_config(campaign)[1])
+            new, report = aggregate_sharded(g, updates, plan, rule, aggregate_config(campaign)[1])
+            g, moments = outer.step(g, new, moments, campaign.outer, report.unchanged)
         reports.append(report)
     with np.errstate(all="ignore"):
         return w.loss(g), reports

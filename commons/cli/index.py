@@ -40,7 +40,9 @@ def serve_command(host: str, port: int, db_url: str | None, trusted_keys: str | 
     from commons.flower import ensure_free
     from index.app import create_app
     from index.db import IndexDB
+    from index.routing import Routes
     from protocol.content.blockstore import BlockStore
+    from protocol.signing.keys import Identity
     from protocol.signing.trust import TRUSTED_KEYS, read_key_list, trust_dir
 
     ensure_free(host, port)  # before the database and the p2p host: one line naming --port, not a traceback
@@ -56,12 +58,13 @@ def serve_command(host: str, port: int, db_url: str | None, trusted_keys: str | 
     if bootstrap and not p2p_listen:
         raise CommonsError("--bootstrap needs --p2p-listen MULTIADDR (e.g. /ip4/0.0.0.0/tcp/4051)")
     store = BlockStore()
-    app = create_app(db, store)
+    identity = Identity.load_or_create()  # names the gateway in /routing/v1, and the libp2p host
+    routes = Routes()
+    app = create_app(db, store, routes=routes, peer_id=identity.peer_id())
     if p2p_listen:
         from index.gossip import IndexPeer, p2p_router
-        from protocol.signing.keys import Identity
 
-        peer = IndexPeer(db, store, Identity.load_or_create(), p2p_listen, bootstrap)
+        peer = IndexPeer(db, store, identity, p2p_listen, bootstrap, routes)
         node = peer.start()
         app.include_router(p2p_router(peer.ingestor))
         for addr, why in node.bootstrap_errors.items():

@@ -62,7 +62,8 @@ def start_command(coordinator: str, data: Path | None, max_cpu_threads: int | No
                    "datasets (data = \"campaign\"); pass --data FILE.jsonl to train on yours", err=True)
     identity = Identity.load_or_create()
     sub("logs")
-    node_config = {"home": str(root), "data": str(data.resolve())}
+    # started: the volunteer's join time runs from here to its first update (status line, coordinator)
+    node_config = {"home": str(root), "data": str(data.resolve()), "started": round(time.time(), 3)}
     if max_cpu_threads:
         node_config["threads"] = max_cpu_threads
     if max_vram:
@@ -303,7 +304,8 @@ def status_text(st: dict | None, log_tail: str, coordinator: str, closed: bool) 
         return (f"round {st['round']} step {st['step']}/{st['steps']} loss {st['loss']:.3f} "
                 f"{st['tokens_per_s']:.0f} tokens/s")
     loss = f", loss {st['loss']:.3f}" if isinstance(st.get("loss"), (int, float)) else ""
-    return f"round {st.get('round')} sent{loss}; waiting for the next round"
+    joined = f" (joined: first update {st['joined_s']:.0f} s after start)" if st.get("joined_s") else ""
+    return f"round {st.get('round')} sent{loss}; waiting for the next round{joined}"
 
 
 _LAST = {"line": "", "at": 0.0}  # what a log file (not a terminal) was last told, and when

@@ -33,7 +33,7 @@ def _run(fn, *args):
 
 @click.group("p2p")
 def p2p_group() -> None:
-    """Peer-to-peer: seed and pull content-addressed blocks over libp2p, gossip signed announcements."""
+    """Peer-to-peer: seed and pull content-addressed blocks over bitswap, gossip signed announcements."""
 
 
 @p2p_group.command("serve")
@@ -77,7 +77,8 @@ def _show_serving(info: dict) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Write the file or folder here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the transfer report as JSON.")
 def pull(cid: str, peers: tuple[str, ...], out: Path | None, as_json: bool) -> None:
-    """Fetch every block of CID from peers (verifying each), resuming from what the store already holds."""
+    """Fetch every block of CID from peers over bitswap (commons nodes, Kubo, Helia), verifying each and
+    resuming from what the store already holds."""
     from protocol.p2p.service import pull as pull_dag
 
     report = pull_dag(cid, BlockStore(), list(peers), out=out, progress=True)

@@ -21,7 +21,14 @@ import numpy as np
 from coordinator import privacy
 from coordinator.plan import Plan, shard_keys
 from coordinator.rules import aggregate, create
-from coordinator.rules.toolkit import AggregateConfig, AggregateReport, Tensors, Update, check_update
+from coordinator.rules.toolkit import (
+    AggregateConfig,
+    AggregateReport,
+    Float32,
+    Tensors,
+    Update,
+    check_update,
+)
 
 
 def aggregate_sharded(
@@ -50,7 +57,7 @@ def aggregate_sharded(
             new.update({k: np.array(v, dtype=np.float32) for k, v in sub.items()})
             report.unchanged += ks
             continue
-        part_updates = [Update(n, {k: sent[n].tensors[k] for k in ks}, sent[n].num_examples) for n in members]
+        part_updates = [Update(n, Float32(sent[n].tensors, ks), sent[n].num_examples) for n in members]
         tensors, part = aggregate(sub, part_updates, rule, _part_config(config, i))
         new.update(tensors)
         report.parts.append(part)

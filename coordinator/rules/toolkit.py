@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -147,7 +148,12 @@ def check_update(global_t: Tensors, u: Update) -> str | None:
             f"wrong keys: {len(missing)} missing, {len(extra)} unexpected (e.g. {eg}); "
             "send exactly the plan's keys"
         )
+    shape = getattr(u.tensors, "shape", None)  # lazily decoded: float32 by construction, shapes known
     for k, g in global_t.items():
+        if shape is not None:
+            if shape(k) != g.shape:
+                return f"{k}: shape {shape(k)}, expected {tuple(g.shape)}"
+            continue
         x = u.tensors[k]
         if not isinstance(x, np.ndarray) or x.dtype.kind != "f":
             return f"{k}: expected a float array, got {getattr(x, 'dtype', type(x).__name__)}"
@@ -173,17 +179,46 @@ def checked_global(global_tensors: Tensors) -> Tensors:
 
 
 def structurally_sound(g: Tensors, updates: list[Update], report: AggregateReport) -> list[Update]:
-    """The updates with the right keys, shapes and dtypes, one per node, as float32; the rest rejected."""
+    """The updates with the right keys, shapes and dtypes, one per node, read as float32; the rest
+    rejected."""
     ok: list[Update] = []
+    seen: set[str] = set()
     for u in updates:
-        why = "sent more than one update this round" if any(v.node_id == u.node_id for v in ok) else None
+        why = "sent more than one update this round" if u.node_id in seen else None
         why = why or check_update(g, u)
+        seen.add(u.node_id)
         if why:
             report.rejected[u.node_id] = why
         else:
-            tensors = {k: np.asarray(x, dtype=np.float32) for k, x in u.tensors.items()}
-            ok.append(Update(u.node_id, tensors, int(u.num_examples)))
+            ok.append(Update(u.node_id, Float32(u.tensors), int(u.num_examples)))
     return ok
+
+
+class Float32(Mapping[str, np.ndarray]):
+    """An update's tensors (or those of `keys`), each read as float32 when read: nothing is copied, so an
+    update decoded lazily (protocol.update.Decoded) stays in its compact wire form between reads. A round
+    of 1,024 int8 updates of a 7B shard holds 3.5 GB this way, 14 GB as float32 copies."""
+
+    def __init__(self, tensors: Mapping[str, np.ndarray], keys: Iterable[str] | None = None) -> None:
+        self.tensors = tensors.tensors if isinstance(tensors, Float32) else tensors
+        self.names = tuple(tensors) if keys is None else tuple(keys)
+        self.known = frozenset(self.names)
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self.known:
+            raise KeyError(key)
+        return np.asarray(self.tensors[key], dtype=np.float32)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The shape of tensor `key`, without decoding it."""
+        inner = getattr(self.tensors, "shape", None)
+        return inner(key) if inner is not None else tuple(np.shape(self.tensors[key]))
 
 
 def drop_nonfinite(

@@ -8,6 +8,7 @@
     fetch.py         `fetch_dag(cid, store, sources, bounds)`: any mix of block sources, every block
                      verified, every walk bounded; `gateway.py` is one such source over HTTP
     kubo.py          the Kubo RPC API client; `pinning.py` the IPFS Pinning Service API client
+    routing.py       a Delegated Routing V1 HTTP API client: the bitswap providers of a CID
 
 A new block source implements `fetch.BlockSource` (`get_block(cid) -> bytes | None`) and is passed to
 `fetch_dag`.

@@ -3,7 +3,7 @@
     $ python -m protocol.p2p serve --store /tmp/a --add model/ --listen /ip4/0.0.0.0/tcp/4051
     {"peer_id": "12D3KooW...", "addrs": [...], "roots": ["Qm..."]}        # first line; then serves
     $ python -m protocol.p2p pull Qm... --store /tmp/b --peer /ip4/.../p2p/12D3KooW... --out copy/
-    $ python -m protocol.p2p pull bafy... --peer /ip4/.../p2p/12D3KooW... --bitswap     # from Kubo or Helia
+    $ python -m protocol.p2p pull bafy... --peer /ip4/.../p2p/12D3KooW...     # from Kubo or Helia too
 
 (`commons p2p ...` is the same with click; this entry point needs nothing but the protocol package.)
 """
@@ -26,7 +26,7 @@ from protocol.p2p.service import pull, serve
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m protocol.p2p", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("serve", help="seed a store's blocks over both block protocols (add paths first)")
+    s = sub.add_parser("serve", help="seed a store's blocks over bitswap (add paths first)")
     s.add_argument("--store", type=Path, default=None, help="block store folder (default ~/.commons/blocks)")
     s.add_argument("--add", type=Path, action="append", default=[], help="file or folder to add and seed")
     s.add_argument("--listen", action="append", default=None, help=f"multiaddr (default tcp/{DEFAULT_PORT})")
@@ -39,7 +39,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--peer", action="append", required=True, help="peer multiaddr with /p2p/ID (repeat)")
     p.add_argument("--out", type=Path, default=None, help="write the file/folder here")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--bitswap", action="store_true", help="fetch over bitswap (any IPFS peer: Kubo, Helia)")
     return parser
 
 
@@ -51,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             listen = args.listen or [f"/ip4/0.0.0.0/tcp/{DEFAULT_PORT}"]
             trio.run(serve, store, args.add, listen, args.key, args.bootstrap, args.rate_limit, _print_ready)
         else:
-            report = pull(args.root, store, args.peer, out=args.out, progress=not args.no_progress,
-                          bitswap=args.bitswap)
+            report = pull(args.root, store, args.peer, out=args.out, progress=not args.no_progress)
             print(json.dumps(report), flush=True)
     except CommonsError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -64,7 +64,9 @@ class PresenceAnnouncement:
 
 
 Announcement = AdapterAnnouncement | DatasetAnnouncement | PresenceAnnouncement
-KINDS: dict[str, type] = {cls.kind: cls for cls in (AdapterAnnouncement, DatasetAnnouncement, PresenceAnnouncement)}
+KINDS: dict[str, type] = {
+    cls.kind: cls for cls in (AdapterAnnouncement, DatasetAnnouncement, PresenceAnnouncement)
+}
 _TYPES = {"str": str, "int": int, "list[str]": list}
 
 
@@ -90,8 +92,8 @@ def _unsigned(kind: str, body: dict, signer: str, timestamp: int, nonce: str) ->
 
 def sign(body: Announcement, identity, now: float | None = None) -> bytes:
     """Wire bytes of `body` signed by `identity` (a protocol.signing.keys.Identity)."""
-    message = _unsigned(body.kind, asdict(body), identity.public_hex, int(now if now is not None else time.time()),
-                        os.urandom(16).hex())
+    timestamp = int(now if now is not None else time.time())
+    message = _unsigned(body.kind, asdict(body), identity.public_hex, timestamp, os.urandom(16).hex())
     signature = identity.sign(DOMAIN + canonical(message))
     return canonical({**message, "signature": signature.hex()})
 
@@ -102,7 +104,8 @@ def _body(kind: object, body: object) -> Announcement:
         raise VerifyError(f"unknown announcement kind {kind!r}: dropped")
     wanted = {f.name: f for f in fields(cls)}
     if set(body) != set(wanted):
-        raise VerifyError(f"{kind} announcement has fields {sorted(body)}, expected {sorted(wanted)}: dropped")
+        raise VerifyError(f"{kind} announcement has fields {sorted(body)}, expected {sorted(wanted)}: "
+                          "dropped")
     for name, spec in wanted.items():
         value = body[name]
         typ = _TYPES[spec.type if isinstance(spec.type, str) else spec.type.__name__]
@@ -156,7 +159,8 @@ class Checker:
             )
         key = (signed.signer, signed.nonce)
         if key in self.seen:
-            raise VerifyError(f"replayed {signed.body.kind} announcement (nonce {signed.nonce[:8]}…): dropped")
+            raise VerifyError(f"replayed {signed.body.kind} announcement (nonce {signed.nonce[:8]}…): "
+                              "dropped")
         self._forget_before(now - self.window_s)
         self.seen[key] = signed.timestamp
         return signed

@@ -60,8 +60,10 @@ async def announce_and_seed(
     async with open_node(store, identity, listen, bootstrap, gossip=True) as node:
         body = make_body(node.dialable_addrs)
         if not isinstance(body, (AdapterAnnouncement, DatasetAnnouncement)):
-            raise CommonsError("announce_and_seed announces adapters or datasets; presence is sent by `serve`")
-        report = SeedReport(body.cid, node.peer_id, node.dialable_addrs, bootstrap_errors=node.bootstrap_errors)
+            raise CommonsError("announce_and_seed announces adapters or datasets; "
+                               "presence is sent by `serve`")
+        report = SeedReport(body.cid, node.peer_id, node.dialable_addrs,
+                            bootstrap_errors=node.bootstrap_errors)
         if not node.host.get_connected_peers():
             reasons = "; ".join(node.bootstrap_errors.values()) or "no --bootstrap peer given"
             raise CommonsError(f"no peer reachable to announce {body.cid} to ({reasons}); pass --bootstrap "

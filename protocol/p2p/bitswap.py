@@ -14,7 +14,9 @@ protobufs (protocol.p2p.bitswap_message); a received block is hashed into its CI
 answer the want for its own bytes. A want goes to one peer at a time (want-block with
 send-dont-have): a peer that says dont-have, stays silent for `stall_s`, breaks its stream or
 disconnects (noticed within IDLE_CLOSE_S) sends us to the next, so several peers share a pull
-without sending a block twice.
+without sending a block twice. A peer that sends a block nobody asked for (a corrupt block hashes to
+a CID no want has) is not asked again by this host; one that disconnects or stalls is not asked again
+within the same DAG fetch, which reports it in `FetchReport.peers_failed`.
 
     >>> async with open_bitswap(host, store) as swap:          # serve `store`, and fetch
     ...     report = await fetch_dag_async(swap, "Qm...", store, ["/ip4/.../p2p/12D3KooW..."])
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from itertools import count
@@ -49,7 +52,6 @@ from protocol.p2p.bitswap_message import (
     WANT_BLOCK,
     Entry,
     Message,
-    MessageError,
 )
 from protocol.p2p.exchange import DagFetch, FetchReport, OnBlock, run_client, unwrap
 from protocol.p2p.wire import STREAM_ERRORS, FrameError, FrameReader, Pacer, frame
@@ -63,6 +65,9 @@ IDLE_CLOSE_S = 5.0  # our idle outgoing streams
 INBOUND_IDLE_S = 60.0  # a peer's silent stream to us
 STALL_S = 30.0
 WINDOW = 32  # blocks in flight in one DAG fetch
+RECENT = 4096  # wants remembered once done, so a late duplicate is not taken for a lie
+REMEMBERED = 10_000  # peers remembered as gone or lying (ids cost nothing to make: bounded)
+LIAR = "sent a block that hashes to no CID asked for (corrupt or forged)"
 
 
 class _Remote:
@@ -104,6 +109,9 @@ class Bitswap:
         self.pacer = pacer
         self.remotes: dict[ID, _Remote] = {}
         self.wants: dict[bytes, _Want] = {}
+        self.recent: OrderedDict[bytes, None] = OrderedDict()  # wants done lately
+        self.gone: dict[ID, str] = {}  # why a peer's sender stopped (until we talk to it again)
+        self.liars: dict[ID, str] = {}  # never asked again
         self.nursery: trio.Nursery | None = None
         self.blocks_sent = 0
 
@@ -118,7 +126,7 @@ class Bitswap:
                 if idle.cancelled_caught:
                     return  # a peer with news opens a new stream
                 self.received(peer_id, Message.decode(payload))
-        except (*STREAM_ERRORS, FrameError, MessageError):
+        except (*STREAM_ERRORS, FrameError, CommonsError):  # MessageError, or bitswap shut down
             pass  # the peer closed its stream (the usual end) or broke it
         finally:
             with trio.move_on_after(1):
@@ -139,7 +147,9 @@ class Bitswap:
                 remote.due[key] = None
         for cid, block in message.blocks:
             want = self.wants.get(cid.digest)
-            if want is not None and want.block is None:
+            if want is None and cid.digest not in self.recent:
+                self._lied(peer_id)
+            elif want is not None and want.block is None:
                 want.block, want.sender = block, peer_id
                 want.changed()
         for cid, kind in message.presences:
@@ -164,10 +174,12 @@ class Bitswap:
             if self.nursery is None:
                 raise CommonsError("bitswap is not running: use it inside `async with open_bitswap(...)`")
             remote = self.remotes[peer_id] = _Remote(peer_id)
+            self.gone.pop(peer_id, None)
             self.nursery.start_soon(self._sender, remote)
         return remote
 
     async def _sender(self, remote: _Remote) -> None:
+        why = "bitswap stopped"
         try:
             while True:
                 with trio.move_on_after(IDLE_CLOSE_S) as idle:
@@ -175,14 +187,19 @@ class Bitswap:
                 if idle.cancelled_caught:
                     await _close(remote)  # before the peer times the idle stream out
                     if not self.host.get_network().get_connections(remote.peer_id):
-                        return  # disconnected: forgotten below, so a long-lived node keeps no dead peers
+                        why = "disconnected"
+                        return  # forgotten below, so a long-lived node keeps no dead peers
                     continue
                 remote.wake = trio.Event()
                 while message := self._next_message(remote):
                     await self._send(remote, message)
-        except (*STREAM_ERRORS, trio.TooSlowError):
-            pass  # gone: what we asked of it counts as refused below
+        except trio.TooSlowError:
+            why = f"no stream opened in {hostlib.CONNECT_TIMEOUT:g}s"
+        except STREAM_ERRORS as exc:  # gone: what we asked of it counts as refused below
+            text = str(exc).splitlines()[0] if str(exc) else ""
+            why = f"{type(exc).__name__}: {text}".rstrip(": ")
         finally:
+            _bounded_put(self.gone, remote.peer_id, why)
             self._forget(remote)
             await _close(remote)
 
@@ -238,15 +255,27 @@ class Bitswap:
     def _forget(self, remote: _Remote) -> None:
         if self.remotes.get(remote.peer_id) is remote:
             del self.remotes[remote.peer_id]
+        self._refused_by(remote.peer_id)
+
+    def _lied(self, peer_id: ID) -> None:
+        _bounded_put(self.liars, peer_id, LIAR)
+        self._refused_by(peer_id)
+
+    def _refused_by(self, peer_id: ID) -> None:
         for want in self.wants.values():
-            if remote.peer_id in want.asked:
-                want.refused.add(remote.peer_id)
+            if peer_id in want.asked:
+                want.refused.add(peer_id)
                 want.changed()
 
     # -- fetching
-    async def get(self, cid: CID, peers: Sequence[ID], stall_s: float = STALL_S) -> bytes | None:
+    async def get(self, cid: CID, peers: Sequence[ID], stall_s: float = STALL_S,
+                  failed: dict[ID, str] | None = None) -> bytes | None:
         """The block from the first of `peers` (asked in turn) that sends it; None when each said
-        dont-have, dropped us or stayed silent for `stall_s`. The block is not stored here."""
+        dont-have, dropped us or stayed silent for `stall_s`. The block is not stored here.
+
+        With `failed` (peer -> why), peers in it are skipped and those that drop us, lie or stall are
+        added to it: one DAG fetch asks a dead or hung peer once, not once per block."""
+        failed = {} if failed is None else failed
         key = cid.digest
         want = self.wants.setdefault(key, _Want(cid))
         want.waiters += 1
@@ -254,19 +283,27 @@ class Bitswap:
             for peer_id in peers:
                 if want.block is not None:
                     break
-                if peer_id in want.refused:
+                if peer_id in self.liars:
+                    failed[peer_id] = self.liars[peer_id]
+                if peer_id in want.refused or peer_id in failed:
                     continue
                 if peer_id not in want.asked:
                     want.asked.add(peer_id)
                     self._queue(peer_id, Entry(cid, WANT_BLOCK, send_dont_have=True))
-                with trio.move_on_after(stall_s):
+                with trio.move_on_after(stall_s) as stalled:
                     while want.block is None and peer_id not in want.refused:
                         await want.news.wait()
+                why = self.liars.get(peer_id) or self.gone.get(peer_id)
+                if want.block is None and (why or stalled.cancelled_caught):
+                    failed.setdefault(peer_id, why or f"no answer in {stall_s:g}s")
             return want.block
         finally:
             want.waiters -= 1
             if want.waiters == 0:
                 del self.wants[key]
+                self.recent[key] = None
+                while len(self.recent) > RECENT:
+                    self.recent.popitem(last=False)
                 for peer_id in want.asked - want.refused - {want.sender}:
                     if peer_id in self.remotes:
                         self._queue(peer_id, Entry(cid, cancel=True))
@@ -275,6 +312,13 @@ class Bitswap:
         remote = self._remote(peer_id)
         remote.outgoing[entry.cid.digest] = entry
         remote.wake.set()
+
+
+def _bounded_put(table: dict[ID, str], peer_id: ID, why: str) -> None:
+    table.pop(peer_id, None)
+    table[peer_id] = why
+    while len(table) > REMEMBERED:
+        del table[next(iter(table))]
 
 
 async def _close(remote: _Remote) -> None:
@@ -299,6 +343,7 @@ async def open_bitswap(host: IHost, store=None, pacer: Pacer | None = None) -> A
             try:
                 yield swap
             finally:
+                swap.nursery = None  # a stream arriving now is hung up on
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:  # the senders raise nothing: this is the caller's own error
         if len(group.exceptions) == 1:
@@ -325,21 +370,22 @@ async def fetch_dag_async(
         hostlib.peer_info(addr)  # a mistyped address is an error even when nothing needs fetching
     start = time.perf_counter()
     bar = tqdm(desc=f"bitswap {root[:12]}…", unit="blk", leave=False) if progress else None
-    job = DagFetch(root, store, on_block, bar, stall_s)
+    job = DagFetch(root, store, on_block, bar)
     try:
         job.discover(root)
         if job.remaining == 0:
             return job.report
-        ids = await _connect(swap.host, peers, job.report.peers_failed)
+        addrs = await _connect(swap.host, peers, job.report.peers_failed)
+        ids = list(addrs)
+        failed: dict[ID, str] = {}  # peers dropped for the rest of this fetch, and why
         turn = count()
 
         async def worker() -> None:
             async for cid in job.todo_recv:
                 first = next(turn) % len(ids)  # spread blocks over the peers
-                block = await swap.get(CID.decode(cid), ids[first:] + ids[:first], stall_s)
+                block = await swap.get(CID.decode(cid), ids[first:] + ids[:first], stall_s, failed)
                 if block is None:
-                    job.fail(f"no peer sent block {cid} of {root} (each said it lacks it or was silent "
-                             f"for {stall_s:g}s): add a peer that seeds it")
+                    job.fail(_no_block(job, cid, failed, ids, stall_s))
                     return
                 job.accept(cid, block)
                 swap.stored(CID.decode(cid))
@@ -349,6 +395,7 @@ async def fetch_dag_async(
                 nursery.start_soon(worker)
             await job.done.wait()
             nursery.cancel_scope.cancel()
+        job.report.peers_failed.update({addrs[peer]: why for peer, why in failed.items()})
         if job.error is not None:
             raise job.error
         return job.report
@@ -360,16 +407,28 @@ async def fetch_dag_async(
             bar.close()
 
 
-async def _connect(host: IHost, peers: Sequence[str], failed: dict[str, str]) -> list[ID]:
-    """The peer ids of those `peers` we could dial (the others land in `failed`); CommonsError if none."""
-    ids = []
+def _no_block(job: DagFetch, cid: str, failed: dict[ID, str], ids: list[ID], stall_s: float) -> str:
+    """Why a pull stops: every peer failed (it may resume from another), or none has this block."""
+    if all(peer in failed for peer in ids):
+        kept = job.report.blocks + job.report.already_held
+        last = next(reversed(failed.values()))
+        return (f"all peers failed with {job.remaining} blocks of {job.root} still missing ({kept} kept; "
+                f"last: {last}): pull again from another peer to resume")
+    return (f"no peer sent block {cid} of {job.root} (each said it lacks it or was silent for "
+            f"{stall_s:g}s): add a peer that seeds it")
+
+
+async def _connect(host: IHost, peers: Sequence[str], failed: dict[str, str]) -> dict[ID, str]:
+    """peer id -> address of those `peers` we could dial (the others land in `failed`); CommonsError
+    if none."""
+    ids: dict[ID, str] = {}
     for addr in peers:
         try:
-            ids.append((await hostlib.connect(host, addr)).peer_id)
+            ids.setdefault((await hostlib.connect(host, addr)).peer_id, addr)
         except CommonsError as exc:
             failed[addr] = str(exc)
     if not ids:
-        raise CommonsError(f"no bitswap peer reachable ({'; '.join(failed.values()) or 'no peers given'})")
+        raise CommonsError(f"no peer reachable ({'; '.join(failed.values()) or 'no peers given'})")
     return ids
 
 
@@ -388,8 +447,9 @@ class BitswapSource:
     """A block source for protocol.content.fetch over bitswap: Kubo, Helia or commons peers.
 
     One host on its own thread (started at the first call) serves `get_block` from any number of
-    threads at once, each call one want in flight; `fetch_dag(root, store, progress)` is the fast path
-    (WINDOW blocks in flight). `close()` (or leaving a `with` block) stops the host.
+    threads at once, each call one want in flight; `fetch_dag(root, store, progress, on_block)` is the
+    fast path (WINDOW blocks in flight). When no peer could be reached, every later call fails at once
+    (get_block: None) instead of dialling again. `close()` (or leaving a `with` block) stops the host.
     """
 
     def __init__(self, peers: Sequence[str], seed: bytes | None = None, stall_s: float = STALL_S) -> None:
@@ -405,17 +465,19 @@ class BitswapSource:
         self._peer: Background | None = None
         self._swap: Bitswap | None = None
         self._ids: list[ID] = []
+        self._unreachable: CommonsError | None = None
 
     def get_block(self, cid: str) -> bytes | None:
         """The block, or None when no peer has it (or none can be reached); not stored here."""
         try:
-            peer = self._started()
-        except CommonsError:
+            return self._started().call(self._swap.get, CID.decode(cid), self._ids, self.stall_s)
+        except CommonsError:  # no peer reachable, or the host stopped: the next source is asked
             return None
-        return peer.call(self._swap.get, CID.decode(cid), self._ids, self.stall_s)
 
-    def fetch_dag(self, root: str, store, progress: bool = True) -> FetchReport:
-        return self._started().call(fetch_dag_async, self._swap, root, store, self.peers, progress)
+    def fetch_dag(self, root: str, store, progress: bool = True, on_block: OnBlock | None = None
+                  ) -> FetchReport:
+        return self._started().call(fetch_dag_async, self._swap, root, store, self.peers, progress,
+                                    on_block)
 
     def close(self) -> None:
         with self._lock:
@@ -431,9 +493,15 @@ class BitswapSource:
 
     def _started(self) -> Background:
         with self._lock:
+            if self._unreachable is not None:
+                raise self._unreachable
             if self._peer is None or not self._peer.alive:
                 peer = Background(self._run, name="bitswap")
-                peer.start()  # re-raises "no peer reachable"
+                try:
+                    peer.start()  # re-raises "no peer reachable"
+                except CommonsError as exc:
+                    self._unreachable = exc
+                    raise
                 self._peer = peer
             return self._peer
 
@@ -441,7 +509,7 @@ class BitswapSource:
         host = hostlib.make_host(self.seed)
         listen = hostlib.listen_addrs([hostlib.LOCAL_LISTEN])
         async with open_bitswap(host) as swap, host.run(listen_addrs=listen):
-            self._ids = await _connect(host, self.peers, {})
+            self._ids = list(await _connect(host, self.peers, {}))
             self._swap = swap
             ready(None)
             await trio.sleep_forever()

@@ -50,7 +50,8 @@ def listen_addrs(addrs: Sequence[str]) -> list[multiaddr.Multiaddr]:
     try:
         return [multiaddr.Multiaddr(a) for a in addrs]
     except Exception as exc:  # noqa: BLE001 - multiaddr raises many unrelated types for bad text
-        raise CommonsError(f"bad listen address {list(addrs)}: {exc}; use e.g. /ip4/0.0.0.0/tcp/4051") from None
+        raise CommonsError(f"bad listen address {list(addrs)}: {exc}; "
+                           "use e.g. /ip4/0.0.0.0/tcp/4051") from None
 
 
 def peer_info(addr: str) -> PeerInfo:
@@ -59,7 +60,8 @@ def peer_info(addr: str) -> PeerInfo:
         return info_from_p2p_addr(multiaddr.Multiaddr(addr))
     except Exception:  # noqa: BLE001 - multiaddr raises many unrelated types for bad text
         raise CommonsError(
-            f"bad peer address {addr!r}: expected /ip4/HOST/tcp/PORT/p2p/12D3KooW... (as `commons p2p serve` prints)"
+            f"bad peer address {addr!r}: expected /ip4/HOST/tcp/PORT/p2p/12D3KooW... "
+            "(as `commons p2p serve` prints)"
         ) from None
 
 
@@ -74,10 +76,12 @@ async def connect(host: IHost, addr: str, timeout: float = CONNECT_TIMEOUT) -> P
         with trio.fail_after(timeout):
             await host.connect(info)
     except trio.TooSlowError:
-        raise CommonsError(f"peer {addr} did not answer in {timeout:.0f}s: check it runs and the port is open") from None
+        raise CommonsError(f"peer {addr} did not answer in {timeout:.0f}s: "
+                           "check it runs and the port is open") from None
     except Exception as exc:  # noqa: BLE001 - dial errors come from every layer (tcp, noise, yamux)
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CommonsError(f"cannot reach peer {addr} ({reason}): check it runs and the port is open") from None
+        raise CommonsError(f"cannot reach peer {addr} ({reason}): "
+                           "check it runs and the port is open") from None
     return info
 
 

@@ -1,5 +1,5 @@
-"""One running peer: a host that seeds its BlockStore (over `/commons/blocks/1.0.0` and bitswap, so Kubo
-and Helia can fetch from it too), optionally with gossipsub announcements.
+"""One running peer: a host that seeds its BlockStore over bitswap (so Kubo and Helia can fetch from it
+too), optionally with gossipsub announcements.
 
     >>> async with open_node(BlockStore(), identity, listen=["/ip4/0.0.0.0/tcp/4051"]) as node:
     ...     print(node.addrs)            # give these to pullers
@@ -18,7 +18,6 @@ from libp2p.exceptions import BaseLibp2pError
 from protocol.errors import CommonsError
 from protocol.p2p import host as hostlib
 from protocol.p2p.bitswap import Bitswap, open_bitswap
-from protocol.p2p.exchange import serve_blocks
 from protocol.p2p.resolve import serve_resolve
 from protocol.p2p.topics import Gossip, make_pubsub, open_gossip
 from protocol.p2p.wire import Pacer
@@ -31,6 +30,7 @@ class Node:
     gossip: Gossip | None
     bootstrap_errors: dict[str, str]
     bitswap: Bitswap | None = None  # serving already; fetch with bitswap.fetch_dag_async(node.bitswap, ...)
+    dht: object | None = None  # a kad-dht server (protocol.p2p.dht) when open_node(..., dht=True)
 
     @property
     def peer_id(self) -> str:
@@ -55,12 +55,18 @@ async def open_node(
     gossip: bool = False,
     rate_limit: float | None = None,
     mdns: bool = False,
+    dht: bool = False,
 ) -> AsyncIterator[Node]:
-    """Starts the host (identity's key, or a throwaway one), serves blocks, dials the bootstrap peers."""
+    """Starts the host (identity's key, or a throwaway one), serves blocks, dials the bootstrap peers;
+    with `dht`, also serves the IPFS DHT (protocol.p2p.dht) and puts the bootstrap peers in its table."""
     seed = hostlib.identity_seed(identity) if identity is not None else None
     host = hostlib.make_host(seed, mdns=mdns)
-    pacer = Pacer(rate_limit) if rate_limit else None  # one budget for both block protocols
-    serve_blocks(host, store, pacer=pacer)
+    kad = None
+    if dht:  # before run, so that identify lists it
+        from protocol.p2p import dht as dhtlib
+
+        kad = dhtlib.make_dht(host)
+    pacer = Pacer(rate_limit) if rate_limit else None  # bytes/s for every peer together
     pubsub_router = make_pubsub(host) if gossip else None
     async with AsyncExitStack() as stack:
         # bitswap before run, so that identify lists it
@@ -74,7 +80,13 @@ async def open_node(
             topics = await stack.enter_async_context(open_gossip(*pubsub_router, identity))
         if topics is not None:  # answer "which CID is NAME?" from the announcements we verified
             serve_resolve(host, topics.lookup)
-        yield await _started(host, store, topics, bootstrap, swap)
+        if kad is not None:
+            await stack.enter_async_context(dhtlib.running(kad))
+        node = await _started(host, store, topics, bootstrap, swap)
+        if kad is not None:
+            node.dht = kad
+            await dhtlib.add_peers(kad, host)
+        yield node
 
 
 async def _started(host: IHost, store, topics: Gossip | None, bootstrap: Sequence[str],

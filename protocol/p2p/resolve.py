@@ -118,7 +118,8 @@ async def resolve_async(host: IHost, peers: Sequence[str], name: str, version: i
             best = Resolved(cid, envelope, verified, addr)
     if best is None:
         wanted = f"{name}@{version}" if version is not None else name
-        raise CommonsError(f"no peer could resolve {wanted} ({'; '.join(why) or 'no peers'}); check the name or "
+        reasons = "; ".join(why) or "no peers"
+        raise CommonsError(f"no peer could resolve {wanted} ({reasons}); check the name or "
                            "pass an index with --index URL")
     return best
 

@@ -8,14 +8,15 @@ from pathlib import Path
 
 import trio
 
+from protocol.p2p import dht
 from protocol.p2p.announce import PresenceAnnouncement
-from protocol.p2p.bitswap import fetch_dag as bitswap_fetch_dag
-from protocol.p2p.exchange import fetch_dag
+from protocol.p2p.bitswap import fetch_dag
 from protocol.p2p.node import open_node
 from protocol.p2p.topics import TOPICS
 from protocol.signing.keys import Identity
 
 PRESENCE_EVERY_S = 60
+PROVIDE_S = 15
 
 
 async def serve(
@@ -29,18 +30,27 @@ async def serve(
     capability: str = "seed",
     mdns: bool = False,
 ) -> None:
-    """Adds `add` to the store, then seeds every block it holds until cancelled; announces presence."""
+    """Adds `add` to the store, then seeds every block it holds until cancelled; announces presence, and
+    provides the added roots on the IPFS DHT (protocol.p2p.dht)."""
     identity = Identity.load(key) if key else Identity.load_or_create()
     roots = [store.add_path(Path(path)) for path in add]
     async with open_node(store, identity, listen, bootstrap, gossip=True, rate_limit=rate_limit,
-                         mdns=mdns) as node:
+                         mdns=mdns, dht=True) as node:
         if on_ready is not None:
             on_ready({"peer_id": node.peer_id, "addrs": node.addrs, "roots": roots,
                       "bootstrap_errors": node.bootstrap_errors})
         async with trio.open_nursery() as nursery:
             for topic in TOPICS:  # subscribing makes this node relay the topic and learn providers
                 nursery.start_soon(_drain, node.gossip, topic)
+            nursery.start_soon(provide_all, node, roots)
             await announce_presence(node, PresenceAnnouncement(node.peer_id, capability, node.dialable_addrs))
+
+
+async def provide_all(node, roots: Sequence[str]) -> None:
+    """Each root on the DHT: our own record at once, then ADD_PROVIDER to the closest peers that answer."""
+    for root in roots:
+        with trio.move_on_after(PROVIDE_S):
+            await dht.provide(node.dht, root)
 
 
 async def _drain(gossip, topic: str) -> None:
@@ -62,11 +72,10 @@ async def announce_presence(node, presence: PresenceAnnouncement) -> None:
         await trio.sleep(2)
 
 
-def pull(root: str, store, peers: Sequence[str], out: Path | None = None, progress: bool = True,
-         bitswap: bool = False) -> dict:
-    """Fetches the DAG (resuming from what `store` holds) over `/commons/blocks/1.0.0`, or over bitswap
-    (which Kubo and Helia speak too); exports it to `out` if given; a JSON-able report."""
-    report = (bitswap_fetch_dag if bitswap else fetch_dag)(root, store, peers, progress=progress)
+def pull(root: str, store, peers: Sequence[str], out: Path | None = None, progress: bool = True) -> dict:
+    """Fetches the DAG (resuming from what `store` holds) over bitswap from `peers` (commons nodes, Kubo,
+    Helia); exports it to `out` if given; a JSON-able report."""
+    report = fetch_dag(root, store, peers, progress=progress)
     if out is not None:
         store.export(report.root, Path(out))
     return {**asdict(report), "mb_per_s": round(report.mb_per_s, 2), "out": str(out) if out else None}

@@ -61,7 +61,8 @@ class Gossip:
         self.checker = Checker(window_s)
         self.dropped: Counter[str] = Counter()
         self._providers: dict[str, set[str]] = {}
-        self._adapters: dict[str, dict[int, tuple[str, str, str]]] = {}  # name -> version -> (cid, envelope, signer)
+        # name -> version -> (cid, envelope, signer)
+        self._adapters: dict[str, dict[int, tuple[str, str, str]]] = {}
         for topic in TOPICS:
             pubsub.set_topic_validator(topic, self._validator(topic), is_async_validator=False)
 

@@ -11,5 +11,6 @@
     trust.py     whose signatures we accept and which versions we have seen (`TrustPolicy`)
 
 Main path: `Identity.load_or_create()` → `sign_directory(dir, identity, meta)` writes `model.sig`;
-a puller runs `verify_directory(dir)` and `TrustPolicy.check(...)` decides whether we accept the signer and version.
+a puller runs `verify_directory(dir)` and `TrustPolicy.check(...)` decides whether we accept the signer
+and version.
 """

@@ -272,7 +272,8 @@ def _parse_serialization(serialization: Any) -> tuple[str, ...]:
     exact_keys(serialization, set(SERIALIZATION), "model.sig serialization")
     fixed = {key: serialization[key] for key in SERIALIZATION if key != "ignore_paths"}
     _require(
-        canonical_json(fixed) == canonical_json({k: v for k, v in SERIALIZATION.items() if k != "ignore_paths"}),
+        canonical_json(fixed)
+        == canonical_json({k: v for k, v in SERIALIZATION.items() if k != "ignore_paths"}),
         "model.sig serialization must be files/sha256 without symlinks",
     )
     paths = serialization["ignore_paths"]
@@ -471,10 +472,11 @@ def sign_directory(
     if kind:
         raise CommonsError(kind)
     if scan.bare:
-        raise CommonsError(f"folder {q(scan.bare[0])} holds no file to sign, yet `ipfs add -r` would publish it "
-                           "and pull would refuse it; remove it or put a file in it")
+        raise CommonsError(f"folder {q(scan.bare[0])} holds no file to sign, yet `ipfs add -r` would "
+                           "publish it and pull would refuse it; remove it or put a file in it")
     if len(scan.skipped) > MAX_IGNORED:
-        raise CommonsError(f"{directory} holds over {MAX_IGNORED} hidden paths; sign a folder with the adapter only")
+        raise CommonsError(f"{directory} holds over {MAX_IGNORED} hidden paths; "
+                           "sign a folder with the adapter only")
     odd = next((path for path in scan.skipped if not hidden_top(path)), None)
     if odd is not None:  # it would be listed as ignored, and that list is refused with an unsafe name in it
         raise CommonsError(f"hidden path {q(odd)} has an unsafe name; rename or remove it")
@@ -536,7 +538,8 @@ def verify_directory(
     unlisted = sorted(set(scan.skipped) - set(verified.ignored))
     if unlisted:
         raise VerifyError(
-            f"{q(unlisted[0])} is not covered by {SIGNATURE_FILE} (nor listed as ignored); remove it or re-sign"
+            f"{q(unlisted[0])} is not covered by {SIGNATURE_FILE} (nor listed as ignored); "
+            "remove it or re-sign"
         )
     on_disk = scan.names
     expected = {f["name"]: f for f in verified.files}

@@ -126,8 +126,8 @@ class TrustPolicy:
         newest = max(seen, default=None)
         if newest is not None and version < newest and not self.allow_older:
             raise VerifyError(
-                f"replay refused: {q(name)} v{version} is older than v{newest} already seen; take the latest, "
-                "or pass --allow-older if you mean this one"
+                f"replay refused: {q(name)} v{version} is older than v{newest} already seen; "
+                "take the latest, or pass --allow-older if you mean this one"
             )
 
     def check(self, name: str, version: int, signer: str, digest: str) -> None:
