@@ -25,17 +25,20 @@ from protocol.signing.keys import Identity
 
 
 def campaign_for(name: str, model: str, eval_file: Path, nodes: int, rounds: int, steps: int, eval_size: int,
-                 datasets: list[dict]) -> Campaign:
+                 datasets: list[dict], **keys: object) -> Campaign:
+    """The demo's campaign; `keys` are campaign keys over the defaults (docker/make_campaign.py's)."""
     return Campaign(
         name=name, base_model=canonical_id(model), eval_file=eval_file, license="Apache-2.0", rounds=rounds,
         min_nodes=nodes, round_timeout=900.0, node_wait=180.0, eval_size=eval_size,
-        # three trusted volunteers on one machine: plain FedAvg, and 2 trainers per layer so shards show
-        aggregation="fedavg", min_coverage=2,
+        # the campaign defaults (robust rule, 3 trainers per layer, fp32 uploads, volunteers keep their AdamW
+        # state, no outer step): docs/federation.md measures them against one machine. With 3 volunteers
+        # each trains every layer; `--nodes 6` shows shards.
         task="date normalization to ISO 8601 (YYYY-MM-DD)",
         description="Rewrites dates written in many styles (spelled, abbreviated, numeric) as ISO 8601 "
                     "YYYY-MM-DD.",
         datasets=datasets,
         lora=LoraSpec(r=8, alpha=16), train=TrainSpec(steps=steps, batch_size=8, lr=2e-3, max_length=96),
+        **keys,
     )
 
 

@@ -8,7 +8,7 @@
     data = "campaign"                    # each node trains on its slice of [[datasets]] (default "local")
     data_source = "http://index:8000"    # trustless gateway the nodes fetch dataset blocks from
     [outer]                              # how each round's aggregate moves the adapter (coordinator/outer.py)
-    optimizer = "nesterov"               # none (plain averaging) | nesterov (DiLoCo) | adam (FedAdam)
+    optimizer = "nesterov"               # none (the default: plain averaging) | nesterov (DiLoCo) | adam
     lr = 0.7                             # default per optimizer: none 1, nesterov 0.7, adam 1e-3
     momentum = 0.9                       # nesterov's μ, adam's β1 (adam also reads beta2, eps)
     [dp]                                 # central DP: works with shards = "auto" and "none", not "exact"

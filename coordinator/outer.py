@@ -12,11 +12,13 @@ whom to trust; this only decides how far to go):
     adam      m ← β1·m + (1 − β1)·Δ;  v ← β2·v + (1 − β2)·Δ²            FedAdam (Reddi et al., 2021),
               new = global + lr·m̂ / (√v̂ + eps)   (m̂, v̂ bias-corrected)   β1 = `momentum`
 
-Nesterov at lr 1 and μ 0 is plain averaging. Why it helps: the average of volunteers who each fit their
-own slice of the data moves less than any one of them (their private directions cancel), and each round
-repeats that shrinkage; momentum re-uses the directions the rounds agree on. Keys in `untouched` (no
-accepted update covered them: a span nobody trained this round) keep the global value and their state
-as it was: a round that says nothing about a key neither applies nor decays its momentum.
+Nesterov at lr 1 and μ 0 is plain averaging. The idea: the average of volunteers who each fit their own
+slice of the data moves less than any one of them (their private directions cancel), and momentum
+re-applies what the rounds agree on. Measured (docs/federation.md, bench/bench_quality.py, 2 rounds):
+it pays only while every volunteer restarts AdamW each round; with their AdamW state kept across rounds
+(node/worker.py, the default) the extra step overshoots, so the default here is "none". Keys in
+`untouched` (no accepted update covered them: a span nobody trained this round) keep the global value
+and their state as it was: a round that says nothing about a key neither applies nor decays its momentum.
 
 Everything here is a pure function over `dict[str, np.ndarray]`; the state is flat arrays named
 "momentum.KEY", "variance.KEY" and "steps.KEY" (a round count per key, for Adam's bias correction).

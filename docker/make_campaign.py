@@ -31,7 +31,10 @@ def main() -> None:
     # A relative eval_file: the campaign loader resolves it next to campaign.toml, wherever it is mounted.
     # No [[datasets]]: each volunteer trains on its own file (data = "local"), which nobody publishes.
     campaign = campaign_for("dates-iso-smollm2", SMOLLM2_ID, Path(data["test"].name), MIN_NODES, ROUNDS,
-                            STEPS, EVAL_SIZE, datasets=[])
+                            STEPS, EVAL_SIZE, datasets=[],
+                            # two trusted volunteers (three with the GPU one): nobody to out-vote, so
+                            # plain FedAvg, and 2 trainers per layer so the shards show
+                            aggregation="fedavg", min_coverage=2)
     (OUT / "campaign.toml").write_text(dump(campaign))
     print(f"wrote {OUT}: campaign.toml, {data['test'].name}, {', '.join(p.name for p in data['train'])}",
           file=sys.stderr)

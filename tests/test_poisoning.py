@@ -135,11 +135,14 @@ def test_other_robust_combines_survive_too(problem: dict, honest: float, combine
     assert attacked == pytest.approx(honest, rel=0.02)
 
 
+@pytest.mark.parametrize("step", [OuterConfig(), OuterConfig("nesterov", lr=0.7, momentum=0.9)],
+                         ids=["default", "nesterov"])
 @pytest.mark.parametrize("attack", ["scale50", "sign_flip", "noise", "nan"])
-def test_the_default_outer_step_keeps_the_robust_guarantee(problem: dict, attack: str) -> None:
-    """The campaign's default outer optimizer moves the robust aggregate further, attacked or not: the
-    attacked run still ends within 2 % of the honest nodes alone under the same step."""
-    step = OuterConfig()  # what a campaign file without [outer] gets
+def test_an_outer_step_after_the_rule_keeps_the_robust_guarantee(problem: dict, attack: str,
+                                                                 step: OuterConfig) -> None:
+    """The outer optimizer (a campaign file without [outer] gets the default) moves the robust aggregate
+    further, attacked or not: the attacked run still ends within 2 % of the honest nodes alone under the
+    same step."""
     honest = run(problem, "fedavg", None, nodes=3, step=step)
     assert honest < 1.5 * NOISE**2
     assert run(problem, "robust", attack, step=step) == pytest.approx(honest, rel=0.02)

@@ -26,7 +26,7 @@ def test_one_volunteer_for_one_round_is_exactly_the_centralized_run(tmp_path: Pa
     assert row["central_compute"]["loss"] == pytest.approx(row["federated"]["loss"], rel=1e-5)
     assert row["central_compute_ratio"]["loss"] == pytest.approx(1.0, rel=1e-5)
     assert row["central_steps"]["loss"] == pytest.approx(row["federated"]["loss"], rel=1e-5)
-    summary = result["summary"]["dates"]
+    summary = result["tasks"]["dates"]
     assert {"central_compute_accuracy_ratio", "central_compute_loss_ratio", "central_steps_loss_ratio",
             "federated_accuracy"} <= set(summary)
     assert summary["federated_loss"]["min"] == summary["federated_loss"]["max"]  # one seed: no spread
