@@ -103,7 +103,8 @@ class Follower:
 
 
 def run_demo(nodes: int = 3, rounds: int = 2, model: str = SMOLLM2_ID, steps: int = 8, per_node: int = 200,
-             eval_size: int = 48, progress: bool = True, timeout: float = 1800.0) -> dict:
+             eval_size: int = 48, progress: bool = True, timeout: float = 1800.0,
+             quantization: str = "auto") -> dict:
     if nodes < 1 or rounds < 1:
         raise CommonsError("--nodes and --rounds must each be at least 1")
     root = home()
@@ -117,7 +118,7 @@ def run_demo(nodes: int = 3, rounds: int = 2, model: str = SMOLLM2_ID, steps: in
     say(f"published the volunteers' data to the commons: {', '.join(d['name'] for d in datasets)}")
     campaign_file = work / "campaign.toml"
     campaign_file.write_text(dump(campaign_for(name, model, data["test"], nodes, rounds, steps, eval_size,
-                                               datasets)))
+                                               datasets, quantization=quantization)))
     say(f"preparing base model {canonical_id(model)} (converted once, then cached in {cache_dir()})")
     local_path(model)
     Identity.load_or_create()

@@ -8,6 +8,10 @@ the veth pairs and the bridge.
     with lan(["coordinator", "volunteer"]) as net:
         proc = net.popen("coordinator", ["commons", "index", "serve", "--host", net.ip("coordinator")])
         net.cut("volunteer")      # unplug the cable: its link goes down mid-whatever
+
+A host can sit behind a NAT instead of on the bridge: `lan(["relay", "router"], nat={"home": "router"})` puts
+`home` on a private 192.168.x.0/24 whose only way out is `router`, which masquerades it behind its LAN
+address and drops every connection that `home` did not open (a home router, no port forwarding).
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class Lan:
     tag: str
     subnet: str
     names: list[str]
+    nat: dict[str, str] = field(default_factory=dict)  # host behind a NAT -> its router (one of `names`)
     procs: list[subprocess.Popen] = field(default_factory=list)
 
     @property
@@ -59,13 +64,21 @@ class Lan:
         return f"cmh-{self.tag}-sw"
 
     def ns(self, name: str) -> str:
+        if name in self.nat:
+            return f"cmh-{self.tag}-n{list(self.nat).index(name)}"
         return f"cmh-{self.tag}-{self.names.index(name)}"
 
     def ip(self, name: str) -> str:
+        """The host's own address: for a host behind a NAT, its private one (unreachable from the LAN)."""
+        if name in self.nat:
+            return f"{self.private_subnet(name)}.2"
         return f"{self.subnet}.{2 + self.names.index(name)}"
 
+    def private_subnet(self, name: str) -> str:
+        return f"192.168.{1 + list(self.nat).index(name)}"
+
     def namespaces(self) -> list[str]:
-        return [self.switch, *(self.ns(n) for n in self.names)]
+        return [self.switch, *(self.ns(n) for n in [*self.names, *self.nat])]
 
     def up(self) -> None:
         ip("netns", "add", self.switch)
@@ -83,6 +96,41 @@ class Lan:
             ip("-n", ns, "link", "set", "lo", "up")
             ip("-n", self.switch, "link", "set", switch_end, "master", "br0")
             ip("-n", self.switch, "link", "set", switch_end, "up")
+        for i, (home, router) in enumerate(self.nat.items()):
+            self._behind_nat(i, home, router)
+
+    def _behind_nat(self, i: int, home: str, router: str) -> None:
+        ns, gateway = self.ns(home), self.ns(router)
+        home_end, router_end, inside = f"cmh{self.tag}n{i}", f"cmh{self.tag}r{i}", f"home{i}"
+        ip("netns", "add", ns)
+        ip("link", "add", home_end, "type", "veth", "peer", "name", router_end)
+        ip("link", "set", home_end, "netns", ns)
+        ip("link", "set", router_end, "netns", gateway)
+        ip("-n", ns, "link", "set", home_end, "name", "eth0")
+        ip("-n", gateway, "link", "set", router_end, "name", inside)
+        ip("-n", ns, "addr", "add", f"{self.ip(home)}/24", "dev", "eth0")
+        ip("-n", gateway, "addr", "add", f"{self.private_subnet(home)}.1/24", "dev", inside)
+        for where, dev in ((ns, "eth0"), (ns, "lo"), (gateway, inside)):
+            ip("-n", where, "link", "set", dev, "up")
+        ip("-n", ns, "route", "add", "default", "via", f"{self.private_subnet(home)}.1")
+        nat_rules = [
+            ["sysctl", "-qw", "net.ipv4.ip_forward=1"],
+            ["iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "eth0", "-j", "MASQUERADE"],
+            # no port forwarding: from the LAN, only replies to what `home` opened get in
+            ["iptables", "-A", "FORWARD", "-i", "eth0", "-o", inside, "-m", "conntrack", "!",
+             "--ctstate", "ESTABLISHED,RELATED", "-j", "DROP"],
+        ]
+        for rule in nat_rules:
+            done = self.run(router, rule, capture_output=True, text=True, timeout=15)
+            if done.returncode != 0:
+                raise RuntimeError(f"cannot set up the NAT on {router} ({' '.join(rule)}: "
+                                   f"{done.stderr.strip()}): needs iptables with the nat table")
+
+    def route_via(self, name: str, behind: str) -> None:
+        """Give LAN host `name` a route to `behind`'s private subnet through its router, so that a failed
+        dial there proves the NAT refuses it, not merely that no route exists."""
+        gateway = self.ip(self.nat[behind])
+        ip("-n", self.ns(name), "route", "add", f"{self.private_subnet(behind)}.0/24", "via", gateway)
 
     def run(self, name: str, args: Sequence[str], check: bool = False,
             **kwargs) -> subprocess.CompletedProcess:
@@ -142,10 +190,12 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
 
 
 @contextmanager
-def lan(names: Sequence[str]) -> Iterator[Lan]:
-    """A fresh LAN of `names` hosts; everything it made is removed on exit, failures included."""
+def lan(names: Sequence[str], nat: dict[str, str] | None = None) -> Iterator[Lan]:
+    """A fresh LAN of `names` hosts, and `nat` hosts each behind its router; everything it made is removed
+    on exit, failures included."""
     tag = f"{os.getpid() % 10000:04d}"
-    net = Lan(tag=tag, subnet=f"10.{180 + os.getpid() % 60}.{os.getpid() % 250}", names=list(names))
+    net = Lan(tag=tag, subnet=f"10.{180 + os.getpid() % 60}.{os.getpid() % 250}", names=list(names),
+              nat=dict(nat or {}))
     try:
         net.up()
         yield net

@@ -85,6 +85,23 @@ def test_demo_runs_the_deployment_engine_and_publishes_a_signed_adapter(demo: tu
     assert commons("verify", summary["adapter_cid"], home=home).returncode == 0
 
 
+def test_the_demo_runs_what_a_campaign_file_without_those_keys_gets(demo: tuple[Path, dict]) -> None:
+    """The demo shows the campaign defaults, not a friendlier setting of its own; only --quantization
+    (default auto) and the task's own keys are written."""
+    import tomllib
+
+    from coordinator.campaign import Campaign
+
+    home, _ = demo
+    written = tomllib.loads((home / "demo" / "campaign.toml").read_text())
+    defaults = Campaign(name="x", base_model="x", eval_file=Path("x"))
+    for key in ("aggregation", "shards", "min_coverage", "upload_dtype", "quantization", "quorum"):
+        assert written[key] == getattr(defaults, key), key
+    assert written.get("outer", {}).get("optimizer", "none") == defaults.outer.optimizer
+    refused = commons("demo", "--quantization", "fp8", home=home, check=False)
+    assert refused.returncode == 2 and "'fp8' is not one of" in refused.stderr
+
+
 def test_both_volunteers_contributed_and_signed_their_updates(demo: tuple[Path, dict]) -> None:
     home, summary = demo
     result = json.loads((home / "campaigns" / summary["name"] / "result.json").read_text())

@@ -6,6 +6,9 @@ alone, round 2 runs, the coordinator signs and publishes. The index host fetches
 coordinator over libp2p (`commons p2p pull`, its own COMMONS_HOME), serves it, and the coordinator announces
 it over HTTP; a developer machine then `commons pull`s it by name through that index only. See
 docs/multihost.md.
+
+A seeder behind a NAT (its own namespace behind a masquerading router) serves a DAG through a relay's
+circuit address, while a direct connection to it fails (docs/p2p.md "Behind a NAT").
 """
 
 from __future__ import annotations
@@ -131,6 +134,11 @@ def test_campaign_survives_a_cut_volunteer_and_the_adapter_travels_to_a_develope
     assert ([(e["round"], e["node"]) for e in log if e["event"] == "update"]
             == [(1, key_a[:16]), (2, key_a[:16])])
     assert [(e["round"], e["accepted"]) for e in log if e["event"] == "round_end"] == [(1, 1), (2, 1)]
+    # join time: from `commons node start` on a fresh home, across the LAN, to the first accepted update
+    joins = [e for e in log if e["event"] == "joined"]
+    assert [(e["round"], e["node"]) for e in joins] == [(1, key_a[:16])]
+    assert 0 < joins[0]["seconds"] < ROUND_TIMEOUT + 120, joins
+    print(f"\njoin time (node start on a fresh home → first accepted update): {joins[0]['seconds']} s")
     result = read_json(homes["coordinator"] / "campaigns" / NAME / "result.json")
     assert result["contributors"] == [key_a] and key_b not in json.dumps(result)
 
@@ -179,3 +187,56 @@ def test_campaign_survives_a_cut_volunteer_and_the_adapter_travels_to_a_develope
             "model.sig"} <= {p.name for p in got.iterdir()}
     # shown with -s; the runtime the docs quote
     print(f"multi-host netns test: {time.monotonic() - started:.0f}s")
+
+
+@pytest.fixture
+def nat_net():
+    reason = netns_unavailable()
+    if reason:
+        pytest.skip(reason)
+    with lan(["relay", "router", "puller"], nat={"home": "router"}) as network:
+        yield network
+
+
+def serve_p2p(net: Lan, host: str, home: Path, args: list[str]) -> dict:
+    """`python -m protocol.p2p serve ARGS` on `host`; its first line (peer id, addresses, circuits)."""
+    proc = net.popen(host, [sys.executable, "-m", "protocol.p2p", "serve", "--store", str(home / "blocks"),
+                            "--listen", f"/ip4/{net.ip(host)}/tcp/{P2P_PORT}", *args],
+                     env=env_for(home), stdout=subprocess.PIPE, stderr=(home / "serve.log").open("ab"),
+                     text=True)
+    line = proc.stdout.readline()
+    assert line, (home / "serve.log").read_text(errors="replace")[-3000:]
+    return json.loads(line)
+
+
+@pytest.mark.parametrize("punch", [[], ["--hole-punch"]], ids=["relayed", "hole-punch"])
+def test_a_seeder_behind_nat_serves_its_blocks_through_a_relay(nat_net: Lan, tmp_path: Path,
+                                                               punch: list[str]) -> None:
+    # with --hole-punch the seeder also runs DCUtR; this puller listens on loopback, so it stays relayed
+    net = nat_net
+    homes = {host: tmp_path / host for host in ("relay", "home", "puller")}
+    for home in homes.values():
+        home.mkdir()
+    payload = tmp_path / "adapter.bin"
+    payload.write_bytes(os.urandom(4 * 1024 * 1024 + 3))
+
+    relay = serve_p2p(net, "relay", homes["relay"], ["--relay"])
+    relay_addr = relay["addrs"][0]
+    seeder = serve_p2p(net, "home", homes["home"], ["--add", str(payload), "--reserve", relay_addr, *punch])
+    circuit = f"{relay_addr}/p2p-circuit/p2p/{seeder['peer_id']}"
+    assert seeder["circuit_addrs"] == [circuit] and seeder["relay_errors"] == {}
+
+    # the NAT is real: home reaches out, but even with a route to its subnet nobody reaches in
+    net.route_via("puller", "home")
+    assert net.reachable("home", "relay", P2P_PORT)
+    assert not net.reachable("puller", "home", P2P_PORT)
+
+    pulled = net.run("puller", [sys.executable, "-m", "protocol.p2p", "pull", seeder["roots"][0], "--store",
+                                str(homes["puller"] / "blocks"), "--peer", circuit, "--out",
+                                str(tmp_path / "out.bin"), "--no-progress"],
+                     env=env_for(homes["puller"]), capture_output=True, text=True, timeout=120, check=False)
+    assert pulled.returncode == 0, pulled.stderr[-2000:]
+    report = json.loads(pulled.stdout)
+    assert report["root"] == seeder["roots"][0] and report["peers_failed"] == {}
+    assert (tmp_path / "out.bin").read_bytes() == payload.read_bytes()
+    print(f"4 MiB through the relay: {report['seconds']:.2f}s ({report['mb_per_s']} MB/s)")

@@ -17,14 +17,19 @@ from commons.cli.output import emit
               help="Local steps per round.")
 @click.option("--base-model", default="HuggingFaceTB/SmolLM2-135M-Instruct", show_default=True,
               help="Base model id ('tiny' for a seconds-fast random model).")
+@click.option("--quantization", default="auto", show_default=True,
+              type=click.Choice(["auto", "none", "nf4", "int8"]),
+              help="How each volunteer holds the base model (nf4/int8 through bitsandbytes: slow on a CPU).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end.")
-def demo_command(nodes: int, rounds: int, steps: int, base_model: str, as_json: bool) -> None:
+def demo_command(nodes: int, rounds: int, steps: int, base_model: str, quantization: str,
+                 as_json: bool) -> None:
     """Run a real federated LoRA campaign (Flower SuperLink + SuperNodes on loopback)
     and publish the adapter."""
     from commons.demo import run_demo
 
     signal.signal(signal.SIGTERM, _interrupt)  # `kill`, `timeout`, systemd: stop every process, as on Ctrl-C
-    summary = run_demo(nodes=nodes, rounds=rounds, model=base_model, steps=steps, progress=not as_json)
+    summary = run_demo(nodes=nodes, rounds=rounds, model=base_model, steps=steps, quantization=quantization,
+                       progress=not as_json)
     emit(as_json, {k: v for k, v in summary.items() if k != "samples"}, lambda: _show(summary))
 
 

@@ -44,9 +44,15 @@ def p2p_group() -> None:
 @click.option("--rate-limit", type=float, default=None,
               help="Cap on bytes per second served (default: none).")
 @click.option("--mdns", is_flag=True, help="Find and dial peers on the local network by mDNS.")
+@click.option("--relay", is_flag=True, help="Relay for peers behind NATs (circuit relay v2); a public node.")
+@click.option("--reserve", multiple=True, metavar="RELAY",
+              help="Behind a NAT: be reachable through this relay's multiaddr (repeat for several).")
+@click.option("--hole-punch", is_flag=True,
+              help="With --reserve: try to turn relayed connections into direct ones (DCUtR).")
 @click.option("--json", "as_json", is_flag=True, help="Print {peer_id, addrs, roots} as one JSON line.")
 def serve(paths: tuple[Path, ...], listen: tuple[str, ...], bootstrap: tuple[str, ...],
-          rate_limit: float | None, mdns: bool, as_json: bool) -> None:
+          rate_limit: float | None, mdns: bool, relay: bool, reserve: tuple[str, ...], hole_punch: bool,
+          as_json: bool) -> None:
     """Add PATHS (files or folders) to the block store, then seed every block it holds until Ctrl-C.
 
     The peer id is your identity key's (`commons keys show`).
@@ -58,17 +64,19 @@ def serve(paths: tuple[Path, ...], listen: tuple[str, ...], bootstrap: tuple[str
     from protocol.p2p.service import serve as serve_store
 
     _run(serve_store, BlockStore(), list(paths), list(listen), None, list(bootstrap), rate_limit, ready,
-         "seed", mdns)
+         "seed", mdns, relay, list(reserve), hole_punch)
 
 
 def _show_serving(info: dict) -> None:
     for root in info["roots"]:
         click.echo(f"seeding {root}")
     click.echo(f"peer id {info['peer_id']}; pull with --peer one of:")
-    for addr in info["addrs"]:
+    for addr in info["addrs"] + info["circuit_addrs"]:
         click.echo(f"  {addr}")
     for addr, why in info["bootstrap_errors"].items():
         click.echo(f"warning: bootstrap peer {addr} unreachable: {why}", err=True)
+    for addr, why in info["relay_errors"].items():
+        click.echo(f"warning: no reservation at relay {addr} (retrying): {why}", err=True)
 
 
 @p2p_group.command("pull")

@@ -14,7 +14,8 @@ walk, its report, a short-lived client host), `routed` (a bitswap source whose p
 names), `dht` (kad-dht `/ipfs/kad/1.0.0`: provide and find providers), `node` (`open_node`: one host
 with all of these), `announce` (signed announcement dataclasses and their checks), `topics` (gossipsub
 wiring), `resolve` (`/commons/resolve/1.0.0`: NAME → CID from a peer, checked against the signed
-envelope), `announcer` (publisher side: announce, seed until a peer re-announces), `service` (the
+envelope), `announcer` (publisher side: announce, seed until a peer re-announces), `relay` (circuit relay
+v2: relay for peers behind NATs, reserve a slot at a relay, dial a `/p2p-circuit` address), `service` (the
 long-running shells: seed a store forever, pull a DAG and export it), `background` (a trio peer on its
 own thread, for uvicorn and the node daemon). The index's ingestion lives in `index/gossip.py`.
 """

@@ -4,6 +4,8 @@
     {"peer_id": "12D3KooW...", "addrs": [...], "roots": ["Qm..."]}        # first line; then serves
     $ python -m protocol.p2p pull Qm... --store /tmp/b --peer /ip4/.../p2p/12D3KooW... --out copy/
     $ python -m protocol.p2p pull bafy... --peer /ip4/.../p2p/12D3KooW...     # from Kubo or Helia too
+    $ python -m protocol.p2p serve --relay                                # public: relay for NATed seeders
+    $ python -m protocol.p2p serve --add model/ --reserve /ip4/RELAY/tcp/4051/p2p/12D3KooW...  # behind NAT
 
 (`commons p2p ...` is the same with click; this entry point needs nothing but the protocol package.)
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -33,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--key", type=Path, default=None, help="ed25519 key file (default: the node identity)")
     s.add_argument("--bootstrap", action="append", default=[], help="peer multiaddr to dial on start")
     s.add_argument("--rate-limit", type=float, default=None, help="cap on bytes/s served (default: none)")
+    s.add_argument("--relay", action="store_true", help="relay for peers behind NATs (circuit relay v2)")
+    s.add_argument("--reserve", action="append", default=[], metavar="RELAY",
+                   help="behind a NAT: be reachable through this relay's multiaddr (repeat)")
+    s.add_argument("--hole-punch", action="store_true",
+                   help="with --reserve: try to turn relayed connections into direct ones (DCUtR)")
     p = sub.add_parser("pull", help="fetch a DAG from peers into a store, optionally export it")
     p.add_argument("root")
     p.add_argument("--store", type=Path, default=None)
@@ -48,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         store = BlockStore(args.store)
         if args.command == "serve":
             listen = args.listen or [f"/ip4/0.0.0.0/tcp/{DEFAULT_PORT}"]
-            trio.run(serve, store, args.add, listen, args.key, args.bootstrap, args.rate_limit, _print_ready)
+            trio.run(partial(serve, store, args.add, listen, args.key, args.bootstrap, args.rate_limit,
+                             _print_ready, relay=args.relay, reserve=args.reserve,
+                             hole_punch=args.hole_punch))
         else:
             report = pull(args.root, store, args.peer, out=args.out, progress=not args.no_progress)
             print(json.dumps(report), flush=True)

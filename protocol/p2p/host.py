@@ -71,6 +71,10 @@ def host_addrs(host: IHost) -> list[str]:
 
 async def connect(host: IHost, addr: str, timeout: float = CONNECT_TIMEOUT) -> PeerInfo:
     """Dials a peer by its full multiaddr; CommonsError (one line) when it cannot be reached."""
+    if "/p2p-circuit" in addr:  # through a relay; imported here because protocol.p2p.relay builds on this
+        from protocol.p2p import relay
+
+        return await relay.dial(host, addr, timeout)
     info = peer_info(addr)
     try:
         with trio.fail_after(timeout):

@@ -18,6 +18,7 @@ from libp2p.exceptions import BaseLibp2pError
 from protocol.errors import CommonsError
 from protocol.p2p import host as hostlib
 from protocol.p2p.bitswap import Bitswap, open_bitswap
+from protocol.p2p.relay import Circuits, open_circuits
 from protocol.p2p.resolve import serve_resolve
 from protocol.p2p.topics import Gossip, make_pubsub, open_gossip
 from protocol.p2p.wire import Pacer
@@ -31,6 +32,7 @@ class Node:
     bootstrap_errors: dict[str, str]
     bitswap: Bitswap | None = None  # serving already; fetch with bitswap.fetch_dag_async(node.bitswap, ...)
     dht: object | None = None  # a kad-dht server (protocol.p2p.dht) when open_node(..., dht=True)
+    circuits: Circuits | None = None  # relaying for others, reservations at relays (protocol.p2p.relay)
 
     @property
     def peer_id(self) -> str:
@@ -45,6 +47,11 @@ class Node:
         """`addrs` with 0.0.0.0 expanded to this machine's interface addresses (what providers list)."""
         return hostlib.dialable(self.addrs)
 
+    @property
+    def circuit_addrs(self) -> list[str]:
+        """Where peers reach us through a relay when we are behind a NAT (`open_node(..., relays=...)`)."""
+        return list(self.circuits.addrs) if self.circuits is not None else []
+
 
 @asynccontextmanager
 async def open_node(
@@ -56,9 +63,15 @@ async def open_node(
     rate_limit: float | None = None,
     mdns: bool = False,
     dht: bool = False,
+    hop: bool = False,
+    relays: Sequence[str] = (),
+    hole_punch: bool = False,
 ) -> AsyncIterator[Node]:
     """Starts the host (identity's key, or a throwaway one), serves blocks, dials the bootstrap peers;
-    with `dht`, also serves the IPFS DHT (protocol.p2p.dht) and puts the bootstrap peers in its table."""
+    with `dht`, also serves the IPFS DHT (protocol.p2p.dht) and puts the bootstrap peers in its table;
+    with `hop`, relays for peers behind NATs; with `relays`, holds a reservation at each so that peers
+    reach this one through them, and with `hole_punch` try to turn relayed connections direct (DCUtR)
+    (protocol.p2p.relay)."""
     seed = hostlib.identity_seed(identity) if identity is not None else None
     host = hostlib.make_host(seed, mdns=mdns)
     kad = None
@@ -82,7 +95,11 @@ async def open_node(
             serve_resolve(host, topics.lookup)
         if kad is not None:
             await stack.enter_async_context(dhtlib.running(kad))
+        circuits = None
+        if hop or relays:
+            circuits = await stack.enter_async_context(open_circuits(host, hop, relays, hole_punch))
         node = await _started(host, store, topics, bootstrap, swap)
+        node.circuits = circuits
         if kad is not None:
             node.dht = kad
             await dhtlib.add_peers(kad, host)

@@ -29,21 +29,29 @@ async def serve(
     on_ready: Callable[[dict], None] | None = None,
     capability: str = "seed",
     mdns: bool = False,
+    relay: bool = False,
+    reserve: Sequence[str] = (),
+    hole_punch: bool = False,
 ) -> None:
     """Adds `add` to the store, then seeds every block it holds until cancelled; announces presence, and
-    provides the added roots on the IPFS DHT (protocol.p2p.dht)."""
+    provides the added roots on the IPFS DHT (protocol.p2p.dht). `relay`: also relay for peers behind NATs;
+    `reserve`: behind a NAT, be reachable through these relays; `hole_punch`: and try DCUtR to go direct
+    (protocol.p2p.relay)."""
     identity = Identity.load(key) if key else Identity.load_or_create()
     roots = [store.add_path(Path(path)) for path in add]
     async with open_node(store, identity, listen, bootstrap, gossip=True, rate_limit=rate_limit,
-                         mdns=mdns, dht=True) as node:
+                         mdns=mdns, dht=True, hop=relay, relays=reserve,
+                         hole_punch=hole_punch) as node:
         if on_ready is not None:
             on_ready({"peer_id": node.peer_id, "addrs": node.addrs, "roots": roots,
-                      "bootstrap_errors": node.bootstrap_errors})
+                      "bootstrap_errors": node.bootstrap_errors, "circuit_addrs": node.circuit_addrs,
+                      "relay_errors": dict(node.circuits.errors) if node.circuits else {}})
         async with trio.open_nursery() as nursery:
             for topic in TOPICS:  # subscribing makes this node relay the topic and learn providers
                 nursery.start_soon(_drain, node.gossip, topic)
             nursery.start_soon(provide_all, node, roots)
-            await announce_presence(node, PresenceAnnouncement(node.peer_id, capability, node.dialable_addrs))
+            addrs = node.dialable_addrs + node.circuit_addrs  # behind a NAT only the circuits reach us
+            await announce_presence(node, PresenceAnnouncement(node.peer_id, capability, addrs))
 
 
 async def provide_all(node, roots: Sequence[str]) -> None:
