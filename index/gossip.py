@@ -229,7 +229,9 @@ class Ingestor:
 
 async def run_peer(ingestor: Ingestor, identity, listen, bootstrap, on_ready=None) -> None:
     """Host + gossip until cancelled: serves the store's blocks, ingests announcements, sends presence."""
-    async with open_node(ingestor.store, identity, listen, bootstrap, gossip=True, dht=True) as node:
+    # hop: the index is the public node volunteers behind NATs reserve a relay slot at (docs/p2p.md)
+    async with open_node(ingestor.store, identity, listen, bootstrap, gossip=True, dht=True,
+                         hop=True) as node:
         ingestor.node = node
         ingestor.routes.me(node.dialable_addrs)
         serve_resolve(node.host, ingestor.lookup)  # names from the database, not only from announcements

@@ -295,3 +295,43 @@ def test_the_cli_default_p2p_port_is_the_hosts() -> None:
     from protocol.p2p.host import DEFAULT_PORT
 
     assert p2p.DEFAULT_PORT == DEFAULT_PORT
+
+
+def test_the_index_relays_for_a_seeder_behind_a_nat(tmp_path, index):
+    """A volunteer behind a NAT (`commons node start --seed --reserve INDEX`) reserves a circuit at the index's
+    own peer; a puller that dials only that circuit address gets the blocks."""
+    from protocol.p2p.background import Background
+    from protocol.p2p.bitswap import fetch_dag_async
+    from protocol.p2p.relay import circuit_addr
+    from protocol.p2p.service import serve
+
+    Identity.load_or_create(tmp_path / "node.key")
+    store = BlockStore(tmp_path / "seeder")
+    root = store.add_path(make_adapter(tmp_path / "adapter", size=300_000))
+    seeder = Background(lambda ready: serve(store, (), ["/ip4/127.0.0.1/tcp/0"], tmp_path / "node.key",
+                                            [index.addr], on_ready=ready, capability="train",
+                                            reserve=[index.addr]), name="nat-seeder")
+    info = seeder.start()
+    try:
+        circuit = circuit_addr(index.addr, info["peer_id"])
+        assert info["circuit_addrs"] == [circuit] and info["relay_errors"] == {}
+
+        async def pull():
+            async with open_node(BlockStore(tmp_path / "puller")) as puller:
+                return await fetch_dag_async(puller.bitswap, root, puller.store, [circuit])
+
+        report = trio.run(pull)
+        assert report.root == root and report.peers_failed == {}
+    finally:
+        seeder.stop()
+    BlockStore(tmp_path / "puller").export(root, tmp_path / "out")
+    assert (tmp_path / "out" / "adapter_model.safetensors").read_bytes() == (
+        tmp_path / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+def test_reserve_without_seed_names_the_flag(tmp_path) -> None:
+    env = {**os.environ, "COMMONS_HOME": str(tmp_path)}
+    done = subprocess.run([*CLI, "node", "start", "--coordinator", "127.0.0.1:9", "--reserve",
+                           "/ip4/127.0.0.1/tcp/4051/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 1 and "add --seed" in done.stderr and "Traceback" not in done.stderr

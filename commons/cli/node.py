@@ -42,9 +42,12 @@ def node_group() -> None:
               help="Where the --seed host listens.")
 @click.option("--bootstrap", multiple=True,
               help="libp2p peer for --seed to dial (repeat; default: config `peers`).")
+@click.option("--reserve", multiple=True, metavar="RELAY",
+              help="Behind a NAT: seed through this relay's multiaddr, e.g. the index's "
+                   "/ip4/.../p2p/12D3KooW... (repeat; docs/p2p.md, 'Behind a NAT').")
 def start_command(coordinator: str, data: Path | None, max_cpu_threads: int | None, max_vram: float | None,
                   hours: float | None, idle_only: bool, insecure: bool, ca: Path | None, seed: bool,
-                  p2p_listen: tuple[str, ...], bootstrap: tuple[str, ...]) -> None:
+                  p2p_listen: tuple[str, ...], bootstrap: tuple[str, ...], reserve: tuple[str, ...]) -> None:
     """Connect to COORDINATOR and train whenever it sends work; reconnects if it restarts."""
     from commons.flower import Network
     from protocol.data.records import read_records
@@ -70,8 +73,10 @@ def start_command(coordinator: str, data: Path | None, max_cpu_threads: int | No
         node_config["max_vram"] = max_vram
     if idle_only:
         node_config["idle_only"] = True
+    if reserve and not seed:
+        raise CommonsError("--reserve RELAY is for the seeding host: add --seed")
     lock = _one_daemon_per_home(sub("node"), root)
-    seeder = _start_seeding(p2p_listen, bootstrap) if seed else None
+    seeder = _start_seeding(p2p_listen, bootstrap, reserve) if seed else None
     net = Network(sub("node"), ca=ca.resolve() if ca else None)
     log = net.workdir / "logs" / "supernode.log"
     deadline = time.monotonic() + hours * 3600 if hours else None
@@ -266,8 +271,9 @@ def plan_command(model_id: str, vram: float | None, ram: float | None, batch_siz
                    "free_gb": device.free_gb, **chosen.to_json()}, text, sort_keys=True)
 
 
-def _start_seeding(listen: tuple[str, ...], bootstrap: tuple[str, ...]):
-    """A background libp2p host (its own thread): seeds the block store, announces presence as "train"."""
+def _start_seeding(listen: tuple[str, ...], bootstrap: tuple[str, ...], reserve: tuple[str, ...] = ()):
+    """A background libp2p host (its own thread): seeds the block store, announces presence as "train";
+    behind a NAT, reachable through the relays in `reserve`."""
     from commons import config
     from protocol.content.blockstore import BlockStore
     from protocol.p2p.background import Background
@@ -276,11 +282,14 @@ def _start_seeding(listen: tuple[str, ...], bootstrap: tuple[str, ...]):
 
     peers = list(bootstrap) or config.load()["peers"]
     seeder = Background(lambda ready: serve(BlockStore(), (), list(listen), None, peers, on_ready=ready,
-                                            capability="train"), name="node-p2p")
+                                            capability="train", reserve=list(reserve)), name="node-p2p")
     info = seeder.start()
     for addr, why in info["bootstrap_errors"].items():
         click.echo(f"warning: bootstrap peer {addr} unreachable: {why}", err=True)
-    click.echo(f"seeding as libp2p peer {info['peer_id']} on {' '.join(dialable(info['addrs']))}", err=True)
+    for addr, why in info["relay_errors"].items():
+        click.echo(f"warning: no reservation at relay {addr} (retrying): {why}", err=True)
+    addrs = dialable(info["addrs"]) + info["circuit_addrs"]
+    click.echo(f"seeding as libp2p peer {info['peer_id']} on {' '.join(addrs)}", err=True)
     return seeder
 
 
