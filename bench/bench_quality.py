@@ -293,6 +293,12 @@ ABLATIONS: dict[str, Setup] = {
     "kept + outer lr 0.7, no momentum + robust, coverage 3": Setup(campaign={
         **BEFORE, "outer": {"optimizer": "nesterov", "lr": 0.7, "momentum": 0.0}, "min_coverage": 3,
         "aggregation": "robust"}),
+    "kept + robust, coverage 3, outer lr 1.5": Setup(campaign={
+        **BEFORE, "outer": {"optimizer": "nesterov", "lr": 1.5, "momentum": 0.0}, "min_coverage": 3,
+        "aggregation": "robust"}),
+    "kept + robust, coverage 3, outer lr 2": Setup(campaign={
+        **BEFORE, "outer": {"optimizer": "nesterov", "lr": 2.0, "momentum": 0.0}, "min_coverage": 3,
+        "aggregation": "robust"}),
     "kept + robust, coverage 3, 4 rounds x 2 steps": Setup(
         campaign={**BEFORE, "min_coverage": 3, "aggregation": "robust"}, rounds=4, steps=2),
 }

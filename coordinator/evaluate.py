@@ -1,4 +1,12 @@
-"""Exact-match evaluation of a chat model on held-out `messages` records (greedy decoding)."""
+"""Exact-match evaluation of a chat model on held-out `messages` records (greedy decoding).
+
+Greedy decoding is token-by-token: 12 forward passes per batch. Most records of a trained adapter are
+hits, and a hit is decided by one forward pass: if the argmax at every answer position, given the gold
+prefix, is the gold token, and after it the end-of-turn token, greedy decoding emits exactly the gold
+answer and stops (by induction over the positions). So `exact_match` checks every record teacher-forced
+first and decodes only the others; the score is the one full decoding gives (up to float rounding between
+padded layouts in a near-tie), at a fraction of the time once the adapter is good.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +16,21 @@ import torch
 
 from modeling.quantization import TrainedAs
 
+MAX_NEW_TOKENS = 12
+
 
 def normalize(text: str) -> str:
     """Whitespace and a trailing full stop are not the model's answer; everything else counts."""
     return text.strip().rstrip(".").strip()
 
 
+def _prompt(tokenizer: Any, record: dict) -> str:
+    return tokenizer.apply_chat_template(record["messages"][:-1], tokenize=False, add_generation_prompt=True)
+
+
 def generate(model: Any, tokenizer: Any, records: list[dict], batch_size: int = 32,
-             max_new_tokens: int = 12) -> list[str]:
-    prompts = [
-        tokenizer.apply_chat_template(r["messages"][:-1], tokenize=False, add_generation_prompt=True)
-        for r in records
-    ]
+             max_new_tokens: int = MAX_NEW_TOKENS) -> list[str]:
+    prompts = [_prompt(tokenizer, r) for r in records]
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # decoder-only models continue from the right edge
     answers: list[str] = []
@@ -39,13 +50,48 @@ def generate(model: Any, tokenizer: Any, records: list[dict], batch_size: int = 
     return answers
 
 
+def greedy_hits(model: Any, tokenizer: Any, records: list[dict], batch_size: int = 32,
+                max_new_tokens: int = MAX_NEW_TOKENS) -> list[bool]:
+    """Per record: would greedy decoding emit exactly the gold answer and then end the turn? One forward
+    pass per batch (teacher-forced). False means "decode it to know", not "wrong"."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        return [False] * len(records)
+    rows = []
+    for r in records:
+        prompt = tokenizer(_prompt(tokenizer, r), add_special_tokens=False)["input_ids"]
+        answer = tokenizer(r["messages"][-1]["content"], add_special_tokens=False)["input_ids"] + [eos]
+        rows.append((prompt, answer))
+    hits: list[bool] = []
+    device = next(model.parameters()).device
+    for i in range(0, len(rows), batch_size):
+        batch = rows[i : i + batch_size]
+        width = max(len(p) + len(a) for p, a in batch)
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for j, (p, a) in enumerate(batch):  # right padding: the real tokens' positions are unchanged
+            ids[j, : len(p) + len(a)] = torch.tensor(p + a)
+            mask[j, : len(p) + len(a)] = 1
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        predicted = logits.argmax(-1).cpu()
+        for j, (p, a) in enumerate(batch):
+            said = predicted[j, len(p) - 1 : len(p) + len(a) - 1].tolist()  # position t predicts token t+1
+            hits.append(len(a) <= max_new_tokens and said == a)
+    return hits
+
+
 def exact_match(model: Any, tokenizer: Any, records: list[dict], batch_size: int = 32) -> dict:
     golds = [r["messages"][-1]["content"] for r in records]
-    answers = generate(model, tokenizer, records, batch_size=batch_size)
+    sure = greedy_hits(model, tokenizer, records, batch_size=batch_size)
+    unsure = [i for i, hit in enumerate(sure) if not hit]
+    decoded = dict(zip(unsure, generate(model, tokenizer, [records[i] for i in unsure],
+                                        batch_size=batch_size), strict=True))
+    answers = [decoded.get(i, g) for i, g in enumerate(golds)]
     hits = [normalize(a) == normalize(g) for a, g in zip(answers, golds)]
     samples = [
         {"prompt": r["messages"][-2]["content"], "expected": g, "answer": a.strip()}
         for r, g, a in list(zip(records, golds, answers))[:5]
     ]
     return {"accuracy": sum(hits) / max(len(hits), 1), "n": len(hits), "samples": samples,
-            "base_precision": TrainedAs.of(model).label()}  # the precision the scores were measured in
+            "base_precision": TrainedAs.of(model).label()}

@@ -10,7 +10,7 @@ import pytest
 from test_demo_e2e import commons, free_port, serve_index
 
 from commons.demo_task import STYLES, make_records
-from coordinator.evaluate import exact_match
+from coordinator.evaluate import exact_match, generate, normalize
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -45,3 +45,7 @@ def test_a_developer_pulls_it_and_peft_generates_iso_dates(demo: tuple[Path, dic
     model = PeftModel.from_pretrained(base, pulled["path"])
     after = exact_match(model, tokenizer, records)["accuracy"]
     assert after >= before + 0.4 and after >= 0.5, (before, after)
+    # the score exact_match takes from one teacher-forced pass is the one full greedy decoding gives
+    decoded = generate(model, tokenizer, records)
+    golds = [normalize(r["messages"][-1]["content"]) for r in records]
+    assert after == sum(normalize(a) == g for a, g in zip(decoded, golds)) / len(records)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from commons.demo_task import STYLES, make_records
-from coordinator.evaluate import exact_match, normalize
+from coordinator.evaluate import exact_match, generate, greedy_hits, normalize
 from modeling.load import load_base
 from modeling.lora import get_state, set_state, wrap
 from node.train import TrainConfig, encode, train
@@ -54,6 +54,33 @@ def test_set_state_refuses_keys_the_model_lacks(tiny) -> None:
     model = wrap(base, {"r": 4, "alpha": 8})
     with pytest.raises(ValueError, match="keys this model lacks"):
         set_state(model, {"base_model.model.nope.lora_A.weight": np.zeros((4, 4), np.float32)})
+
+
+def test_teacher_forced_hits_are_what_greedy_decoding_writes() -> None:
+    """exact_match decodes only the records one forward pass cannot vouch for; on a model that learned some
+    answers and not others, its score is full greedy decoding's, record for record."""
+    import torch
+
+    torch.manual_seed(0)
+    model, tokenizer = load_base("tiny")  # its own copy: this test trains every weight
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    records = make_records(6, ["numeric", "spelled"], seed=7)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    batch = [encode(tokenizer, r["messages"], max_length=128) for r in records[:4]]  # 4 learned, 2 unseen
+    for _ in range(80):
+        for ids, labels in batch:
+            model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    model.eval()
+    golds = [normalize(r["messages"][-1]["content"]) for r in records]
+    decoded = [normalize(a) == g for a, g in zip(generate(model, tokenizer, records), golds)]
+    sure = greedy_hits(model, tokenizer, records)
+    assert any(sure) and not all(decoded)
+    assert all(d for d, s in zip(decoded, sure) if s)  # a teacher-forced hit is a decoded hit
+    assert exact_match(model, tokenizer, records)["accuracy"] == sum(decoded) / len(records)
 
 
 def test_exact_match_scores_answers_strictly(tiny) -> None:
