@@ -63,22 +63,56 @@ def greedy_hits(model: Any, tokenizer: Any, records: list[dict], batch_size: int
         answer = tokenizer(r["messages"][-1]["content"], add_special_tokens=False)["input_ids"] + [eos]
         rows.append((prompt, answer))
     hits: list[bool] = []
-    device = next(model.parameters()).device
     for i in range(0, len(rows), batch_size):
         batch = rows[i : i + batch_size]
-        width = max(len(p) + len(a) for p, a in batch)
-        ids = torch.full((len(batch), width), tokenizer.pad_token_id or 0, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for j, (p, a) in enumerate(batch):  # right padding: the real tokens' positions are unchanged
-            ids[j, : len(p) + len(a)] = torch.tensor(p + a)
-            mask[j, : len(p) + len(a)] = 1
-        with torch.no_grad():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        predicted = logits.argmax(-1).cpu()
-        for j, (p, a) in enumerate(batch):
-            said = predicted[j, len(p) - 1 : len(p) + len(a) - 1].tolist()  # position t predicts token t+1
-            hits.append(len(a) <= max_new_tokens and said == a)
+        said = _predicted(model, batch, tokenizer.pad_token_id or 0)
+        hits += [len(a) <= max_new_tokens and got == a for (_, a), got in zip(batch, said, strict=True)]
     return hits
+
+
+def _predicted(model: Any, batch: list[tuple[list[int], list[int]]], pad: int) -> list[list[int]]:
+    """For each (prompt, answer): the argmax token at each answer position given the gold prefix.
+
+    The prompts share their chat template's opening (system prompt, instruction): it runs once, its
+    key/value cache is repeated over the batch, and only each row's remainder runs (right-padded, so the
+    padding comes after every real token and changes nothing before it). The vocabulary projection is
+    kept to the positions that predict an answer token. A model whose cache cannot be shared this way
+    runs every row whole."""
+    device = next(model.parameters()).device
+    shared = _common_prefix([p + a for p, a in batch], min(len(p) for p, _ in batch) - 1)
+    cache = None
+    if shared:
+        try:
+            with torch.no_grad():
+                cache = model(input_ids=torch.tensor([batch[0][0][:shared]], device=device),
+                              use_cache=True).cache
+            cache.batch_repeat_interleave(len(batch))
+        except (AttributeError, TypeError, NotImplementedError):
+            cache, shared = None, 0
+    tails = [(p + a)[shared:] for p, a in batch]
+    width = max(len(t) for t in tails)
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(batch), shared + width), dtype=torch.long)
+    mask[:, :shared] = 1
+    for j, tail in enumerate(tails):
+        ids[j, : len(tail)] = torch.tensor(tail)
+        mask[j, shared : shared + len(tail)] = 1
+    positions = torch.arange(shared, shared + width).expand(len(batch), -1)
+    with torch.no_grad():
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                       position_ids=positions.to(device), cache=cache, use_cache=cache is not None).logits
+    predicted = logits.argmax(-1).cpu()
+    # position t predicts token t + 1: the answer's tokens come from the last prompt position on
+    return [predicted[j, len(p) - shared - 1 : len(p) - shared - 1 + len(a)].tolist()
+            for j, (p, a) in enumerate(batch)]
+
+
+def _common_prefix(rows: list[list[int]], cap: int) -> int:
+    """How many leading tokens every row shares (at most `cap`)."""
+    n = 0
+    while n < cap and all(row[n] == rows[0][n] for row in rows):
+        n += 1
+    return n
 
 
 def exact_match(model: Any, tokenizer: Any, records: list[dict], batch_size: int = 32) -> dict:

@@ -200,19 +200,25 @@ def run(grid: Any, campaign: Campaign, home: Path) -> dict:
         # query, plan, train: at least min_nodes verified updates, waiting for volunteers within the patience
         got, plan = train_round(grid, campaign, round_, tensors, roster, events)
         # aggregate per key group of the plan, then take the outer optimizer's step
+        clock = time.perf_counter()
         tensors, report, moments = aggregate_round(tensors, got, plan, rule, config, carry, campaign.outer,
                                                    moments)
+        aggregated = time.perf_counter()
         # evaluate the new global adapter on the held-out set
         evaluation = evaluate(model, tokenizer, test, tensors, carry)
+        spent = {"aggregate_seconds": round(aggregated - clock, 2),
+                 "eval_seconds": round(time.perf_counter() - aggregated, 2)}
         # record: ledger, curve, the best round so far; who joined with this round's update
         newcomers = set(report.accepted) - set(state["ledger"])
         point, best = record(state, round_, got, evaluation, report, plan)
         joined(events, round_, newcomers, got)
         # checkpoint, then say the round is done
+        clock = time.perf_counter()
         saved = outer.join(carry.checkpoint(tensors), moments)
         state = checkpoint.save(folder / "checkpoint", saved, state, best=best)
+        spent["checkpoint_seconds"] = round(time.perf_counter() - clock, 2)
         events("round_end", **point, best=best, rejected_nodes=report.rejected, clipped=report.clipped,
-               coverage=plan.coverage(), dp=report.dp)
+               coverage=plan.coverage(), dp=report.dp, **spent)
 
     # the best round, not the last, in the form PEFT loads
     load_publishable(folder, state, model, tokenizer, test, tensors, carry, events)
