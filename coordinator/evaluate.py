@@ -75,9 +75,8 @@ def _predicted(model: Any, batch: list[tuple[list[int], list[int]]], pad: int) -
 
     The prompts share their chat template's opening (system prompt, instruction): it runs once, its
     key/value cache is repeated over the batch, and only each row's remainder runs (right-padded, so the
-    padding comes after every real token and changes nothing before it). The vocabulary projection is
-    kept to the positions that predict an answer token. A model whose cache cannot be shared this way
-    runs every row whole."""
+    padding comes after every real token and changes nothing before it). A model whose cache cannot be
+    shared this way runs every row whole."""
     device = next(model.parameters()).device
     shared = _common_prefix([p + a for p, a in batch], min(len(p) for p, _ in batch) - 1)
     cache = None
@@ -98,9 +97,10 @@ def _predicted(model: Any, batch: list[tuple[list[int], list[int]]], pad: int) -
         ids[j, : len(tail)] = torch.tensor(tail)
         mask[j, shared : shared + len(tail)] = 1
     positions = torch.arange(shared, shared + width).expand(len(batch), -1)
+    reuse = {"cache": cache, "use_cache": True} if cache is not None else {}  # whole rows: no cache at all
     with torch.no_grad():
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                       position_ids=positions.to(device), cache=cache, use_cache=cache is not None).logits
+                       position_ids=positions.to(device), **reuse).logits
     predicted = logits.argmax(-1).cpu()
     # position t predicts token t + 1: the answer's tokens come from the last prompt position on
     return [predicted[j, len(p) - shared - 1 : len(p) - shared - 1 + len(a)].tolist()

@@ -59,6 +59,8 @@ def test_set_state_refuses_keys_the_model_lacks(tiny) -> None:
 def test_teacher_forced_hits_are_what_greedy_decoding_writes() -> None:
     """exact_match decodes only the records one forward pass cannot vouch for; on a model that learned some
     answers and not others, its score is full greedy decoding's, record for record."""
+    import types
+
     import torch
 
     torch.manual_seed(0)
@@ -80,6 +82,18 @@ def test_teacher_forced_hits_are_what_greedy_decoding_writes() -> None:
     sure = greedy_hits(model, tokenizer, records)
     assert any(sure) and not all(decoded)
     assert all(d for d, s in zip(decoded, sure) if s)  # a teacher-forced hit is a decoded hit
+
+    class NoCache(torch.nn.Module):  # a model that neither returns nor takes a `cache`: rows run whole
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, **kw):
+            if "cache" in kw:
+                raise TypeError("unexpected keyword argument 'cache'")
+            return types.SimpleNamespace(logits=self.inner(**kw).logits)
+
+    assert greedy_hits(NoCache(), tokenizer, records) == sure
     assert exact_match(model, tokenizer, records)["accuracy"] == sum(decoded) / len(records)
 
 
