@@ -56,3 +56,30 @@ def test_a_peer_that_does_not_relay_is_refused_with_the_fix(tmp_path):
     (why,) = errors.values()
     assert "does not relay" in why and "serve --relay" in why
     assert "through its relay" in dialled and "--reserve" in dialled and "\n" not in dialled
+
+
+def test_serve_names_the_peers_it_could_not_reach_and_keeps_serving(tmp_path):
+    """`commons p2p serve` with a dead bootstrap peer and a dead relay starts anyway and says each on one
+    line (the relay is retried in the background)."""
+    import socket
+    import subprocess
+    import sys
+
+    from processes import first_line
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dead = f"/ip4/127.0.0.1/tcp/{port}/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"
+    proc = subprocess.Popen([sys.executable, "-c", "from commons.cli import main; main()", "p2p", "serve",
+                             "--listen", "/ip4/127.0.0.1/tcp/0", "--bootstrap", dead, "--reserve", dead],
+                            env={**os.environ, "COMMONS_HOME": str(tmp_path)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert first_line(proc, "p2p serve", 60).startswith("peer id ") and proc.poll() is None
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    said = err.splitlines()
+    assert any(line.startswith(f"warning: bootstrap peer {dead} unreachable: ") for line in said), err
+    assert any(line.startswith(f"warning: no reservation at relay {dead} (retrying): ") for line in said), err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from commons.cli.output import warn_unreached
 from protocol.errors import CommonsError
 
 
@@ -67,8 +68,7 @@ def serve_command(host: str, port: int, db_url: str | None, trusted_keys: str | 
         peer = IndexPeer(db, store, identity, p2p_listen, bootstrap, routes)
         node = peer.start()
         app.include_router(p2p_router(peer.ingestor))
-        for addr, why in node.bootstrap_errors.items():
-            click.echo(f"warning: bootstrap peer {addr} unreachable: {why}", err=True)
+        warn_unreached(node.bootstrap_errors)
         click.echo(f"libp2p peer {node.peer_id}; announce to / bootstrap from: "
                    f"{' '.join(node.dialable_addrs)}",
                    err=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from commons.cli.output import emit
+from commons.cli.output import emit, warn_unreached
 from protocol.errors import CommonsError
 
 
@@ -284,10 +284,7 @@ def _start_seeding(listen: tuple[str, ...], bootstrap: tuple[str, ...], reserve:
     seeder = Background(lambda ready: serve(BlockStore(), (), list(listen), None, peers, on_ready=ready,
                                             capability="train", reserve=list(reserve)), name="node-p2p")
     info = seeder.start()
-    for addr, why in info["bootstrap_errors"].items():
-        click.echo(f"warning: bootstrap peer {addr} unreachable: {why}", err=True)
-    for addr, why in info["relay_errors"].items():
-        click.echo(f"warning: no reservation at relay {addr} (retrying): {why}", err=True)
+    warn_unreached(info["bootstrap_errors"], info["relay_errors"])
     addrs = dialable(info["addrs"]) + info["circuit_addrs"]
     click.echo(f"seeding as libp2p peer {info['peer_id']} on {' '.join(addrs)}", err=True)
     return seeder

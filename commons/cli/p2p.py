@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from commons.cli.output import emit
+from commons.cli.output import emit, warn_unreached
 from protocol.content.blockstore import BlockStore
 from protocol.errors import CommonsError
 from protocol.p2p.announce import TOPIC_ADAPTERS, TOPIC_DATASETS, TOPIC_PRESENCE
@@ -73,10 +73,7 @@ def _show_serving(info: dict) -> None:
     click.echo(f"peer id {info['peer_id']}; pull with --peer one of:")
     for addr in info["addrs"] + info["circuit_addrs"]:
         click.echo(f"  {addr}")
-    for addr, why in info["bootstrap_errors"].items():
-        click.echo(f"warning: bootstrap peer {addr} unreachable: {why}", err=True)
-    for addr, why in info["relay_errors"].items():
-        click.echo(f"warning: no reservation at relay {addr} (retrying): {why}", err=True)
+    warn_unreached(info["bootstrap_errors"], info["relay_errors"])
 
 
 @p2p_group.command("pull")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from commons.cli.output import emit, say
+from commons.cli.output import emit, say, warn_unreached
 
 SEED_HELP = ("With --announce: keep seeding this long at most; stops earlier once a peer (an index) "
              "re-announces the CID, i.e. holds a copy.")
@@ -78,8 +78,7 @@ def _announce(cid: str, folder: Path, name: str, version: int, peers: list[str],
     def ready(node) -> None:
         say(quiet, f"announcing {name} v{version}; seeding from {node.peer_id} for up to {seed_seconds:.0f}s "
                    "(until a peer holds a copy)", err=True)
-        for addr, why in node.bootstrap_errors.items():
-            click.echo(f"warning: bootstrap peer {addr} unreachable: {why}", err=True)
+        warn_unreached(node.bootstrap_errors)
 
     report = announce_adapter(cid, (folder / SIGNATURE_FILE).read_bytes(), name, version, BlockStore(),
                               Identity.load_or_create(), listen, peers, seed_seconds, on_ready=ready)
