@@ -15,7 +15,6 @@ from __future__ import annotations
 import filecmp
 import json
 import os
-import selectors
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import processes
 import pytest
 
 HELIA = Path(__file__).resolve().parent / "helia"
@@ -58,15 +58,7 @@ class Helia:
 
 
 def first_line(proc: subprocess.Popen, what: str) -> str:
-    selector = selectors.DefaultSelector()
-    selector.register(proc.stdout, selectors.EVENT_READ)
-    if not selector.select(START_S):
-        proc.kill()
-        raise AssertionError(f"{what} printed nothing in {START_S}s: {proc.stderr.read()[-3000:]}")
-    line = proc.stdout.readline()
-    if not line:
-        raise AssertionError(f"{what} exited: {proc.stderr.read()[-3000:]}")
-    return line
+    return processes.first_line(proc, what, START_S)
 
 
 def _install() -> Path:

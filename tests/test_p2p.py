@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import selectors
 import signal
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from processes import first_line
 
 from protocol.content.blockstore import BlockStore
 from protocol.content.unixfs import file_cid as unixfs_cid
@@ -57,8 +57,9 @@ class Seeder:
         if rate_limit:
             cmd += ["--rate-limit", str(rate_limit)]
         env = {**os.environ, "COMMONS_HOME": str(tmp / "home")}
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.info = json.loads(_readline(self.proc, 30))
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+        self.info = json.loads(first_line(self.proc, "seeder", 30))
         self.addr = self.info["addrs"][0]
         self.root = self.info["roots"][0]
 
@@ -68,16 +69,6 @@ class Seeder:
         self.proc.wait(10)
 
 
-def _readline(proc: subprocess.Popen, timeout: float) -> str:
-    selector = selectors.DefaultSelector()
-    selector.register(proc.stdout, selectors.EVENT_READ)
-    if not selector.select(timeout):
-        proc.kill()
-        raise AssertionError(f"seeder did not start: {proc.stderr.read().decode()[-2000:]}")
-    line = proc.stdout.readline().decode()
-    if not line:
-        raise AssertionError(f"seeder exited: {proc.stderr.read().decode()[-2000:]}")
-    return line
 
 
 @pytest.fixture
