@@ -239,8 +239,7 @@ async def run_peer(ingestor: Ingestor, identity, listen, bootstrap, on_ready=Non
         async with trio.open_nursery() as nursery:
             for topic in TOPICS:
                 nursery.start_soon(_forward, node, topic, send.clone())
-            nursery.start_soon(announce_presence, node, PresenceAnnouncement(node.peer_id, "index",
-                                                                              node.dialable_addrs))
+            nursery.start_soon(announce_presence, node, "index")
             if on_ready is not None:
                 on_ready(node)
             async for signed in receive:  # one at a time: fetches are pipelined inside, the DB is serial

@@ -322,6 +322,13 @@ def test_the_index_relays_for_a_seeder_behind_a_nat(tmp_path, index):
 
         report = trio.run(pull)
         assert report.root == root and report.peers_failed == {}
+        # its presence carried the circuit: the index's router now gives pullers that way in
+        relayed = circuit.removesuffix(f"/p2p/{info['peer_id']}")
+        url = f"{index.url}/routing/v1/peers/{info['peer_id']}"
+        deadline = time.monotonic() + 20
+        while relayed not in httpx.get(url, timeout=5).text and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert relayed in httpx.get(url, timeout=5).text
     finally:
         seeder.stop()
     BlockStore(tmp_path / "puller").export(root, tmp_path / "out")

@@ -152,6 +152,8 @@ async def _keep_reserved(host: IHost, relay: str, circuits: Circuits) -> None:
     while True:
         await trio.sleep(CHECK_S)
         connected = bool(host.get_network().get_connections(relay_id))
+        if not connected:  # py-libp2p refuses to re-dial a peer that failed within the last minute
+            host.get_network().unblock_peer(relay_id)
         due = not connected or trio.current_time() - last > RENEW_S
         if due and await _try_reserve(host, relay, circuits):
             last = trio.current_time()

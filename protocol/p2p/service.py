@@ -50,8 +50,7 @@ async def serve(
             for topic in TOPICS:  # subscribing makes this node relay the topic and learn providers
                 nursery.start_soon(_drain, node.gossip, topic)
             nursery.start_soon(provide_all, node, roots)
-            addrs = node.dialable_addrs + node.circuit_addrs  # behind a NAT only the circuits reach us
-            await announce_presence(node, PresenceAnnouncement(node.peer_id, capability, addrs))
+            await announce_presence(node, capability)
 
 
 async def provide_all(node, roots: Sequence[str]) -> None:
@@ -66,15 +65,18 @@ async def _drain(gossip, topic: str) -> None:
         pass  # Gossip.messages already recorded providers; a seeder acts on nothing else
 
 
-async def announce_presence(node, presence: PresenceAnnouncement) -> None:
-    """Presence when a new peer shows up (after its subscriptions arrive), and every minute."""
+async def announce_presence(node, capability: str) -> None:
+    """Presence when a new peer shows up (after its subscriptions arrive), and every minute, with the
+    addresses that reach us then: behind a NAT only the circuits do, and a relay retried in the background
+    may grant one after the start."""
     known: set = set()
     last = float("-inf")
     while True:
         peers = set(node.host.get_connected_peers())
         if peers and (peers - known or trio.current_time() - last > PRESENCE_EVERY_S):
             await trio.sleep(1)
-            await node.gossip.publish(presence)
+            addrs = node.dialable_addrs + node.circuit_addrs
+            await node.gossip.publish(PresenceAnnouncement(node.peer_id, capability, addrs))
             last = trio.current_time()
         known = peers
         await trio.sleep(2)
