@@ -174,6 +174,7 @@ def score(model: Any, tokenizer: Any, records: list[dict], max_length: int, batc
 def compare(setup: Setup, task: str, seed: int, work: Path, known: dict | None = None) -> dict:
     """One task and seed: the federated run and the two centralized references, scored on the held-out
     records. `known` caches the references by what they depend on (an ablation trains them once)."""
+    known = {} if known is None else known
     nodes, held_out = split(setup, task, seed)
     base, tokenizer = load_base(setup.model)
     model = wrap(base, {"r": 8, "alpha": 16, "seed": seed})  # the init the campaign's nodes start from
@@ -188,15 +189,12 @@ def compare(setup: Setup, task: str, seed: int, work: Path, known: dict | None =
     for name, (steps, batch) in runs.items() if setup.references else ():
         # an IID split's union holds the same style mixture: its references are the non-IID ones
         key = json.dumps([setup.model, task, seed, setup.nodes, setup.per_node, setup.lr, name, steps, batch])
-        if known is None or key not in known:
+        if key not in known:
             union = split(replace(setup, iid=False), task, seed)[0]
             tensors = centralized(setup, model, tokenizer, init, [r for rs in union for r in rs], seed, steps,
                                   batch)
             set_state(model, tensors)
-            scored = score(model, tokenizer, held_out, setup.max_length)
-            if known is None:
-                known = {}
-            known[key] = scored
+            known[key] = score(model, tokenizer, held_out, setup.max_length)
         row[name] = known[key]
         row[f"{name}_ratio"] = ratios(row["federated"], row[name])
     row["seconds"] = round(time.perf_counter() - start, 1)
