@@ -71,19 +71,31 @@ def write_campaign(root: Path, name: str, model: Path, test: Path, round_timeout
     path.write_text(
         f'name = "{name}"\nbase_model = "{model}"\neval_file = "{test}"\nrounds = {ROUNDS}\nmin_nodes = 3\n'
         f"eval_size = 4\nround_timeout = {round_timeout}\nnode_wait = 120\npublish_margin = -1.0\n"
-        "[lora]\nr = 8\nalpha = 16\n[train]\nsteps = 2\nbatch_size = 2\nlr = 0.03\nmax_length = 48\n"
+        "[lora]\nr = 8\nalpha = 16\n[train]\nsteps = 2\nbatch_size = 2\nlr = 0.01\nmax_length = 48\n"
     )
     return path
 
 
 def start(net: Network, v: Volunteer, env: dict[str, str]) -> None:
     v.home.mkdir(parents=True, exist_ok=True)
+    seeded_identity(v)
     (v.home / "logs").mkdir(exist_ok=True)
     (v.home / "config.toml").write_text("[node_limits]\nallow_local_base = true\n")  # the scaled model
     cfg = {"home": str(v.home), "data": str(v.data), "threads": 1}
     v.proc = net.start_supernode(f"node{v.index}-{len(v.starts)}", net.address, cfg,
                                  env={**env, "COMMONS_HOME": str(v.home)})
     v.starts.append(time.time())
+
+
+def seeded_identity(v: Volunteer) -> None:
+    """The volunteer's key from a fixed seed: the plan breaks ties by key, so fresh keys made each run's
+    calm result differ (held-out loss 8.9 to 10.9 across key sets at lr 0.03)"""
+    from protocol.signing.keys import Identity
+
+    path = v.home / "identity" / "ed25519.key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Identity.from_seed(bytes([SEED, v.index]) * 16).save(path)
 
 
 def kill(v: Volunteer, round_: int) -> None:
@@ -280,10 +292,12 @@ def test_a_campaign_survives_a_third_of_its_volunteers_dying_every_round(tmp_pat
           f"{ {r: round(w) for r, w in waits.items()} } s; held-out loss untrained {base_loss:.4f} "
           f"calm {calm_loss:.4f} churn {churn_loss:.4f} ({(churn_loss - calm_loss) / calm_loss:+.2%}); "
           f"churn campaign {churn_s:.0f} s, test {time.monotonic() - started:.0f} s; {len(keys)} keys")
-    # "within 1 %" does not hold, either way: each volunteer's data is one date style of three, which
-    # volunteers train which layers changes with every plan (keys are fresh each run), and the calm run's
-    # own result moved by 10 % between runs (held-out loss 9.53, 10.48, 10.18). Measured, churn minus calm:
-    # -3.6 %, -10.2 %, -0.6 % (churn lower, i.e. better). What must hold: churn costs no more than 5 %
-    # and keeps most of what training gains.
-    assert churn_loss <= 1.05 * calm_loss
-    assert base_loss - churn_loss >= 0.7 * (base_loss - calm_loss)
+    # Keys are seeded and lr is 0.01, so the calm run is the same every time (9.1933); at lr 0.03 one key
+    # set in three landed 10-20 % worse, calm or not, which made this comparison a coin toss. Measured,
+    # churn minus calm: -3.2 %, -2.4 %, -1.2 %, -3.2 %. Not the joiners' data (calm with all 18 from round 1:
+    # 9.28): churn's replans put other volunteers on other layers, and the plan alone moves the calm result
+    # by 3 % (9.19 to 9.48 over six key sets). "Within 1 %" either way is not what churn does here; what
+    # must hold is that it costs no more than a plan can (4 %: those 3 % and a margin) and keeps most of
+    # what training gains.
+    assert churn_loss <= 1.04 * calm_loss
+    assert base_loss - churn_loss >= 0.8 * (base_loss - calm_loss)

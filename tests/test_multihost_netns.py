@@ -8,7 +8,8 @@ it over HTTP; a developer machine then `commons pull`s it by name through that i
 docs/multihost.md.
 
 A seeder behind a NAT (its own namespace behind a masquerading router) serves a DAG through a relay's
-circuit address, while a direct connection to it fails (docs/p2p.md "Behind a NAT").
+circuit address, found on the DHT by a puller that knows only the relay, while a direct connection to it
+fails (docs/p2p.md "Behind a NAT").
 """
 
 from __future__ import annotations
@@ -209,6 +210,24 @@ def serve_p2p(net: Lan, host: str, home: Path, args: list[str]) -> dict:
     return json.loads(line)
 
 
+# python -c: the providers of CID on the DHT, asked of the relay at ADDR (argv: ADDR CID), as JSON
+FIND_PROVIDERS = """
+import json, sys, trio
+from protocol.content.blockstore import BlockStore
+from protocol.p2p import dht
+from protocol.p2p.node import open_node
+
+async def main():
+    async with open_node(BlockStore(), dht=True, bootstrap=[sys.argv[1]]) as node:
+        with trio.fail_after(30):
+            while not (found := await dht.find_providers(node.dht, sys.argv[2])):
+                await trio.sleep(0.2)
+        print(json.dumps(found))
+
+trio.run(main)
+"""
+
+
 @pytest.mark.parametrize("punch", [[], ["--hole-punch"]], ids=["relayed", "hole-punch"])
 def test_a_seeder_behind_nat_serves_its_blocks_through_a_relay(nat_net: Lan, tmp_path: Path,
                                                                punch: list[str]) -> None:
@@ -231,6 +250,11 @@ def test_a_seeder_behind_nat_serves_its_blocks_through_a_relay(nat_net: Lan, tmp
     assert net.reachable("home", "relay", P2P_PORT)
     assert not net.reachable("puller", "home", P2P_PORT)
 
+    # the puller knows only the relay and the CID: the DHT names the seeder, with its circuit
+    find = [sys.executable, "-c", FIND_PROVIDERS, relay_addr, seeder["roots"][0]]
+    found = json.loads(net.run("puller", find, env=env_for(homes["puller"]), capture_output=True, text=True,
+                               timeout=60, check=True).stdout)
+    assert [peer for peer, _ in found] == [seeder["peer_id"]] and circuit in found[0][1], found
     pulled = net.run("puller", [sys.executable, "-m", "protocol.p2p", "pull", seeder["roots"][0], "--store",
                                 str(homes["puller"] / "blocks"), "--peer", circuit, "--out",
                                 str(tmp_path / "out.bin"), "--no-progress"],

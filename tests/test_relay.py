@@ -137,3 +137,44 @@ def test_a_relay_that_comes_up_after_the_seeder_is_reserved_and_announced(tmp_pa
         seeder.stop()
         if relay.alive:
             relay.stop()
+
+
+def test_a_seeder_behind_a_relay_is_found_on_the_dht_with_its_circuit(tmp_path):
+    """What `node start --seed --reserve RELAY` runs: its provider records carry the circuit, so a node
+    that finds it on the DHT reaches it through the relay (here by the circuit address alone)."""
+    from protocol.p2p import dht
+    from protocol.p2p.background import Background
+    from protocol.p2p.service import serve
+    from protocol.signing.keys import Identity
+
+    (tmp_path / "adapter.bin").write_bytes(os.urandom(700_000))
+    key = tmp_path / "seeder.key"
+    Identity.load_or_create(key)
+
+    async def main():
+        async with open_node(BlockStore(tmp_path / "relay"), hop=True, dht=True) as relay:
+            relay_addr = relay.addrs[0]
+            seeder = Background(lambda ready: serve(BlockStore(tmp_path / "seed"), [tmp_path / "adapter.bin"],
+                                                    ["/ip4/127.0.0.1/tcp/0"], key, [relay_addr],
+                                                    reserve=[relay_addr], on_ready=ready))
+            info = await trio.to_thread.run_sync(seeder.start)
+            try:
+                circuit = relaylib.circuit_addr(relay_addr, info["peer_id"])
+                puller_store = BlockStore(tmp_path / "puller")
+                async with open_node(puller_store, dht=True, bootstrap=[relay_addr]) as puller:
+                    with trio.fail_after(30):
+                        while not (found := await dht.find_providers(puller.dht, info["roots"][0])):
+                            await trio.sleep(0.2)
+                    (peer_id, addrs), = found
+                    circuits = [a for a in addrs if "/p2p-circuit" in a]
+                    report = await fetch_dag_async(puller.bitswap, info["roots"][0], puller.store, circuits)
+                    return info, circuit, peer_id, addrs, report
+            finally:
+                await trio.to_thread.run_sync(seeder.stop)
+
+    info, circuit, peer_id, addrs, report = trio.run(main)
+    assert info["circuit_addrs"] == [circuit]
+    assert peer_id == info["peer_id"] and circuit in addrs, addrs
+    assert report.root == info["roots"][0] and report.peers_failed == {}
+    BlockStore(tmp_path / "puller").export(report.root, tmp_path / "out.bin")
+    assert (tmp_path / "out.bin").read_bytes() == (tmp_path / "adapter.bin").read_bytes()

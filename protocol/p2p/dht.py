@@ -5,6 +5,9 @@ hold, so an IPFS node that reaches one of them (Kubo, Helia, another commons nod
     ...     await provide(node.dht, root)              # local record + ADD_PROVIDER to the closest peers
     ...     await find_providers(node.dht, root)       # [(peer id, [multiaddrs])], asked over the network
 
+A seeder behind a NAT (protocol.p2p.relay) lists its relay circuits in its provider records beside its
+own addresses, so whoever finds it on the DHT can reach it.
+
 Server mode: we answer FIND_NODE, GET_PROVIDERS and ADD_PROVIDER (py-libp2p rate-limits ADD_PROVIDER per
 peer). A record is a hint like any routing answer: blocks fetched from a provider are checked against
 their CIDs. Without --bootstrap peers that speak kad, only the peers that dial us can ask.
@@ -18,6 +21,7 @@ from contextlib import asynccontextmanager
 from libp2p.abc import IHost
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.tools.anyio_service import background_trio_service
+from multiaddr import Multiaddr
 
 from protocol.content.multiformats import CID
 
@@ -39,6 +43,26 @@ async def add_peers(dht: KadDHT, host: IHost) -> int:
     for peer_id in host.get_connected_peers():
         added += bool(await dht.add_peer(peer_id))
     return added
+
+
+class _WithCircuits:
+    """The host as the provider store sees it: py-libp2p builds provider records from `get_addrs()`, whose
+    /p2p suffix handling would cut a circuit address at the relay's id, so the circuits are added here."""
+
+    def __init__(self, host: IHost, circuits) -> None:
+        self._host, self._circuits = host, circuits
+
+    def get_addrs(self) -> list[Multiaddr]:
+        return self._host.get_addrs() + [Multiaddr(a) for a in self._circuits.addrs]
+
+    def __getattr__(self, name: str):
+        return getattr(self._host, name)
+
+
+def advertise_circuits(dht: KadDHT, host: IHost, circuits) -> None:
+    """From now on our provider records also carry `circuits.addrs` (protocol.p2p.relay.Circuits), as they
+    are when each record is made."""
+    dht.provider_store.host = _WithCircuits(host, circuits)
 
 
 async def provide(dht: KadDHT, cid: str) -> bool:

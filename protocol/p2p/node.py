@@ -102,6 +102,8 @@ async def open_node(
         node.circuits = circuits
         if kad is not None:
             node.dht = kad
+            if circuits is not None:
+                dhtlib.advertise_circuits(kad, host, circuits)
             await dhtlib.add_peers(kad, host)
         yield node
 

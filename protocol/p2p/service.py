@@ -12,6 +12,7 @@ from protocol.p2p import dht
 from protocol.p2p.announce import PresenceAnnouncement
 from protocol.p2p.bitswap import fetch_dag
 from protocol.p2p.node import open_node
+from protocol.p2p.relay import CHECK_S
 from protocol.p2p.topics import TOPICS
 from protocol.signing.keys import Identity
 
@@ -54,10 +55,19 @@ async def serve(
 
 
 async def provide_all(node, roots: Sequence[str]) -> None:
-    """Each root on the DHT: our own record at once, then ADD_PROVIDER to the closest peers that answer."""
-    for root in roots:
-        with trio.move_on_after(PROVIDE_S):
-            await dht.provide(node.dht, root)
+    """Each root on the DHT: our own record at once, then ADD_PROVIDER to the closest peers that answer.
+    Behind a NAT, again whenever our relay circuits change (a relay that was down at start, or restarted),
+    so the records carry the addresses that reach us."""
+    provided_with = None
+    while True:
+        if node.circuit_addrs != provided_with:
+            provided_with = node.circuit_addrs
+            for root in roots:
+                with trio.move_on_after(PROVIDE_S):
+                    await dht.provide(node.dht, root)
+        if not roots or node.circuits is None or not (node.circuits.addrs or node.circuits.errors):
+            return  # reserves at no relay: nothing will change
+        await trio.sleep(CHECK_S)
 
 
 async def _drain(gossip, topic: str) -> None:
