@@ -50,14 +50,14 @@ async def serve(
         async with trio.open_nursery() as nursery:
             for topic in TOPICS:  # subscribing makes this node relay the topic and learn providers
                 nursery.start_soon(_drain, node.gossip, topic)
-            nursery.start_soon(provide_all, node, roots)
+            nursery.start_soon(provide_all, node, roots, bool(reserve))
             await announce_presence(node, capability)
 
 
-async def provide_all(node, roots: Sequence[str]) -> None:
+async def provide_all(node, roots: Sequence[str], reserving: bool = False) -> None:
     """Each root on the DHT: our own record at once, then ADD_PROVIDER to the closest peers that answer.
-    Behind a NAT, again whenever our relay circuits change (a relay that was down at start, or restarted),
-    so the records carry the addresses that reach us."""
+    `reserving` (behind a NAT): again whenever our relay circuits change (a relay that was down at start,
+    or restarted), so the records carry the addresses that reach us."""
     provided_with = None
     while True:
         if node.circuit_addrs != provided_with:
@@ -65,8 +65,8 @@ async def provide_all(node, roots: Sequence[str]) -> None:
             for root in roots:
                 with trio.move_on_after(PROVIDE_S):
                     await dht.provide(node.dht, root)
-        if not roots or node.circuits is None or not (node.circuits.addrs or node.circuits.errors):
-            return  # reserves at no relay: nothing will change
+        if not roots or not reserving:
+            return  # our addresses will not change
         await trio.sleep(CHECK_S)
 
 
